@@ -1,0 +1,234 @@
+"""The checkpoint store: commit protocol, verified loading and pruning for one save directory.
+
+Layout::
+
+    SAVE_DIR/
+      latest -> checkpoints/step_00001200     symlink, moved atomically after each commit
+      checkpoints/step_00001200/              one directory per committed checkpoint
+        encoder.pt adapter_llama.pt ...       named parts (torch.save, loaded with weights_only=True)
+        optimizer.pt state.pt manifest.json
+      checkpoints/.tmp-step_.../              a save in progress (removed at start-up if stale)
+      emergency/step_00001234_<time>/         written after an unexpected exception; never auto-resumed
+
+Commit protocol: write every file into a temporary directory, fsync each file, write the manifest last,
+fsync the directory, rename it to ``step_N``, fsync ``checkpoints/``, then repoint ``latest``. The rename is
+the commit point: a crash before it leaves only a temporary directory; a crash after it leaves a complete,
+verifiable checkpoint. ``latest`` is a convenience for people and tools; loading scans every committed
+directory and takes the newest that verifies, so a crash between the rename and the symlink update loses
+nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from telepathy import durable
+from telepathy.manifest import (
+    MANIFEST_NAME,
+    CheckpointInvalid,
+    build_manifest,
+    describe_file,
+    is_safe_file_name,
+    read_manifest,
+    verify_directory,
+)
+from telepathy.retention import RetentionPolicy
+
+log = logging.getLogger("telepathy")
+
+CHECKPOINTS = "checkpoints"
+EMERGENCY = "emergency"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_TEMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file asks to run code (or is otherwise not plain tensors and primitives)."""
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    step: int
+    path: Path
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+class CheckpointStore:
+    """Durable, verified checkpoints for one save directory."""
+
+    def __init__(self, save_dir: str | os.PathLike, retention: RetentionPolicy | None = None) -> None:
+        self.save_dir = Path(save_dir)
+        self.checkpoints_dir = self.save_dir / CHECKPOINTS
+        self.emergency_dir = self.save_dir / EMERGENCY
+        self.retention = retention or RetentionPolicy()
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def prepare(self) -> None:
+        """Create the layout, check it is writable, remove stale temporary directories of earlier runs."""
+        if self.save_dir.exists() and not self.save_dir.is_dir():
+            raise NotADirectoryError(f"save dir {self.save_dir} exists and is not a directory; pick another path")
+        for directory in (self.save_dir, self.checkpoints_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.checkpoints_dir, os.W_OK | os.X_OK):
+            raise PermissionError(f"save dir {self.checkpoints_dir} is not writable by this user")
+        for parent in (self.checkpoints_dir, self.emergency_dir):
+            if parent.is_dir():
+                self._remove_stale(parent)
+
+    def _remove_stale(self, parent: Path) -> None:
+        own = f"-{os.getpid()}-"
+        for entry in parent.iterdir():
+            name = entry.name
+            if (name.startswith(_TEMP_PREFIX) or name.startswith(_TRASH_PREFIX)) and own not in name:
+                log.info("removing stale %s from an interrupted save or prune", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------- save
+    def save(
+        self,
+        step: int,
+        files: Mapping[str, Any],
+        info: Mapping[str, Any],
+        *,
+        emergency: bool = False,
+    ) -> Path:
+        """Write ``files`` (name -> object for ``torch.save``, written in the given order as ``name.pt``)
+        and commit them as the checkpoint for ``step``. Returns the committed directory."""
+        for name in files:
+            if not is_safe_file_name(f"{name}.pt"):
+                raise ValueError(f"checkpoint part name {name!r} is not a plain file name")
+        parent = self.emergency_dir if emergency else self.checkpoints_dir
+        parent.mkdir(parents=True, exist_ok=True)
+        final_name = step_dir_name(step) + (f"_{int(time.time())}" if emergency else "")
+        final = parent / final_name
+        tmp = parent / f"{_TEMP_PREFIX}{final_name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            entries = []
+            for name, obj in files.items():
+                path = tmp / f"{name}.pt"
+                durable.write_file_durably(path, lambda f, obj=obj: torch.save(obj, f))
+                entries.append(describe_file(path))
+            manifest = build_manifest(entries, {**info, "step": step, "emergency": emergency})
+            durable.write_file_durably(tmp / MANIFEST_NAME, lambda f: f.write(manifest))
+            if final.exists() and not emergency:
+                return self._resolve_existing(tmp, final)
+            durable.publish_directory(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if not emergency:
+            durable.atomic_symlink(self.save_dir / LATEST, f"{CHECKPOINTS}/{final_name}")
+            self.prune()
+        return final
+
+    def _resolve_existing(self, tmp: Path, final: Path) -> Path:
+        """A checkpoint for this step is already committed (e.g. a replay after a crash): keep a valid one,
+        set an invalid one aside (renamed, never deleted) and publish ours."""
+        try:
+            verify_directory(final)
+            log.info("checkpoint %s already committed and valid; keeping it", final)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except CheckpointInvalid as exc:
+            aside = final.with_name(f".invalid-{final.name}-{int(time.time())}")
+            log.warning("existing %s is invalid (%s); moving it to %s and committing a new one", final, exc, aside)
+            os.rename(final, aside)
+            durable.publish_directory(tmp, final)
+        durable.atomic_symlink(self.save_dir / LATEST, f"{CHECKPOINTS}/{final.name}")
+        return final
+
+    # ---------------------------------------------------------------------------------------- listing
+    def committed(self) -> list[CheckpointRef]:
+        """Committed checkpoint directories, oldest first (not yet verified)."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        refs = []
+        for entry in self.checkpoints_dir.iterdir():
+            match = _STEP_DIR.match(entry.name)
+            if match and entry.is_dir() and not entry.is_symlink():
+                refs.append(CheckpointRef(int(match.group(1)), entry))
+        return sorted(refs, key=lambda r: r.step)
+
+    def latest_pointer(self) -> Path | None:
+        """Where ``SAVE_DIR/latest`` points, or None when it does not exist."""
+        link = self.save_dir / LATEST
+        if not link.is_symlink():
+            return None
+        return (self.save_dir / os.readlink(link)).resolve(strict=False)
+
+    def newest_valid(self) -> tuple[CheckpointRef, dict[str, Any]] | None:
+        """The newest checkpoint that verifies against its manifest; invalid ones are skipped with a
+        warning naming the file and the failed check."""
+        pointer = self.latest_pointer()
+        if pointer is not None and not pointer.is_dir():
+            log.warning("%s points at %s, which does not exist; scanning checkpoints/", LATEST, pointer)
+        for ref in reversed(self.committed()):
+            try:
+                return ref, verify_directory(ref.path)
+            except CheckpointInvalid as exc:
+                log.warning(
+                    "skipping checkpoint %s: %s: %s; trying the next older one", ref.path, exc.file, exc.reason
+                )
+        return None
+
+    # ---------------------------------------------------------------------------------------- loading
+    @staticmethod
+    def load_part(directory: Path, name: str) -> Any:
+        """Load ``name.pt`` from a verified checkpoint directory without executing code from it."""
+        path = directory / f"{name}.pt"
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UnsafeCheckpointError(
+                f"{path} is not a safe checkpoint file: it contains objects other than tensors and plain "
+                f"data, which could run code when loaded; refusing to load it ({str(exc).splitlines()[0]})"
+            ) from None
+
+    # ---------------------------------------------------------------------------------------- pruning
+    def prune(self) -> list[Path]:
+        """Apply the retention policy. Deletes only committed ``step_N`` directories with a telepathy
+        manifest, never the newest one or the one ``latest`` points at."""
+        refs = self.committed()
+        if not refs:
+            return []
+        metrics: dict[int, float | None] = {}
+        ours: dict[int, Path] = {}
+        for ref in refs:
+            try:
+                manifest = read_manifest(ref.path)
+            except CheckpointInvalid:
+                continue  # not provably ours (or damaged): never delete it
+            metric = manifest.get("metric")
+            metrics[ref.step] = float(metric) if isinstance(metric, (int, float)) else None
+            ours[ref.step] = ref.path
+        keep = self.retention.steps_to_keep(metrics) | {refs[-1].step}
+        pointer = self.latest_pointer()
+        removed = []
+        for step, path in ours.items():
+            if step in keep or path.resolve() == pointer:
+                continue
+            trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}")
+            os.rename(path, trash)  # no longer a candidate for loading, even if the delete is interrupted
+            durable.pause_point()
+            durable.fsync_dir(path.parent)
+            shutil.rmtree(trash)
+            removed.append(path)
+        return removed

@@ -1,0 +1,98 @@
+"""Capture and restore every random number generator a training step can touch.
+
+The captured state contains only tensors, ints, floats, strings and lists, so it round-trips through
+``torch.load(weights_only=True)``: restoring RNG state never requires unpickling arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Snapshot Python ``random``, NumPy's global generator, torch CPU, each CUDA device (when CUDA is
+    initialised) and the caller's named ``torch.Generator`` objects."""
+    version, internal, gauss_next = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch_cpu": torch.get_rng_state(),
+        "cuda": [],
+        "generators": {name: gen.get_state() for name, gen in (generators or {}).items()},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
+    """Put every generator back exactly as ``capture_rng_state`` saw it.
+
+    Raises ValueError when a registered generator is missing from the checkpoint, or when the checkpoint
+    holds CUDA states for more devices than this process can see.
+    """
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(x) for x in py["internal"]), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": npy["bit_generator"],
+            "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": int(npy["pos"])},
+            "has_gauss": int(npy["has_gauss"]),
+            "gauss": float(npy["gauss"]),
+        }
+    )
+    torch.set_rng_state(state["torch_cpu"])
+    _restore_cuda(state.get("cuda") or [])
+    saved_generators = state.get("generators", {})
+    for name, gen in (generators or {}).items():
+        if name not in saved_generators:
+            raise ValueError(
+                f"generator {name!r} is registered in this run but absent from the checkpoint "
+                f"(checkpoint has: {sorted(saved_generators)}); register the same generators as the run "
+                "that saved it"
+            )
+        gen.set_state(saved_generators[name])
+
+
+def _restore_cuda(cuda_states: Sequence[torch.Tensor]) -> None:
+    if not cuda_states:
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"checkpoint holds CUDA RNG state for {len(cuda_states)} device(s) but CUDA is not available; "
+            "resume on a machine with the same GPUs to continue bit-identically"
+        )
+    if len(cuda_states) > torch.cuda.device_count():
+        raise ValueError(
+            f"checkpoint holds CUDA RNG state for {len(cuda_states)} devices, this process sees "
+            f"{torch.cuda.device_count()}; resume with the same visible devices"
+        )
+    torch.cuda.set_rng_state_all(list(cuda_states))
+
+
+def rng_states_equal(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Exact comparison of two captured states (used by tests and tools)."""
+    return _equal(a, b)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, Mapping):
+        return isinstance(b, Mapping) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_equal, a, b))
+    return a == b

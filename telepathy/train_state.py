@@ -1,0 +1,129 @@
+"""The small record that, with the weights and optimizer, makes a resume exact: position, RNG, best metric,
+the settings that must not change across a resume, and metadata for the humans reading it later.
+
+``state.pt`` is this record as a plain dict of tensors and primitives, loadable with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+STATE_FORMAT_VERSION = 1
+
+
+class ResumeMismatchError(RuntimeError):
+    """The checkpoint was made with settings that this run does not share; resuming would silently diverge."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where training is. ``batch_idx`` is the number of batches of ``epoch`` already trained on, i.e. the
+    index of the next batch; after the last batch of an epoch the position is ``(epoch + 1, 0)``."""
+
+    epoch: int = 0
+    global_step: int = 0
+    batch_idx: int = 0
+    best_loss: float = math.inf
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def advance(self, batches_per_epoch: int) -> None:
+        """Record one finished optimizer step, rolling over to the next epoch after its last batch."""
+        self.global_step += 1
+        self.batch_idx += 1
+        if self.batch_idx >= batches_per_epoch:
+            self.epoch += 1
+            self.batch_idx = 0
+
+
+def run_metadata(args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Versions, host, SLURM job identity and the run's arguments, as weights_only-safe primitives."""
+    from telepathy import __version__
+
+    slurm = {
+        key: os.environ[key]
+        for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
+        if key in os.environ
+    }
+    return {
+        "telepathy_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "argv": list(sys.argv),
+        "args": to_primitive(dict(args or {})),
+        "slurm": slurm,
+    }
+
+
+def to_primitive(value: Any) -> Any:
+    """Convert args-like values to types ``torch.load(weights_only=True)`` accepts (others become str)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): to_primitive(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [to_primitive(v) for v in value]
+    return str(value)
+
+
+def state_to_dict(
+    state: TrainState,
+    rng_state: Mapping[str, Any],
+    signature: Mapping[str, Any],
+    metadata: Mapping[str, Any],
+) -> dict[str, Any]:
+    return {
+        "format_version": STATE_FORMAT_VERSION,
+        "epoch": int(state.epoch),
+        "global_step": int(state.global_step),
+        "batch_idx": int(state.batch_idx),
+        "best_loss": float(state.best_loss),
+        "timestamp": time.time(),
+        "rng": dict(rng_state),
+        "signature": to_primitive(dict(signature)),
+        "metadata": dict(metadata),
+        "extra": to_primitive(dict(state.extra)),
+    }
+
+
+def state_from_dict(data: Mapping[str, Any]) -> TrainState:
+    version = data.get("format_version")
+    if version != STATE_FORMAT_VERSION:
+        raise ValueError(
+            f"state.pt has format_version={version!r}, this telepathy reads version {STATE_FORMAT_VERSION}; "
+            "resume with the telepathy version that wrote it"
+        )
+    return TrainState(
+        epoch=int(data["epoch"]),
+        global_step=int(data["global_step"]),
+        batch_idx=int(data["batch_idx"]),
+        best_loss=float(data["best_loss"]),
+        extra=dict(data.get("extra", {})),
+    )
+
+
+def check_signature(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
+    """Refuse to resume when a setting that shapes the run (world size, batch size, seed, …) changed."""
+    current = to_primitive(dict(current))
+    differences = [
+        f"{key}: checkpoint has {saved.get(key, '<absent>')!r}, this run has {current.get(key, '<absent>')!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key, "<absent>") != current.get(key, "<absent>")
+    ]
+    if differences:
+        raise ResumeMismatchError(
+            f"cannot resume from {where}: it was made with different run settings:\n  "
+            + "\n  ".join(differences)
+            + "\nResume with the same settings, or point --save_dir at a new directory to start fresh."
+        )

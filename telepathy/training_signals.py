@@ -1,0 +1,177 @@
+"""Signal handling for preemptible training.
+
+Handlers only set flags. Python runs a handler between bytecodes on the main thread, so a handler that
+prints, takes a lock or writes a file can deadlock or corrupt whatever the interrupted code was doing. The
+training loop polls the flags at a step boundary, where the model, optimizer and data position agree, and
+acts there: save, then continue or exit.
+
+Signal table (the defaults; callers may add or remap signals, e.g. SIGUSR2 when NCCL owns SIGUSR1):
+
+    SIGTERM  scheduler preemption / time-limit warning  save, exit 99 (ready to requeue)
+    SIGUSR1  manual save request                        save, continue training
+    SIGINT   Ctrl+C                                      save, exit 130 (no traceback)
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+import threading
+import time
+from collections.abc import Mapping
+
+EXIT_COMPLETE = 0
+EXIT_REQUEUE = 99
+EXIT_INTERRUPTED = 130
+
+
+class Action(enum.Enum):
+    """What the loop should do at the next step boundary after a signal."""
+
+    SAVE_AND_CONTINUE = "save_and_continue"
+    SAVE_AND_REQUEUE = "save_and_requeue"  # exit EXIT_REQUEUE
+    SAVE_AND_STOP = "save_and_stop"  # exit EXIT_INTERRUPTED
+
+
+DEFAULT_ACTIONS: dict[int, Action] = {
+    signal.SIGTERM: Action.SAVE_AND_REQUEUE,
+    signal.SIGUSR1: Action.SAVE_AND_CONTINUE,
+    signal.SIGINT: Action.SAVE_AND_STOP,
+}
+
+_EXIT_CODES = {Action.SAVE_AND_REQUEUE: EXIT_REQUEUE, Action.SAVE_AND_STOP: EXIT_INTERRUPTED}
+
+
+class _SignalState:
+    """Module-level flags. Written by handlers (plain attribute stores only), read by the loop."""
+
+    def __init__(self) -> None:
+        self.actions: dict[int, Action] = {}
+        self.previous_handlers: dict[int, object] = {}
+        self.save_requested = False
+        self.exit_signum: int | None = None  # first signal whose action ends training
+        self.signals_received = 0
+        self.last_signum: int | None = None
+        self.last_save_time = time.monotonic()
+
+
+_state = _SignalState()
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    # Flags only: no print, no logging, no locks, no I/O.
+    _state.signals_received += 1
+    _state.last_signum = signum
+    _state.save_requested = True
+    if _state.exit_signum is None and _state.actions.get(signum) is not Action.SAVE_AND_CONTINUE:
+        _state.exit_signum = signum
+
+
+def install_signal_handlers(extra: Mapping[int, Action] | None = None) -> None:
+    """Install flag-setting handlers for the signal table (plus ``extra``) and start the interval clock.
+
+    Must be called from the main thread (Python only delivers signals there). Calling it again re-installs
+    and resets the flags; ``uninstall_signal_handlers`` restores whatever was installed before.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(
+            "install_signal_handlers() must be called from the main thread: Python delivers signals only "
+            "there. Call it at the start of your training script, before starting threads."
+        )
+    uninstall_signal_handlers()
+    actions = dict(DEFAULT_ACTIONS)
+    for signum, action in (extra or {}).items():
+        if not isinstance(action, Action):
+            raise TypeError(f"action for signal {signum} must be a telepathy Action, got {action!r}")
+        actions[int(signum)] = action
+    _state.__init__()
+    _state.actions = actions
+    for signum in actions:
+        _state.previous_handlers[signum] = signal.signal(signum, _on_signal)
+
+
+def uninstall_signal_handlers() -> None:
+    """Restore the handlers that were in place before ``install_signal_handlers`` and clear the flags."""
+    for signum, previous in _state.previous_handlers.items():
+        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    _state.__init__()
+
+
+def handled_signals() -> list[int]:
+    """Signals currently routed to telepathy (the default table when nothing is installed)."""
+    return sorted(_state.actions or DEFAULT_ACTIONS)
+
+
+def should_save_checkpoint(interval: float | None = None, *, interval_seconds: float | None = None) -> bool:
+    """True when a signal asked for a save or ``interval`` seconds passed since the last save.
+
+    A signal's save request is consumed by this call (the caller is expected to save now); a signal that
+    arrives during that save requests another one. The exit request, if any, is kept until the process ends.
+    ``interval_seconds`` is accepted as an alias for ``interval`` (the name older code used).
+    """
+    if interval is not None and interval_seconds is not None and interval != interval_seconds:
+        raise TypeError("pass either interval= or interval_seconds=, not both with different values")
+    seconds = interval if interval is not None else interval_seconds
+    if seconds is not None and seconds <= 0:
+        raise ValueError(f"checkpoint interval must be > 0 seconds, got {seconds}")
+    if _state.save_requested:
+        _state.save_requested = False
+        return True
+    if _state.exit_signum is not None:
+        return True
+    return seconds is not None and time.monotonic() - _state.last_save_time >= seconds
+
+
+def save_reason() -> str:
+    """Why a save is due, for logs and manifests: ``signal:SIGTERM`` style when a signal asked, else
+    ``interval``. Call before ``should_save_checkpoint`` consumes the request."""
+    if _state.exit_signum is not None:
+        return f"signal:{signal_name(_state.exit_signum)}"
+    if _state.save_requested:
+        return f"signal:{signal_name(_state.last_signum)}"
+    return "interval"
+
+
+def mark_checkpoint_saved() -> None:
+    """Restart the interval clock; call after a checkpoint is committed."""
+    _state.last_save_time = time.monotonic()
+
+
+def seconds_since_checkpoint() -> float:
+    return time.monotonic() - _state.last_save_time
+
+
+def should_exit_training() -> bool:
+    """True once a signal whose action ends training (SIGTERM, SIGINT by default) was received."""
+    return _state.exit_signum is not None
+
+
+def exit_signal() -> int | None:
+    """The first signal that asked training to end, or None."""
+    return _state.exit_signum
+
+
+def exit_code() -> int:
+    """Process exit code for the received signals: 99 (requeue) after SIGTERM, 130 after SIGINT, else 0."""
+    if _state.exit_signum is None:
+        return EXIT_COMPLETE
+    return _EXIT_CODES[_state.actions.get(_state.exit_signum, Action.SAVE_AND_REQUEUE)]
+
+
+def signal_name(signum: int | None) -> str:
+    if signum is None:
+        return "none"
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def ignore_signals_in_worker(worker_id: int | None = None) -> None:
+    """Make this process ignore the training signals. Use as (or inside) a DataLoader ``worker_init_fn``.
+
+    SLURM signals every process of a job step, DataLoader workers included; SIGUSR1's default action would
+    kill a worker and with it the training run. The main process alone decides when to save and exit.
+    """
+    for signum in handled_signals():
+        signal.signal(signum, signal.SIG_IGN)
