@@ -184,9 +184,7 @@ class CheckpointStore:
             try:
                 return ref, verify_directory(ref.path)
             except CheckpointInvalid as exc:
-                log.warning(
-                    "skipping checkpoint %s: %s: %s; trying the next older one", ref.path, exc.file, exc.reason
-                )
+                log.warning("skipping checkpoint %s: %s: %s; trying the next older one", ref.path, exc.file, exc.reason)
         return None
 
     # ---------------------------------------------------------------------------------------- loading

@@ -87,8 +87,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise CheckpointInvalid(
             directory,
             MANIFEST_NAME,
-            f"format_version {doc.get('format_version')!r} not readable by this telepathy "
-            f"(reads {MANIFEST_VERSION})",
+            f"format_version {doc.get('format_version')!r} not readable by this telepathy (reads {MANIFEST_VERSION})",
         )
     files = doc.get("files")
     if not isinstance(files, dict) or not files:

@@ -32,9 +32,7 @@ class RetentionPolicy:
         if self.keep_every:
             keep |= {s for s in steps if s % self.keep_every == 0}
         if self.keep_best:
-            scored = [
-                (m, s) for s, m in metrics_by_step.items() if m is not None and not math.isnan(m)
-            ]
+            scored = [(m, s) for s, m in metrics_by_step.items() if m is not None and not math.isnan(m)]
             if scored:
                 best = max(scored) if self.higher_is_better else min(scored, key=lambda ms: (ms[0], -ms[1]))
                 keep.add(best[1])

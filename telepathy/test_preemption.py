@@ -94,29 +94,49 @@ def train(args: argparse.Namespace) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=50, gamma=0.9)
     batches = ResumableBatchSampler(args.samples, args.batch_size, seed=args.seed).batches_per_epoch
-    signature = {"world_size": 1, "batch_size": args.batch_size, "grad_accum_steps": 1, "seed": args.seed,
-                 "samples": args.samples}
+    signature = {
+        "world_size": 1,
+        "batch_size": args.batch_size,
+        "grad_accum_steps": 1,
+        "seed": args.seed,
+        "samples": args.samples,
+    }
 
     training_signals.install_signal_handlers()
     ckpt = Checkpointer(
-        args.save_dir, parts={"model": model}, optimizer=optimizer, scheduler=scheduler, signature=signature,
-        retention=RetentionPolicy(keep_last=args.keep_last), args=vars(args),
+        args.save_dir,
+        parts={"model": model},
+        optimizer=optimizer,
+        scheduler=scheduler,
+        signature=signature,
+        retention=RetentionPolicy(keep_last=args.keep_last),
+        args=vars(args),
     )
     if args.no_resume and ckpt.store.committed():
-        print(f"error: --no_resume but {args.save_dir} already holds checkpoints; use a new --save_dir",
-              file=sys.stderr)
+        print(
+            f"error: --no_resume but {args.save_dir} already holds checkpoints; use a new --save_dir", file=sys.stderr
+        )
         return 2
     state = TrainState() if args.no_resume else ckpt.resume(args.resume_from)
-    print(f"PID {os.getpid()} training in {args.save_dir} from epoch {state.epoch} batch {state.batch_idx} "
-          f"(global step {state.global_step})", flush=True)
+    print(
+        f"PID {os.getpid()} training in {args.save_dir} from epoch {state.epoch} batch {state.batch_idx} "
+        f"(global step {state.global_step})",
+        flush=True,
+    )
     deadline = time.monotonic() + args.duration
     total_epochs = args.epochs if args.epochs is not None else sys.maxsize
 
     with ckpt.emergency_guard(state):
         while state.epoch < total_epochs:
             dataset.epoch = state.epoch
-            loader = resumable_loader(dataset, args.batch_size, seed=args.seed, epoch=state.epoch,
-                                      start_batch=state.batch_idx, num_workers=args.num_workers)
+            loader = resumable_loader(
+                dataset,
+                args.batch_size,
+                seed=args.seed,
+                epoch=state.epoch,
+                start_batch=state.batch_idx,
+                num_workers=args.num_workers,
+            )
             for x, y in loader:
                 if args.fail_at_step is not None and state.global_step == args.fail_at_step:
                     raise RuntimeError(f"injected failure at step {state.global_step} (--fail_at_step)")
@@ -125,8 +145,11 @@ def train(args: argparse.Namespace) -> int:
                 state.advance(batches)
                 state.best_loss = min(state.best_loss, loss)
                 if state.global_step % args.log_every == 0 or args.log_every == 1:
-                    print(f"step {state.global_step} epoch {state.epoch} batch {state.batch_idx} "
-                          f"loss {loss.hex()} ({loss:.4f})", flush=True)
+                    print(
+                        f"step {state.global_step} epoch {state.epoch} batch {state.batch_idx} "
+                        f"loss {loss.hex()} ({loss:.4f})",
+                        flush=True,
+                    )
                 if ckpt.step_boundary(state, args.interval, metric=loss):
                     code = training_signals.exit_code()
                     name = training_signals.signal_name(training_signals.exit_signal())
@@ -141,8 +164,9 @@ def train(args: argparse.Namespace) -> int:
     return training_signals.EXIT_COMPLETE
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                delay: float) -> float:
+def _train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, delay: float
+) -> float:
     model.train()
     # Python and NumPy randomness on purpose: label smoothing and a feature mask drawn per step.
     smoothing = 0.05 * random.random()
