@@ -67,7 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--step_delay", type=float, default=0.0, help="extra seconds per step (slows the demo)")
+    p.add_argument(
+        "--step_delay",
+        type=float,
+        default=0.0,
+        help="seconds to pause after each step, before the save check (slows the demo; lets tests aim signals)",
+    )
     p.add_argument("--log_every", type=int, default=10, help="print progress every N steps")
     p.add_argument("--keep_last", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -140,16 +145,18 @@ def train(args: argparse.Namespace) -> int:
             for x, y in loader:
                 if args.fail_at_step is not None and state.global_step == args.fail_at_step:
                     raise RuntimeError(f"injected failure at step {state.global_step} (--fail_at_step)")
-                loss = _train_step(model, optimizer, x, y, args.step_delay)
+                loss = _train_step(model, optimizer, x, y)
                 scheduler.step()
                 state.advance(batches)
                 state.best_loss = min(state.best_loss, loss)
-                if state.global_step % args.log_every == 0 or args.log_every == 1:
+                if state.global_step % args.log_every == 0:
                     print(
                         f"step {state.global_step} epoch {state.epoch} batch {state.batch_idx} "
                         f"loss {loss.hex()} ({loss:.4f})",
                         flush=True,
                     )
+                if args.step_delay:
+                    time.sleep(args.step_delay)
                 if ckpt.step_boundary(state, args.interval, metric=loss):
                     code = training_signals.exit_code()
                     name = training_signals.signal_name(training_signals.exit_signal())
@@ -164,9 +171,7 @@ def train(args: argparse.Namespace) -> int:
     return training_signals.EXIT_COMPLETE
 
 
-def _train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, delay: float
-) -> float:
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
     model.train()
     # Python and NumPy randomness on purpose: label smoothing and a feature mask drawn per step.
     smoothing = 0.05 * random.random()
@@ -174,8 +179,6 @@ def _train_step(
     loss = nn.functional.cross_entropy(model(x * mask), y, label_smoothing=smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if delay:
-        time.sleep(delay)
     optimizer.step()
     return float(loss.item())
 

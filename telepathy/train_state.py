@@ -54,22 +54,27 @@ def run_metadata(args: Mapping[str, Any] | None = None) -> dict[str, Any]:
         for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
         if key in os.environ
     }
-    return {
-        "telepathy_version": __version__,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "hostname": socket.gethostname(),
-        "pid": os.getpid(),
-        "argv": list(sys.argv),
-        "args": to_primitive(dict(args or {})),
-        "slurm": slurm,
-    }
+    return to_primitive(
+        {
+            "telepathy_version": __version__,
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "argv": list(sys.argv),
+            "args": to_primitive(dict(args or {})),
+            "slurm": slurm,
+        }
+    )
 
 
 def to_primitive(value: Any) -> Any:
     """Convert args-like values to types ``torch.load(weights_only=True)`` accepts (others become str)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or type(value) in (bool, int, float, str):
         return value
+    for base in (bool, int, float, str):  # subclasses (IntEnum, TorchVersion) would need pickling
+        if isinstance(value, base):
+            return base(value)
     if isinstance(value, Mapping):
         return {str(k): to_primitive(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
