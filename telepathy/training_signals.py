@@ -47,6 +47,7 @@ class _SignalState:
 
     def __init__(self) -> None:
         self.actions: dict[int, Action] = {}
+        self.exit_signals: frozenset[int] = frozenset()  # signals whose action ends training
         self.previous_handlers: dict[int, object] = {}
         self.save_requested = False
         self.exit_signum: int | None = None  # first signal whose action ends training
@@ -59,11 +60,11 @@ _state = _SignalState()
 
 
 def _on_signal(signum: int, frame: object) -> None:
-    # Flags only: no print, no logging, no locks, no I/O.
+    # Flags only: no print, no logging, no locks, no I/O, no function calls (a test checks the bytecode).
     _state.signals_received += 1
     _state.last_signum = signum
     _state.save_requested = True
-    if _state.exit_signum is None and _state.actions.get(signum) is not Action.SAVE_AND_CONTINUE:
+    if _state.exit_signum is None and signum in _state.exit_signals:
         _state.exit_signum = signum
 
 
@@ -86,6 +87,7 @@ def install_signal_handlers(extra: Mapping[int, Action] | None = None) -> None:
         actions[int(signum)] = action
     _state.__init__()
     _state.actions = actions
+    _state.exit_signals = frozenset(s for s, a in actions.items() if a is not Action.SAVE_AND_CONTINUE)
     for signum in actions:
         _state.previous_handlers[signum] = signal.signal(signum, _on_signal)
 
