@@ -27,6 +27,7 @@ from telepathy.checkpoint_store import CheckpointStore
 from telepathy.manifest import verify_directory
 from telepathy.retention import RetentionPolicy
 from telepathy.train_state import (
+    ResumeMismatchError,
     TrainState,
     check_signature,
     run_metadata,
@@ -164,6 +165,8 @@ class Checkpointer:
         check_signature(saved_state.get("signature", {}), self.signature, str(directory))
         state = state_from_dict(saved_state)
         loaded = {name: self.store.load_part(directory, name) for name in self.parts}
+        for name, part in self.parts.items():
+            _check_shapes(name, part.state_dict(), loaded[name], directory)
         opt = self.store.load_part(directory, OPTIMIZER_PART)
         # Order matters: weights, then optimizer (its state is cast to the parameters' devices), then the
         # scheduler (which reads optimizer param groups), then the scaler, and the RNGs last, after any
@@ -185,3 +188,19 @@ class Checkpointer:
             state.global_step,
         )
         return state
+
+
+def _check_shapes(name: str, current: Mapping[str, Any], saved: Mapping[str, Any], directory: Path) -> None:
+    """Refuse, before anything is loaded, a part whose tensors differ in name or shape from this run's."""
+    problems = [f"missing in checkpoint: {k}" for k in current.keys() - saved.keys()]
+    problems += [f"not in this model: {k}" for k in saved.keys() - current.keys()]
+    for key in current.keys() & saved.keys():
+        a, b = current[key], saved[key]
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape != b.shape:
+            problems.append(f"{key}: checkpoint has shape {tuple(b.shape)}, this model has {tuple(a.shape)}")
+    if problems:
+        raise ResumeMismatchError(
+            f"cannot resume part {name!r} from {directory}/{name}.pt: it does not fit this model:\n  "
+            + "\n  ".join(sorted(problems)[:20])
+            + "\nResume with the same model configuration, or use a new --save_dir."
+        )

@@ -72,12 +72,13 @@ def report(name: str, schedule: list[list[Interrupt]], result: RunResult, mismat
                                 "exit_codes": result.exit_codes, "mismatches": len(mismatches)}) + "\n")  # fmt: skip
 
 
-def check_schedule(name, schedule, tmp_path, reference, extra_args=(), env=None) -> None:
+def check_schedule(name, schedule, tmp_path, reference, extra_args=(), env=None) -> RunResult:
     result = run_schedule(tmp_path / "run", schedule, extra_args=STEP_DELAY + tuple(extra_args), env=env)
     mismatches = compare(result, tmp_path / "run", reference)
     report(name, schedule, result, mismatches)
     assert result.interrupts_delivered >= 1
     assert not mismatches, f"{name}: resumed run differs from the uninterrupted one:\n" + "\n".join(mismatches[:20])
+    return result
 
 
 @pytest.mark.parametrize("name", sorted(NAMED_SCHEDULES))
@@ -112,6 +113,16 @@ def test_random_schedule_is_bit_identical(seed: int, tmp_path: Path, reference) 
 @pytest.mark.parametrize("seed", range(4, 24))
 def test_many_random_schedules_are_bit_identical(seed: int, tmp_path: Path, reference) -> None:
     check_schedule(f"random-{seed}", random_schedule(seed), tmp_path, reference, ("--interval", "0.25"), SAVE_PAUSE)
+
+
+def test_kill_sweep_across_the_save_sequence(tmp_path: Path, reference) -> None:
+    """SIGKILL at 12 offsets spread over a ~0.3 s save (each durability step pauses 30 ms): every kill leaves
+    ``latest`` on a valid checkpoint (checked after each exit) and the finished run is bit-identical."""
+    offsets = [0.025 * i for i in range(12)]
+    schedule = [[Interrupt(2 + 3 * i, USR1, then_kill_after=d)] for i, d in enumerate(offsets)]
+    result = check_schedule("kill_sweep", schedule, tmp_path, reference, env=SAVE_PAUSE)
+    torn_saves_cleaned = sum("removing stale" in out for out in result.outputs)
+    assert torn_saves_cleaned >= 3, f"only {torn_saves_cleaned} kills landed inside a save; the sweep missed its aim"
 
 
 def test_dataloader_workers_resume_bit_identical(tmp_path: Path, reference) -> None:
