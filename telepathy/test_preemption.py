@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="seconds to pause after each step, before the save check (slows the demo; lets tests aim signals)",
     )
-    p.add_argument("--log_every", type=int, default=10, help="print progress every N steps")
+    p.add_argument("--log_every", type=int, default=250, help="print progress every N steps")
     p.add_argument("--keep_last", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--fail_at_step", type=int, default=None, help="raise an error at this step (tests)")
@@ -82,13 +82,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.interval <= 0 or args.duration <= 0:
         p.error("--interval and --duration must be > 0 seconds")
-    if args.samples <= 0 or args.batch_size <= 0 or (args.epochs is not None and args.epochs <= 0):
-        p.error("--samples, --batch_size and --epochs must be positive")
+    if min(args.samples, args.batch_size, args.log_every, args.keep_last, args.epochs or 1) <= 0:
+        p.error("--samples, --batch_size, --epochs, --log_every and --keep_last must be positive")
     return args
 
 
 def train(args: argparse.Namespace) -> int:
     """Run (or resume) training; returns the process exit code."""
+    training_signals.install_signal_handlers()  # first: a signal during start-up is acted on, not fatal
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -107,7 +108,6 @@ def train(args: argparse.Namespace) -> int:
         "samples": args.samples,
     }
 
-    training_signals.install_signal_handlers()
     ckpt = Checkpointer(
         args.save_dir,
         parts={"model": model},
