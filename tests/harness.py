@@ -17,7 +17,7 @@ import torch
 from telepathy.checkpoint_store import CheckpointStore
 from telepathy.manifest import verify_directory
 
-STEP_LINE = re.compile(r"^step (\d+) epoch (\d+) batch (\d+) loss (\S+) ")
+STEP_LINE = re.compile(r"^step (?P<step>\d+)(?:/\d+)? epoch \d+ (?:batch \d+ )?loss (?P<loss>\S+) ")
 TRAINER = [sys.executable, "-m", "telepathy.test_preemption"]
 # The negative control: the same trainer with RNG restoration switched off.
 BROKEN_TRAINER = [
@@ -58,7 +58,7 @@ class RunResult:
         match = STEP_LINE.match(line)
         if not match:
             return
-        step, loss = int(match.group(1)), match.group(4)
+        step, loss = int(match.group("step")), match.group("loss")
         if step in self.losses and self.losses[step] != loss:
             self.replay_mismatches.append(f"step {step}: {self.losses[step]} then {loss}")
         self.losses.setdefault(step, loss)
@@ -103,7 +103,7 @@ def run_once(
             interrupt = pending[0]
             match = STEP_LINE.match(line)
             started = line.startswith("PID ")
-            if (interrupt.at_step == 0 and started) or (match and int(match.group(1)) >= interrupt.at_step):
+            if (interrupt.at_step == 0 and started) or (match and int(match.group("step")) >= interrupt.at_step):
                 pending.pop(0)
                 proc.send_signal(interrupt.sig)
                 result.interrupts_delivered += 1

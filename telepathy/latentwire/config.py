@@ -1,0 +1,75 @@
+"""Command-line flags of the main job, shared by the supervisor and the trainer it runs.
+
+Both ``--flag_name`` and ``--flag-name`` are accepted; an unknown flag is an error with a suggestion."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m telepathy.preemptible_training",
+        description="Preemption-safe LatentWire training under a supervising wrapper.",
+        allow_abbrev=False,
+    )
+    sup = p.add_argument_group("preemption")
+    sup.add_argument("--save_dir", default="runs/preemptible_exp")
+    sup.add_argument("--checkpoint_interval", type=float, default=600.0, help="seconds between checkpoints")
+    sup.add_argument("--grace_period", type=float, default=120.0, help="seconds the trainer gets after SIGTERM")
+    sup.add_argument("--auto_resume", action="store_true", help="resume from SAVE_DIR/latest when present")
+    sup.add_argument("--max_restarts", type=int, default=2, help="restarts after a trainer crash")
+    sup.add_argument("--keep_last", type=int, default=3, help="checkpoints kept (plus the best)")
+    sup.add_argument("--resume_from", default=None, help="resume from this checkpoint directory (e.g. emergency)")
+    model = p.add_argument_group("LatentWire")
+    model.add_argument("--llama_id", default=None, help="hub id or local path; default: tiny Llama from a config")
+    model.add_argument("--qwen_id", default=None, help="optional second frozen LLM")
+    model.add_argument("--latent_len", type=int, default=8)
+    model.add_argument("--d_z", type=int, default=32)
+    model.add_argument("--max_bytes", type=int, default=256)
+    train = p.add_argument_group("training")
+    train.add_argument("--samples", type=int, default=256)
+    train.add_argument("--epochs", type=int, default=2)
+    train.add_argument("--batch_size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--dataset", "--data_path", dest="data_path", default=None, help="SQuAD-format JSON file")
+    train.add_argument("--num_workers", type=int, default=0)
+    train.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    train.add_argument("--log_every", type=int, default=10, help="plain progress line every N steps (non-TTY)")
+    train.add_argument("--step_delay", type=float, default=0.0, help="pause after each step (tests, demos)")
+    return p
+
+
+def normalize(argv: list[str]) -> list[str]:
+    """``--flag-name`` -> ``--flag_name`` for every flag before a bare ``--``."""
+    out = []
+    for i, token in enumerate(argv):
+        if token == "--":
+            return out + argv[i:]
+        if token.startswith("--"):
+            name, eq, value = token[2:].partition("=")
+            token = "--" + name.replace("-", "_") + eq + value
+        out.append(token)
+    return out
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(normalize(argv))
+    if unknown:
+        known = [opt for action in parser._actions for opt in action.option_strings]
+        flag = unknown[0].split("=")[0]
+        hint = difflib.get_close_matches(flag, known, n=1)
+        parser.error(f"unknown flag {unknown[0]!r}" + (f"; did you mean {hint[0]}?" if hint else "; see --help"))
+    checks = {
+        "--checkpoint_interval": args.checkpoint_interval > 0, "--grace_period": args.grace_period > 0,
+        "--samples": args.samples > 0, "--epochs": args.epochs > 0, "--batch_size": args.batch_size > 0,
+        "--latent_len": args.latent_len > 0, "--d_z": args.d_z > 0, "--max_restarts": args.max_restarts >= 0,
+        "--log_every": args.log_every > 0, "--keep_last": args.keep_last > 0,
+    }  # fmt: skip
+    for flag, ok in checks.items():
+        if not ok:
+            parser.error(f"{flag} must be positive (got {getattr(args, flag[2:])})")
+    return args

@@ -1,0 +1,162 @@
+"""The LatentWire trainer: the child process the main job supervises (``python -m telepathy.latentwire.train``).
+
+It trains the encoder and adapters against frozen LLMs with every guarantee of the core engine: flag-based
+signals, checkpoints at step boundaries, exact resume. It reports each event (and so each commit) to the
+supervisor through ``telepathy.events``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from telepathy import training_signals
+from telepathy.checkpointer import Checkpointer
+from telepathy.data import ResumableBatchSampler, resumable_loader
+from telepathy.events import EventLog
+from telepathy.latentwire import config
+from telepathy.latentwire.llm import FrozenLM, load_frozen_lm
+from telepathy.latentwire.model import Adapter, ByteEncoder
+from telepathy.latentwire.qa_data import QADataset, collate, prompt_bytes, squad_qa, synthetic_qa
+from telepathy.retention import RetentionPolicy
+from telepathy.train_state import TrainState
+
+log = logging.getLogger("telepathy")
+ANCHOR = "Answer: "
+
+
+def answer_loss(lm: FrozenLM, adapter: Adapter, z: torch.Tensor, answers: list[str]) -> torch.Tensor:
+    """Teacher-forced cross-entropy of each answer given [latent prefix, "Answer: " anchor]."""
+    tok = lm.tokenizer
+    anchor = tok(ANCHOR, add_special_tokens=False)["input_ids"]
+    targets = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for a in answers]
+    width = len(anchor) + max(len(t) for t in targets)
+    batch, latent = z.shape[0], z.shape[1]
+    ids = torch.full((batch, width), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, latent + width), -100, dtype=torch.long)
+    mask = torch.zeros((batch, latent + width), dtype=torch.long)
+    for row, target in enumerate(targets):
+        seq = anchor + target
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, latent + len(anchor) : latent + len(seq)] = torch.tensor(target)
+        mask[row, : latent + len(seq)] = 1
+    embeds = torch.cat([adapter(z), lm.model.get_input_embeddings()(ids)], dim=1)
+    return lm.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+
+def progress(args, total_steps: int):
+    """A tqdm bar on a terminal; None (plain log lines) when stdout is a file, e.g. a SLURM log."""
+    if not sys.stdout.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+
+
+def train(args) -> int:
+    training_signals.install_signal_handlers()
+    torch.set_num_threads(args.threads)
+    events = EventLog(args.save_dir, "trainer")
+    items = squad_qa(args.data_path, args.samples) if args.data_path else synthetic_qa(args.samples, args.seed)
+    dataset = QADataset(items)
+    lms = {"llama": load_frozen_lm(args.llama_id)}
+    if args.qwen_id:
+        lms["qwen"] = load_frozen_lm(args.qwen_id)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    encoder = ByteEncoder(args.latent_len, args.d_z, max_bytes=args.max_bytes)
+    adapters = {name: Adapter(args.d_z, lm.model.config.hidden_size, lm.embed_rms) for name, lm in lms.items()}
+    trainable = nn.ModuleList([encoder, *adapters.values()])
+    optimizer = torch.optim.AdamW(trainable.parameters(), lr=args.lr)
+    batches = ResumableBatchSampler(len(dataset), args.batch_size, seed=args.seed).batches_per_epoch
+    signature = {
+        "world_size": 1, "batch_size": args.batch_size, "grad_accum_steps": 1, "seed": args.seed,
+        "samples": len(dataset), "latent_len": args.latent_len, "d_z": args.d_z, "data_path": args.data_path,
+        **{f"llm_{name}": f"{lm.identity} fingerprint={lm.fingerprint}" for name, lm in lms.items()},
+    }  # fmt: skip
+    ckpt = Checkpointer(
+        args.save_dir,
+        parts={"encoder": encoder, **{f"adapter_{name}": a for name, a in adapters.items()}},
+        optimizer=optimizer,
+        signature=signature,
+        retention=RetentionPolicy(keep_last=args.keep_last),
+        args=vars(args),
+    )
+    state = ckpt.resume(args.resume_from) if (args.auto_resume or args.resume_from) else TrainState()
+    if not (args.auto_resume or args.resume_from) and ckpt.store.committed():
+        log.error("%s already holds checkpoints; pass --auto_resume to continue it or use a new --save_dir",
+                  args.save_dir)  # fmt: skip
+        return 2
+    total = args.epochs * batches
+    events.emit("resume" if state.global_step else "start", step=state.global_step, epoch=state.epoch)
+    if state.epoch >= args.epochs:
+        print(f"training already complete at step {state.global_step}; nothing to do", flush=True)
+        return training_signals.EXIT_COMPLETE
+    bar = progress(args, total)
+    if bar is not None:
+        bar.update(state.global_step)
+
+    def save(reason: str, metric: float | None = None) -> None:
+        started = time.monotonic()
+        path = ckpt.save(state, reason, metric)
+        size = sum(f.stat().st_size for f in path.iterdir())
+        events.emit("save", step=state.global_step, reason=reason, path=str(path), bytes=size,
+                    seconds=round(time.monotonic() - started, 3))  # fmt: skip
+
+    started, seen = time.monotonic(), 0
+    with ckpt.emergency_guard(state):
+        while state.epoch < args.epochs:
+            loader = resumable_loader(dataset, args.batch_size, seed=args.seed, epoch=state.epoch,
+                                      start_batch=state.batch_idx, num_workers=args.num_workers,
+                                      collate_fn=collate)  # fmt: skip
+            for batch in loader:
+                trainable.train()
+                z = encoder(prompt_bytes(batch, args.max_bytes))
+                answers = [item["answer"] for item in batch]
+                loss = sum(answer_loss(lm, adapters[name], z, answers) for name, lm in lms.items())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                value = float(loss.item())
+                state.advance(batches)
+                state.best_loss = min(state.best_loss, value)
+                seen += len(batch)
+                rate = seen / max(time.monotonic() - started, 1e-9)
+                if bar is not None:
+                    bar.set_postfix(epoch=state.epoch, loss=f"{value:.4f}", samples_s=f"{rate:.1f}")
+                    bar.update(1)
+                elif state.global_step % args.log_every == 0 or state.global_step == total:
+                    eta = (total - state.global_step) * args.batch_size / max(rate, 1e-9)
+                    print(f"step {state.global_step}/{total} epoch {state.epoch} loss {value.hex()} ({value:.4f}) "
+                          f"{rate:.1f} samples/s eta {eta:.0f}s", flush=True)  # fmt: skip
+                if args.step_delay:
+                    time.sleep(args.step_delay)
+                reason = training_signals.save_reason()
+                if training_signals.should_save_checkpoint(args.checkpoint_interval):
+                    save(reason, value)
+                if training_signals.should_exit_training():
+                    code = training_signals.exit_code()
+                    events.emit("preempt", step=state.global_step, exit_code=code,
+                                signal=training_signals.signal_name(training_signals.exit_signal()))  # fmt: skip
+                    return code
+    save("final", state.best_loss)
+    if bar is not None:
+        bar.close()
+    print(f"training complete: step {state.global_step}, best loss {state.best_loss:.4f}", flush=True)
+    return training_signals.EXIT_COMPLETE
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="[telepathy] %(message)s", stream=sys.stdout)
+    sys.exit(train(config.parse(sys.argv[1:] if argv is None else argv)))
+
+
+if __name__ == "__main__":
+    main()

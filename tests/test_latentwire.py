@@ -1,0 +1,59 @@
+"""The LatentWire workload and its trainer: flags, exact resume through real signals, LLM identity."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import pytest
+import torch
+from harness import Interrupt, RunResult, run_once
+
+from telepathy.checkpoint_store import CheckpointStore
+from telepathy.events import read_events
+from telepathy.latentwire import config
+
+TRAINER = [sys.executable, "-m", "telepathy.latentwire.train"]
+
+
+def args_for(save_dir, *extra):
+    return ["--save_dir", str(save_dir), "--samples", "32", "--batch_size", "8", "--epochs", "2", "--log_every",
+            "1", "--checkpoint_interval", "1000", "--step_delay", "0.05", "--auto_resume", *extra]  # fmt: skip
+
+
+def test_flags_accept_both_spellings_and_reject_unknown(capsys):
+    args = config.parse(["--checkpoint-interval", "30", "--grace_period=5", "--llama-id", "x", "--auto-resume"])
+    assert (args.checkpoint_interval, args.grace_period, args.llama_id, args.auto_resume) == (30.0, 5.0, "x", True)
+    with pytest.raises(SystemExit) as err:
+        config.parse(["--checkpoint_intervall", "30"])
+    assert err.value.code == 2 and "did you mean --checkpoint_interval" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        config.parse(["--grace_period", "0"])
+
+
+@pytest.mark.slow
+def test_trainer_resumes_bit_identically_and_refuses_another_llm(tmp_path):
+    parts = ("encoder", "adapter_llama", "optimizer")
+    reference = RunResult()
+    assert run_once(args_for(tmp_path / "ref"), [], reference, trainer=TRAINER) == 0
+    interrupted = RunResult()
+    first = run_once(args_for(tmp_path / "run"), [Interrupt(3, signal.SIGTERM)], interrupted, trainer=TRAINER)
+    assert first == 99
+    assert run_once(args_for(tmp_path / "run"), [], interrupted, trainer=TRAINER) == 0
+    final = {d: CheckpointStore(tmp_path / d).newest_valid()[0].path for d in ("ref", "run")}
+    for part in parts:
+        a = torch.load(final["ref"] / f"{part}.pt", weights_only=True)
+        b = torch.load(final["run"] / f"{part}.pt", weights_only=True)
+        assert str(a) == str(b) and all(
+            torch.equal(x, y) for x, y in zip(a.values(), b.values()) if isinstance(x, torch.Tensor)
+        ), part
+    kinds = [e["event"] for e in read_events(tmp_path / "run")]
+    assert kinds[:3] == ["start", "save", "preempt"] and "resume" in kinds and kinds[-1] == "save"
+    # A finished run resumed: exits 0 at once, no extra epochs.
+    again = RunResult()
+    assert run_once(args_for(tmp_path / "run"), [], again, trainer=TRAINER) == 0
+    assert "already complete" in again.outputs[-1]
+    # Resuming against a different frozen LLM (a different d_z changes the signature the same way) is refused.
+    other = RunResult()
+    assert run_once(args_for(tmp_path / "run", "--d_z", "16"), [], other, trainer=TRAINER) == 1
+    assert "d_z: checkpoint has 32, this run has 16" in other.outputs[-1]
