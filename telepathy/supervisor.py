@@ -1,0 +1,140 @@
+"""The supervising wrapper: runs the trainer as a child, forwards signals, enforces the grace period.
+
+The supervisor never blocks on the child: its main loop wakes every 50 ms (or at once on a signal), so it
+stays responsive even if the child hangs. The child reports events (commits among them) through a pipe
+(``telepathy.events``), read by a background thread, so no log text is parsed.
+
+Exit codes: 0 training complete; 99 preempted (the newest committed checkpoint is the resume point; the
+child was killed if it overran the grace period); 130 after SIGINT; anything else is the child's failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from telepathy import training_signals
+from telepathy.events import REPORT_FD_ENV, EventLog
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class Supervisor:
+    def __init__(self, command: Sequence[str], save_dir: str | os.PathLike, grace_period: float,
+                 max_restarts: int = 0, restart_backoff: float = 2.0,
+                 restart_command: Sequence[str] | None = None) -> None:  # fmt: skip
+        self.command = list(command)
+        self.restart_command = list(restart_command or command)  # e.g. with --auto_resume added
+        self.save_dir = Path(save_dir)
+        self.grace_period = grace_period
+        self.max_restarts = max_restarts
+        self.restart_backoff = restart_backoff
+        self.events = EventLog(save_dir, "supervisor")
+        self.pending: list[int] = []  # signals to forward; appended by the handler
+        self.last_commit: dict | None = None
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.pending.append(signum)  # flag only; forwarded from the main loop
+
+    def run(self) -> int:
+        previous = {s: signal.signal(s, self._on_signal) for s in FORWARDED}
+        try:
+            return self._run()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _run(self) -> int:
+        slurm = {
+            k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT") if k in os.environ
+        }
+        self.events.emit("supervisor_start", command=self.command, **slurm)
+        restarts = 0
+        while True:
+            code, exit_signal = self._run_child()
+            if exit_signal is not None and code != 0:  # preempted: the newest commit is the resume point
+                code = (
+                    training_signals.EXIT_INTERRUPTED if exit_signal == signal.SIGINT else training_signals.EXIT_REQUEUE
+                )
+            elif (
+                code not in (0, training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED)
+                and restarts < self.max_restarts
+            ):
+                restarts += 1
+                delay = self.restart_backoff * 2 ** (restarts - 1)
+                print(f"[telepathy] trainer failed with exit code {code}; restart {restarts}/{self.max_restarts} "
+                      f"from the newest valid checkpoint in {delay:.0f}s", flush=True)  # fmt: skip
+                self.events.emit("restart", after_exit_code=code, restart=restarts)
+                time.sleep(delay)
+                self.command = self.restart_command
+                continue
+            self.events.emit("exit", exit_code=code, last_commit=self.last_commit)
+            if code not in (0, training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED):
+                print(f"[telepathy] trainer failed (exit code {code}); see the log above and "
+                      f"{self.save_dir}/emergency/ for an emergency checkpoint", flush=True)  # fmt: skip
+            return code
+
+    def _run_child(self) -> tuple[int, int | None]:
+        """Run the child once; returns (exit code, the ending signal received by the supervisor or None)."""
+        read_fd, write_fd = os.pipe()
+        env = {**os.environ, REPORT_FD_ENV: str(write_fd)}
+        child = subprocess.Popen(self.command, env=env, pass_fds=(write_fd,))
+        os.close(write_fd)
+        reader = threading.Thread(target=self._read_reports, args=(read_fd,), daemon=True)
+        reader.start()
+        ending: int | None = None
+        deadline: float | None = None
+        while child.poll() is None:
+            while self.pending:
+                signum = self.pending.pop(0)
+                if signum != signal.SIGUSR1 and ending is None:
+                    ending = signum
+                    deadline = time.monotonic() + self.grace_period
+                    self.events.emit(
+                        "signal", signal=training_signals.signal_name(signum), grace_period=self.grace_period
+                    )
+                _send(child, signum)
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"[telepathy] trainer did not exit within the {self.grace_period}s grace period; killing it. "
+                      f"Resume point: {self.last_commit and self.last_commit.get('path')}", flush=True)  # fmt: skip
+                self.events.emit("grace_expired", last_commit=self.last_commit)
+                child.kill()
+                child.wait()
+                break
+            time.sleep(0.05)
+        reader.join(timeout=2)
+        code = child.returncode
+        if ending is None and code in (training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED):
+            ending = signal.SIGTERM if code == training_signals.EXIT_REQUEUE else signal.SIGINT  # signalled directly
+        return code, ending
+
+    def _read_reports(self, read_fd: int) -> None:
+        with os.fdopen(read_fd, "rb") as pipe:
+            for line in pipe:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("event") == "save":
+                    self.last_commit = record
+
+
+def _send(child: subprocess.Popen, signum: int) -> None:
+    try:
+        child.send_signal(signum)
+    except ProcessLookupError:
+        pass
+
+
+def supervise(command: Sequence[str], save_dir: str | os.PathLike, grace_period: float, max_restarts: int = 0,
+              restart_command: Sequence[str] | None = None) -> int:  # fmt: skip
+    """Run ``command`` under a :class:`Supervisor`; returns the exit code to use."""
+    sys.stdout.flush()
+    return Supervisor(command, save_dir, grace_period, max_restarts, restart_command=restart_command).run()
