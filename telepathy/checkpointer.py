@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,6 +54,7 @@ class Checkpointer:
     ``signature`` holds the settings that must match on resume (world size, batch size, gradient
     accumulation, seed, ...); a mismatch raises :class:`ResumeMismatchError` before anything is loaded.
     ``generators`` are extra ``torch.Generator`` objects whose state is saved with the global RNGs.
+    ``on_save(path, reason, seconds)`` is called after each commit (e.g. to record an event).
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class Checkpointer:
         signature: Mapping[str, Any] | None = None,
         retention: RetentionPolicy | None = None,
         args: Mapping[str, Any] | None = None,
+        on_save: Callable[[Path, str, float], None] | None = None,
     ) -> None:
         clash = _RESERVED & set(parts)
         if clash:
@@ -79,6 +82,7 @@ class Checkpointer:
         self.generators = dict(generators or {})
         self.signature = dict(signature or {})
         self.metadata = run_metadata(args)
+        self.on_save = on_save
         self.store.prepare()
 
     # ------------------------------------------------------------------------------------------ save
@@ -103,9 +107,12 @@ class Checkpointer:
             "telepathy_version": self.metadata["telepathy_version"],
             "hostname": self.metadata["hostname"],
         }
+        started = time.monotonic()
         path = self.store.save(state.global_step, self._files(state), info)
         training_signals.mark_checkpoint_saved()
         log.info("checkpoint committed: %s (reason: %s)", path, reason)
+        if self.on_save is not None:
+            self.on_save(path, reason, time.monotonic() - started)
         return path
 
     def step_boundary(self, state: TrainState, interval: float | None = None, metric: float | None = None) -> bool:

@@ -24,6 +24,7 @@ from telepathy import training_signals
 from telepathy.events import REPORT_FD_ENV, EventLog
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+KNOWN_EXITS = (training_signals.EXIT_COMPLETE, training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED)
 
 
 class Supervisor:
@@ -63,10 +64,7 @@ class Supervisor:
                 code = (
                     training_signals.EXIT_INTERRUPTED if exit_signal == signal.SIGINT else training_signals.EXIT_REQUEUE
                 )
-            elif (
-                code not in (0, training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED)
-                and restarts < self.max_restarts
-            ):
+            elif code not in KNOWN_EXITS and restarts < self.max_restarts:
                 restarts += 1
                 delay = self.restart_backoff * 2 ** (restarts - 1)
                 print(f"[telepathy] trainer failed with exit code {code}; restart {restarts}/{self.max_restarts} "
@@ -76,7 +74,7 @@ class Supervisor:
                 self.command = self.restart_command
                 continue
             self.events.emit("exit", exit_code=code, last_commit=self.last_commit)
-            if code not in (0, training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED):
+            if code not in KNOWN_EXITS:
                 print(f"[telepathy] trainer failed (exit code {code}); see the log above and "
                       f"{self.save_dir}/emergency/ for an emergency checkpoint", flush=True)  # fmt: skip
             return code

@@ -88,6 +88,14 @@ def train(args) -> int:
         signature=signature,
         retention=RetentionPolicy(keep_last=args.keep_last),
         args=vars(args),
+        on_save=lambda path, reason, seconds: events.emit(
+            "save",
+            step=state.global_step,  # bound below, before any save
+            reason=reason,
+            path=str(path),
+            bytes=sum(f.stat().st_size for f in path.iterdir()),
+            seconds=round(seconds, 3),
+        ),  # fmt: skip
     )
     state = ckpt.resume(args.resume_from) if (args.auto_resume or args.resume_from) else TrainState()
     if not (args.auto_resume or args.resume_from) and ckpt.store.committed():
@@ -102,13 +110,6 @@ def train(args) -> int:
     bar = progress(args, total)
     if bar is not None:
         bar.update(state.global_step)
-
-    def save(reason: str, metric: float | None = None) -> None:
-        started = time.monotonic()
-        path = ckpt.save(state, reason, metric)
-        size = sum(f.stat().st_size for f in path.iterdir())
-        events.emit("save", step=state.global_step, reason=reason, path=str(path), bytes=size,
-                    seconds=round(time.monotonic() - started, 3))  # fmt: skip
 
     started, seen = time.monotonic(), 0
     with ckpt.emergency_guard(state):
@@ -138,15 +139,12 @@ def train(args) -> int:
                           f"{rate:.1f} samples/s eta {eta:.0f}s", flush=True)  # fmt: skip
                 if args.step_delay:
                     time.sleep(args.step_delay)
-                reason = training_signals.save_reason()
-                if training_signals.should_save_checkpoint(args.checkpoint_interval):
-                    save(reason, value)
-                if training_signals.should_exit_training():
+                if ckpt.step_boundary(state, args.checkpoint_interval, metric=value):
                     code = training_signals.exit_code()
                     events.emit("preempt", step=state.global_step, exit_code=code,
                                 signal=training_signals.signal_name(training_signals.exit_signal()))  # fmt: skip
                     return code
-    save("final", state.best_loss)
+    ckpt.save(state, "final", state.best_loss)
     if bar is not None:
         bar.close()
     print(f"training complete: step {state.global_step}, best loss {state.best_loss:.4f}", flush=True)
