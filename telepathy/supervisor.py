@@ -10,6 +10,8 @@ child was killed if it overran the grace period); 130 after SIGINT; anything els
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import signal
@@ -25,6 +27,18 @@ from telepathy.events import REPORT_FD_ENV, EventLog
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 KNOWN_EXITS = (training_signals.EXIT_COMPLETE, training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED)
+SLURM_IDS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs in the forked child: a supervisor that is killed (``kill -9``, OOM) takes its trainer with it, so no
+    orphan goes on writing to the save dir next to the job that resumes it (Linux; elsewhere a no-op)."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
+            os._exit(1)
 
 
 class Supervisor:
@@ -53,9 +67,9 @@ class Supervisor:
                 signal.signal(s, handler)
 
     def _run(self) -> int:
-        slurm = {
-            k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT") if k in os.environ
-        }
+        slurm = {k: os.environ[k] for k in SLURM_IDS if k in os.environ}
+        if slurm:
+            print("[telepathy] " + " ".join(f"{k}={v}" for k, v in slurm.items()), flush=True)
         self.events.emit("supervisor_start", command=self.command, **slurm)
         restarts = 0
         while True:
@@ -83,7 +97,9 @@ class Supervisor:
         """Run the child once; returns (exit code, the ending signal received by the supervisor or None)."""
         read_fd, write_fd = os.pipe()
         env = {**os.environ, REPORT_FD_ENV: str(write_fd)}
-        child = subprocess.Popen(self.command, env=env, pass_fds=(write_fd,))
+        child = subprocess.Popen(
+            self.command, env=env, pass_fds=(write_fd,), preexec_fn=functools.partial(_die_with_parent, os.getpid())
+        )
         os.close(write_fd)
         reader = threading.Thread(target=self._read_reports, args=(read_fd,), daemon=True)
         reader.start()

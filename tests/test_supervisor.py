@@ -6,10 +6,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
-from harness import Interrupt, RunResult, run_once
+from harness import Interrupt, RunResult, deep_equal, run_once
 
 from telepathy.checkpoint_store import CheckpointStore
 from telepathy.events import read_events
@@ -18,22 +20,80 @@ pytestmark = pytest.mark.slow  # real processes
 MAIN = [sys.executable, "-m", "telepathy.preemptible_training"]
 
 
-def test_sigterm_through_the_cli_then_auto_resume_equals_uninterrupted(tmp_path):
-    def args(d):
-        return ["--save-dir", str(d), "--samples", "32", "--epochs", "2", "--log_every", "1", "--step_delay",
-                "0.05", "--checkpoint-interval", "1000", "--grace_period", "60", "--auto_resume"]  # fmt: skip
+def main_args(save_dir, *extra):
+    """12 steps (48 samples, batch 8, 2 epochs), every step logged."""
+    return ["--save-dir", str(save_dir), "--samples", "48", "--epochs", "2", "--log_every", "1", "--step_delay",
+            "0.05", "--checkpoint-interval", "1000", "--grace_period", "60", "--auto_resume", *extra]  # fmt: skip
 
-    assert run_once(args(tmp_path / "ref"), [], RunResult(), trainer=MAIN) == 0
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run through the CLI: its final checkpoint and its per-step losses."""
+    save_dir = tmp_path_factory.mktemp("reference")
     result = RunResult()
-    assert run_once(args(tmp_path / "run"), [Interrupt(2, signal.SIGTERM)], result, trainer=MAIN) == 99
-    assert run_once(args(tmp_path / "run"), [], result, trainer=MAIN) == 0
+    assert run_once(main_args(save_dir), [], result, trainer=MAIN) == 0
     assert "trained model parts (encoder.pt, adapter_*.pt) are in" in result.outputs[-1]
-    final = {d: CheckpointStore(tmp_path / d).newest_valid()[0].path for d in ("ref", "run")}
-    for part in ("encoder", "adapter_llama"):
-        a, b = (torch.load(final[d] / f"{part}.pt", weights_only=True) for d in ("ref", "run"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
-    kinds = [e["event"] for e in read_events(tmp_path / "run")]
+    return CheckpointStore(save_dir).newest_valid()[0].path, result.losses
+
+
+def assert_matches_reference(save_dir, result, reference):
+    final, losses = CheckpointStore(save_dir).newest_valid()[0].path, reference[1]
+    assert result.replay_mismatches == [] and result.losses == losses  # every step, to the last bit
+    for part in ("encoder", "adapter_llama", "optimizer"):
+        a, b = (torch.load(d / f"{part}.pt", weights_only=True) for d in (reference[0], final))
+        assert deep_equal(a, b) == [], part
+
+
+def test_sigterm_through_the_cli_then_auto_resume_equals_uninterrupted(tmp_path, reference):
+    result = RunResult()
+    assert run_once(main_args(tmp_path), [Interrupt(4, signal.SIGTERM)], result, trainer=MAIN) == 99
+    assert run_once(main_args(tmp_path), [], result, trainer=MAIN) == 0
+    assert_matches_reference(tmp_path, result, reference)
+    kinds = [e["event"] for e in read_events(tmp_path)]
     assert "signal" in kinds and "preempt" in kinds and kinds.count("exit") == 2
+
+
+def test_sigusr1_saves_and_continues_then_sigkill_then_auto_resume_equals_uninterrupted(tmp_path, reference):
+    result = RunResult()
+    interrupts = [Interrupt(3, signal.SIGUSR1), Interrupt(8, signal.SIGKILL)]  # SIGKILL: the supervisor itself
+    assert run_once(main_args(tmp_path), interrupts, result, trainer=MAIN) == -signal.SIGKILL
+    events = read_events(tmp_path)
+    saves = [e for e in events if e["event"] == "save"]
+    assert [e["reason"] for e in saves] == ["signal:SIGUSR1"] and 3 <= saves[0]["step"] < 8  # saved, kept training
+    trainer_pid = next(e["pid"] for e in events if e["source"] == "trainer")
+    assert wait_until_gone(trainer_pid), "the trainer outlived its SIGKILLed supervisor"
+    assert run_once(main_args(tmp_path), [], result, trainer=MAIN) == 0
+    assert_matches_reference(tmp_path, result, reference)
+    resumed = next(e for e in read_events(tmp_path) if e["event"] == "resume")
+    assert resumed["step"] == saves[0]["step"]
+
+
+def test_crash_writes_an_emergency_checkpoint_restarts_and_still_equals_uninterrupted(tmp_path, reference):
+    marker = tmp_path.parent / f"{tmp_path.name}-crashed"
+    result = RunResult()
+    code = run_once(main_args(tmp_path, "--max_restarts", "1"), [Interrupt(3, signal.SIGUSR1)], result,
+                    trainer=MAIN, env={"TELEPATHY_TEST_CRASH_ONCE": f"{marker}:6"})  # fmt: skip
+    assert code == 0 and marker.exists()
+    assert "injected crash at step 6" in result.outputs[-1] and "restart 1/1" in result.outputs[-1]
+    emergency = [p for p in (tmp_path / "emergency").iterdir()]
+    assert len(emergency) == 1 and emergency[0].name.startswith("step_00000006_")
+    assert torch.load(emergency[0] / "state.pt", weights_only=True)["global_step"] == 6
+    assert_matches_reference(tmp_path, result, reference)
+    kinds = [e["event"] for e in read_events(tmp_path)]
+    assert kinds.count("restart") == 1 and kinds.count("resume") == 1 and kinds[-1] == "exit"
+
+
+def wait_until_gone(pid: int, timeout: float = 10.0) -> bool:
+    """True once ``pid`` has exited (a zombie counts as exited)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] in "ZX":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 HANGS_ON_TERM = textwrap.dedent("""

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--d_z", type=int, default=32)
     model.add_argument("--max_bytes", type=int, default=256)
     train = p.add_argument_group("training")
-    train.add_argument("--samples", type=int, default=256)
+    train.add_argument("--samples", type=int, default=4000)
     train.add_argument("--epochs", type=int, default=2)
     train.add_argument("--batch_size", type=int, default=8)
     train.add_argument("--lr", type=float, default=1e-3)

@@ -49,6 +49,9 @@ def tiny_llama(tokenizer) -> nn.Module:
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        # With the usual 0.02 an untrained model's logits are nearly uniform whatever its input, so no prefix can
+        # steer it and the demo's loss stays flat; 0.1 gives a frozen model whose output a learned prefix can move.
+        initializer_range=0.1,
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):  # building it must not move the run's RNG
         torch.manual_seed(TINY_SEED)

@@ -7,7 +7,9 @@ supervisor through ``telepathy.events``.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import random
 import sys
 import time
@@ -48,6 +50,17 @@ def answer_loss(lm: FrozenLM, adapter: Adapter, z: torch.Tensor, answers: list[s
         mask[row, : latent + len(seq)] = 1
     embeds = torch.cat([adapter(z), lm.model.get_input_embeddings()(ids)], dim=1)
     return lm.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+
+def crash_point(step: int) -> None:
+    """Test hook: ``TELEPATHY_TEST_CRASH_ONCE=<marker file>:<step>`` raises once at that step (creating the marker
+    records that it did), so tests can prove crash -> emergency checkpoint -> restart -> completion."""
+    spec = os.environ.get("TELEPATHY_TEST_CRASH_ONCE")
+    if spec:
+        marker, _, at = spec.rpartition(":")
+        if step == int(at) and not os.path.exists(marker):
+            open(marker, "x").close()
+            raise RuntimeError(f"injected crash at step {step} (TELEPATHY_TEST_CRASH_ONCE)")
 
 
 def progress(args, total_steps: int):
@@ -110,6 +123,7 @@ def train(args) -> int:
     bar = progress(args, total)
     if bar is not None:
         bar.update(state.global_step)
+    say = bar.write if bar is not None else functools.partial(print, flush=True)  # a line that keeps the bar intact
 
     started, seen = time.monotonic(), 0
     with ckpt.emergency_guard(state):
@@ -117,6 +131,7 @@ def train(args) -> int:
             loader = resumable_loader(dataset, args.batch_size, seed=args.seed, epoch=state.epoch,
                                       start_batch=state.batch_idx, num_workers=args.num_workers,
                                       collate_fn=collate)  # fmt: skip
+            epoch_losses: list[float] = []
             for batch in loader:
                 trainable.train()
                 z = encoder(prompt_bytes(batch, args.max_bytes))
@@ -126,6 +141,7 @@ def train(args) -> int:
                 loss.backward()
                 optimizer.step()
                 value = float(loss.item())
+                epoch_losses.append(value)
                 state.advance(batches)
                 state.best_loss = min(state.best_loss, value)
                 seen += len(batch)
@@ -137,8 +153,13 @@ def train(args) -> int:
                     eta = (total - state.global_step) * args.batch_size / max(rate, 1e-9)
                     print(f"step {state.global_step}/{total} epoch {state.epoch} loss {value.hex()} ({value:.4f}) "
                           f"{rate:.1f} samples/s eta {eta:.0f}s", flush=True)  # fmt: skip
+                if state.batch_idx == 0:  # the epoch just ended
+                    mean = sum(epoch_losses) / len(epoch_losses)
+                    say(f"epoch {state.epoch}/{args.epochs} done: mean loss {mean:.4f} over the "
+                        f"{len(epoch_losses)} steps this process ran")  # fmt: skip
                 if args.step_delay:
                     time.sleep(args.step_delay)
+                crash_point(state.global_step)
                 if ckpt.step_boundary(state, args.checkpoint_interval, metric=value):
                     code = training_signals.exit_code()
                     events.emit("preempt", step=state.global_step, exit_code=code,
