@@ -20,6 +20,7 @@ nothing.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -46,6 +47,7 @@ from telepathy.manifest import (
     verify_directory,
 )
 from telepathy.retention import RetentionPolicy
+from telepathy.save_dir_lock import SaveDirLock
 
 log = logging.getLogger("telepathy")
 
@@ -59,6 +61,14 @@ _TRASH_PREFIX = ".trash-"
 
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file asks to run code (or is otherwise not plain tensors and primitives)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A save failed with an I/O error (disk full, EIO, EACCES); nothing of it was committed."""
+
+    def __init__(self, message: str, error: OSError) -> None:
+        super().__init__(message)
+        self.errno = error.errno
 
 
 @dataclass(frozen=True)
@@ -79,16 +89,23 @@ class CheckpointStore:
         self.checkpoints_dir = self.save_dir / CHECKPOINTS
         self.emergency_dir = self.save_dir / EMERGENCY
         self.retention = retention or RetentionPolicy()
+        self.lock = SaveDirLock(self.save_dir)
+
+    def close(self) -> None:
+        """Stop being this save dir's writer (also happens when the process exits)."""
+        self.lock.release()
 
     # ----------------------------------------------------------------------------------------- set-up
     def prepare(self) -> None:
-        """Create the layout, check it is writable, remove stale temporary directories of earlier runs."""
+        """Create the layout, check it is writable, become its only writer (:class:`SaveDirBusy` otherwise),
+        remove stale temporary directories of earlier runs."""
         if self.save_dir.exists() and not self.save_dir.is_dir():
             raise NotADirectoryError(f"save dir {self.save_dir} exists and is not a directory; pick another path")
         for directory in (self.save_dir, self.checkpoints_dir):
             directory.mkdir(parents=True, exist_ok=True)
         if not os.access(self.checkpoints_dir, os.W_OK | os.X_OK):
             raise PermissionError(f"save dir {self.checkpoints_dir} is not writable by this user")
+        self.lock.acquire()  # one writer per save dir; the clean-up below is safe only for the writer
         for parent in (self.checkpoints_dir, self.emergency_dir):
             if parent.is_dir():
                 self._remove_stale(parent)
@@ -132,13 +149,33 @@ class CheckpointStore:
             if final.exists() and not emergency:
                 return self._resolve_existing(tmp, final)
             durable.publish_directory(tmp, final)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            io_error = _os_error_in(exc)
+            if io_error is None:
+                raise
+            raise CheckpointWriteError(self._describe_failure(step, io_error, files), io_error) from exc
         if not emergency:
-            durable.atomic_symlink(self.save_dir / LATEST, f"{CHECKPOINTS}/{final_name}")
-            self.prune()
+            try:
+                durable.atomic_symlink(self.save_dir / LATEST, f"{CHECKPOINTS}/{final_name}")
+                self.prune()
+            except OSError as exc:  # the commit stands: loading scans checkpoints/, not the symlink
+                log.warning("checkpoint %s is committed, but updating %s or pruning failed (%s); loading will "
+                            "still find it", final, LATEST, exc)  # fmt: skip
         return final
+
+    def _describe_failure(self, step: int, error: OSError, files: Mapping[str, Any]) -> str:
+        try:
+            free = f"{shutil.disk_usage(self.save_dir).free / 2**20:.1f} MiB"
+        except OSError:
+            free = "an unknown amount"
+        previous = self.latest_pointer()
+        return (
+            f"could not write the checkpoint for step {step} in {self.save_dir}: {error.strerror or error} "
+            f"({errno.errorcode.get(error.errno or 0, 'no errno')}); it needs about "
+            f"{_tensor_bytes(files) / 2**20:.1f} MiB and the filesystem has {free} free; "
+            + (f"the previous checkpoint {previous} is intact and still latest" if previous else "nothing was saved")
+        )
 
     def _resolve_existing(self, tmp: Path, final: Path) -> Path:
         """A checkpoint for this step is already committed (e.g. a replay after a crash): keep a valid one,
@@ -225,8 +262,31 @@ class CheckpointStore:
                 continue
             trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}")
             os.rename(path, trash)  # no longer a candidate for loading, even if the delete is interrupted
-            durable.pause_point()
+            durable.pause_point("pruned directory renamed aside, before its removal")
             durable.fsync_dir(path.parent)
             shutil.rmtree(trash)
             removed.append(path)
         return removed
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested structure (what a checkpoint of it needs, give or take metadata)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, or one it was raised from or during (``torch.save`` turns a full
+    disk into a RuntimeError from its zip writer, with the OSError as its context)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 import torch
 
 from telepathy import rng, training_signals
-from telepathy.checkpoint_store import CheckpointStore
-from telepathy.manifest import verify_directory
+from telepathy.checkpoint_store import CheckpointStore, CheckpointWriteError
+from telepathy.manifest import CheckpointInvalid, verify_directory
 from telepathy.retention import RetentionPolicy
 from telepathy.train_state import (
     ResumeMismatchError,
@@ -54,7 +54,8 @@ class Checkpointer:
     ``signature`` holds the settings that must match on resume (world size, batch size, gradient
     accumulation, seed, ...); a mismatch raises :class:`ResumeMismatchError` before anything is loaded.
     ``generators`` are extra ``torch.Generator`` objects whose state is saved with the global RNGs.
-    ``on_save(path, reason, seconds)`` is called after each commit (e.g. to record an event).
+    ``on_save(path, reason, seconds)`` is called after each commit (e.g. to record an event), and
+    ``on_save_error(reason, message)`` after a save that failed with an I/O error (the loop goes on).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class Checkpointer:
         retention: RetentionPolicy | None = None,
         args: Mapping[str, Any] | None = None,
         on_save: Callable[[Path, str, float], None] | None = None,
+        on_save_error: Callable[[str, str], None] | None = None,
     ) -> None:
         clash = _RESERVED & set(parts)
         if clash:
@@ -83,7 +85,18 @@ class Checkpointer:
         self.signature = dict(signature or {})
         self.metadata = run_metadata(args)
         self.on_save = on_save
+        self.on_save_error = on_save_error
         self.store.prepare()
+
+    def close(self) -> None:
+        """Release the save dir for another writer (a process's lock also ends when it exits)."""
+        self.store.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------------ save
     def _files(self, state: TrainState) -> dict[str, Any]:
@@ -120,7 +133,15 @@ class Checkpointer:
         when the run must stop now (its exit code is ``training_signals.exit_code()``)."""
         reason = training_signals.save_reason()
         if training_signals.should_save_checkpoint(interval):
-            self.save(state, reason, metric)
+            try:
+                self.save(state, reason, metric)
+            except CheckpointWriteError as exc:  # disk full, I/O error: the previous checkpoint stands
+                stopping = training_signals.should_exit_training()
+                log.error("%s. %s", exc, "Exiting anyway; the run will resume from the previous checkpoint."
+                          if stopping else "Training continues; the next save is due in one interval.")  # fmt: skip
+                training_signals.mark_checkpoint_saved()  # retry after an interval, not at every step
+                if self.on_save_error is not None:
+                    self.on_save_error(reason, str(exc))
         return training_signals.should_exit_training()
 
     def save_emergency(self, state: TrainState, error: BaseException) -> Path | None:
@@ -156,12 +177,26 @@ class Checkpointer:
             raise
 
     # ---------------------------------------------------------------------------------------- resume
-    def resume(self, resume_from: str | os.PathLike | None = None) -> TrainState:
+    def resume(self, resume_from: str | os.PathLike | None = None, *, strict: bool = False) -> TrainState:
         """Restore the newest valid checkpoint (or ``resume_from``) into the parts, optimizer, scheduler,
-        scaler and RNGs; return its TrainState, or a fresh one when there is nothing to resume."""
+        scaler and RNGs; return its TrainState, or a fresh one when there is nothing to resume.
+
+        ``strict``: when the newest committed checkpoint fails verification, raise instead of falling back to
+        an older one (an operator who would rather look than silently replay)."""
         if resume_from is not None:
             directory = Path(resume_from)
             verify_directory(directory)
+        elif strict and self.store.committed():
+            directory = self.store.committed()[-1].path
+            try:
+                verify_directory(directory)
+            except CheckpointInvalid as exc:
+                raise CheckpointInvalid(
+                    exc.directory,
+                    exc.file,
+                    f"{exc.reason}; strict resume refuses to fall back to an older "
+                    "checkpoint (check the disk, then resume without --strict_resume to replay from the previous one)",
+                ) from None
         else:
             found = self.store.newest_valid()
             if found is None:

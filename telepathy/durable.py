@@ -18,8 +18,9 @@ from typing import BinaryIO
 _STEP_PAUSE_S = float(os.environ.get("TELEPATHY_TEST_SAVE_STEP_PAUSE", "0") or 0)
 
 
-def pause_point() -> None:
-    """Called between the steps of a save; sleeps only under the test hook above."""
+def pause_point(label: str = "") -> None:
+    """Called between the steps of a save (``label`` names the step just done, for fault-injection tools);
+    sleeps only under the test hook above."""
     if _STEP_PAUSE_S > 0:
         time.sleep(_STEP_PAUSE_S)
 
@@ -38,7 +39,7 @@ def write_file_durably(path: str | os.PathLike, write: Callable[[BinaryIO], None
     with open(path, "xb") as f:
         write(f)
         f.flush()
-        pause_point()
+        pause_point("file written, before its fsync")
         os.fsync(f.fileno())
         return f.tell()
 
@@ -59,7 +60,7 @@ def atomic_symlink(link: str | os.PathLike, target: str) -> None:
     tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
     _remove_if_exists(tmp)
     os.symlink(target, tmp)
-    pause_point()
+    pause_point("new symlink made, before it replaces the old")
     os.replace(tmp, link)
     fsync_dir(link.parent)
 
@@ -70,7 +71,7 @@ def publish_directory(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) 
     Fails (FileExistsError / OSError) rather than replacing an existing ``final_dir``.
     """
     fsync_dir(tmp_dir)
-    pause_point()
+    pause_point("directory complete, before the commit rename")
     final_dir = Path(final_dir)
     if final_dir.exists() or final_dir.is_symlink():
         raise FileExistsError(f"refusing to replace existing checkpoint directory {final_dir}")

@@ -2,8 +2,9 @@
 
 ``manifest.json`` lists every file with its size and xxh3-128 hash (xxhash: >5 GB/s, so hashing never
 limits a save or a load). A directory is trusted only if every listed file is a regular file inside it with
-the listed size and hash. A flipped byte, a truncation, a zero-filled or deleted file is therefore detected
-and named.
+the listed size and hash. The manifest carries a hash of itself too (``manifest_xxh3_128``, over its canonical
+JSON without that field), so a flipped byte in its own metadata is caught as well. A flipped byte, a
+truncation, a zero-filled or deleted file is therefore detected and named.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import xxhash
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "telepathy-checkpoint"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the manifest hashes itself
+SELF_HASH = "manifest_xxh3_128"
 HASH_NAME = "xxh3_128"
 MAX_FILE_BYTES = 1 << 46  # 64 TiB: anything larger in a manifest is corruption or an attack
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$")
@@ -69,7 +71,13 @@ def build_manifest(entries: list[FileEntry], info: dict[str, Any]) -> bytes:
         **info,
         "files": {e.name: {"bytes": e.size, HASH_NAME: e.digest} for e in entries},
     }
+    doc[SELF_HASH] = self_hash(doc)
     return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+
+def self_hash(doc: dict[str, Any]) -> str:
+    body = {k: v for k, v in doc.items() if k != SELF_HASH}
+    return xxhash.xxh3_128_hexdigest(json.dumps(body, indent=1, sort_keys=True).encode())
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -89,6 +97,8 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             MANIFEST_NAME,
             f"format_version {doc.get('format_version')!r} not readable by this telepathy (reads {MANIFEST_VERSION})",
         )
+    if doc.get(SELF_HASH) != self_hash(doc):
+        raise CheckpointInvalid(directory, MANIFEST_NAME, f"{SELF_HASH} does not match its content (corrupted)")
     files = doc.get("files")
     if not isinstance(files, dict) or not files:
         raise CheckpointInvalid(directory, MANIFEST_NAME, "lists no files")

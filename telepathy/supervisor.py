@@ -24,6 +24,8 @@ from pathlib import Path
 
 from telepathy import training_signals
 from telepathy.events import REPORT_FD_ENV, EventLog
+from telepathy.exit_codes import EXIT_SAVE_DIR_BUSY, NOT_RESTARTED
+from telepathy.save_dir_lock import SaveDirBusy, SaveDirLock
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 KNOWN_EXITS = (training_signals.EXIT_COMPLETE, training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED)
@@ -67,6 +69,13 @@ class Supervisor:
                 signal.signal(s, handler)
 
     def _run(self) -> int:
+        probe = SaveDirLock(self.save_dir)
+        try:  # refuse at once, before a slow trainer start-up, when another run writes there
+            probe.acquire()
+            probe.release()
+        except SaveDirBusy as exc:
+            print(f"[telepathy] {exc}", flush=True)
+            return EXIT_SAVE_DIR_BUSY
         slurm = {k: os.environ[k] for k in SLURM_IDS if k in os.environ}
         if slurm:
             print("[telepathy] " + " ".join(f"{k}={v}" for k, v in slurm.items()), flush=True)
@@ -78,7 +87,7 @@ class Supervisor:
                 code = (
                     training_signals.EXIT_INTERRUPTED if exit_signal == signal.SIGINT else training_signals.EXIT_REQUEUE
                 )
-            elif code not in KNOWN_EXITS and restarts < self.max_restarts:
+            elif code not in KNOWN_EXITS + NOT_RESTARTED and restarts < self.max_restarts:
                 restarts += 1
                 delay = self.restart_backoff * 2 ** (restarts - 1)
                 print(f"[telepathy] trainer failed with exit code {code}; restart {restarts}/{self.max_restarts} "

@@ -29,8 +29,13 @@ if __package__ in (None, ""):  # run as a file path: make the package importable
 from telepathy import training_signals  # noqa: E402
 from telepathy.checkpointer import Checkpointer  # noqa: E402
 from telepathy.data import ResumableBatchSampler, resumable_loader, sample_generator  # noqa: E402
+from telepathy.exit_codes import EXIT_CANNOT_RESUME, EXIT_SAVE_DIR_BUSY  # noqa: E402
+from telepathy.manifest import CheckpointInvalid  # noqa: E402
 from telepathy.retention import RetentionPolicy  # noqa: E402
-from telepathy.train_state import TrainState  # noqa: E402
+from telepathy.save_dir_lock import SaveDirBusy  # noqa: E402
+from telepathy.train_state import ResumeMismatchError, TrainState  # noqa: E402
+
+log = logging.getLogger("telepathy")
 
 
 class SyntheticClassification(Dataset):
@@ -79,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fail_at_step", type=int, default=None, help="raise an error at this step (tests)")
     p.add_argument("--resume_from", default=None, help="resume from this checkpoint directory")
     p.add_argument("--no_resume", action="store_true", help="ignore existing checkpoints (needs empty dir)")
+    p.add_argument("--strict_resume", action="store_true", help="fail on an invalid newest checkpoint (no fallback)")
     args = p.parse_args(argv)
     if args.interval <= 0 or args.duration <= 0:
         p.error("--interval and --duration must be > 0 seconds")
@@ -122,7 +128,7 @@ def train(args: argparse.Namespace) -> int:
             f"error: --no_resume but {args.save_dir} already holds checkpoints; use a new --save_dir", file=sys.stderr
         )
         return 2
-    state = TrainState() if args.no_resume else ckpt.resume(args.resume_from)
+    state = TrainState() if args.no_resume else ckpt.resume(args.resume_from, strict=args.strict_resume)
     print(
         f"PID {os.getpid()} training in {args.save_dir} from epoch {state.epoch} batch {state.batch_idx} "
         f"(global step {state.global_step})",
@@ -185,7 +191,15 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[telepathy] %(message)s", stream=sys.stdout)
-    sys.exit(train(parse_args(argv)))
+    try:
+        code = train(parse_args(argv))
+    except SaveDirBusy as exc:  # another live run writes there: refuse before touching anything
+        log.error("%s", exc)
+        code = EXIT_SAVE_DIR_BUSY
+    except (ResumeMismatchError, CheckpointInvalid) as exc:
+        log.error("cannot resume: %s", exc)
+        code = EXIT_CANNOT_RESUME
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ import threading
 import time
 from collections.abc import Mapping
 
-EXIT_COMPLETE = 0
-EXIT_REQUEUE = 99
-EXIT_INTERRUPTED = 130
+from telepathy.exit_codes import EXIT_COMPLETE, EXIT_INTERRUPTED, EXIT_REQUEUE  # noqa: F401 (public names)
 
 
 class Action(enum.Enum):
@@ -90,6 +88,11 @@ def install_signal_handlers(extra: Mapping[int, Action] | None = None) -> None:
     _state.exit_signals = frozenset(s for s, a in actions.items() if a is not Action.SAVE_AND_CONTINUE)
     for signum in actions:
         _state.previous_handlers[signum] = signal.signal(signum, _on_signal)
+
+
+def installed() -> bool:
+    """Whether ``install_signal_handlers`` is in effect (re-installing would clear pending requests)."""
+    return bool(_state.previous_handlers)
 
 
 def uninstall_signal_handlers() -> None:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from telepathy import durable
-from telepathy.checkpoint_store import CheckpointStore, UnsafeCheckpointError
-from telepathy.manifest import CheckpointInvalid, hash_file, verify_directory
+from telepathy.checkpoint_store import CheckpointStore, CheckpointWriteError, UnsafeCheckpointError
+from telepathy.manifest import CheckpointInvalid, hash_file, self_hash, verify_directory
 from telepathy.retention import RetentionPolicy
 
 
@@ -34,7 +34,8 @@ def test_layout_manifest_and_latest(store: CheckpointStore):
     assert sorted(p.name for p in path.iterdir()) == ["encoder.pt", "manifest.json", "optimizer.pt", "state.pt"]
     assert os.readlink(store.save_dir / "latest") == "checkpoints/step_00001200"
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["step"] == 1200
+    assert manifest["format_version"] == 2 and manifest["step"] == 1200
+    assert manifest["manifest_xxh3_128"] == self_hash(manifest)
     assert manifest["files"]["state.pt"]["bytes"] == (path / "state.pt").stat().st_size
     assert manifest["files"]["state.pt"]["xxh3_128"] == hash_file(path / "state.pt")
     assert [p.name for p in store.checkpoints_dir.iterdir()] == ["step_00001200"], "no temporary leftovers"
@@ -118,6 +119,7 @@ def test_pickle_payload_is_refused_without_running(store, tmp_path):
         "bytes": (path / "state.pt").stat().st_size,
         "xxh3_128": hash_file(path / "state.pt"),
     }
+    manifest["manifest_xxh3_128"] = self_hash(manifest)
     (path / "manifest.json").write_text(json.dumps(manifest))
     verify_directory(path)
     with pytest.raises(UnsafeCheckpointError, match="not a safe checkpoint"):
@@ -138,6 +140,7 @@ def test_hostile_manifest_entries_are_refused(store, entry_name, entry, reason):
     path = save(store, 5)
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["files"][entry_name] = entry
+    manifest["manifest_xxh3_128"] = self_hash(manifest)  # a consistent (attacker-written) manifest
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointInvalid, match=reason):
         verify_directory(path)
@@ -204,7 +207,7 @@ def test_failed_save_leaves_previous_latest_and_no_temporaries(store, monkeypatc
         return real(path, write)
 
     monkeypatch.setattr(durable, "write_file_durably", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointWriteError, match=r"No space left on device \(ENOSPC\)"):
         save(store, 6)
     assert [p.name for p in store.checkpoints_dir.iterdir()] == ["step_00000005"]
     assert store.newest_valid()[0].step == 5

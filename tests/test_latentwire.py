@@ -62,7 +62,7 @@ def test_trainer_resumes_bit_identically_and_refuses_another_llm(tmp_path):
     assert "already complete" in again.outputs[-1]
     # Resuming against a different frozen LLM (a different d_z changes the signature the same way) is refused.
     other = RunResult()
-    assert run_once(args_for(tmp_path / "run", "--d_z", "16"), [], other, trainer=TRAINER) == 1
+    assert run_once(args_for(tmp_path / "run", "--d_z", "16"), [], other, trainer=TRAINER) == 3  # not restarted
     assert "d_z: checkpoint has 32, this run has 16" in other.outputs[-1]
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     sup.add_argument("--checkpoint_interval", type=float, default=600.0, help="seconds between checkpoints")
     sup.add_argument("--grace_period", type=float, default=120.0, help="seconds the trainer gets after SIGTERM")
     sup.add_argument("--auto_resume", action="store_true", help="resume from SAVE_DIR/latest when present")
+    sup.add_argument("--strict_resume", action="store_true",
+                     help="fail if the newest checkpoint is invalid instead of using an older one")  # fmt: skip
     sup.add_argument("--max_restarts", type=int, default=2, help="restarts after a trainer crash")
     sup.add_argument("--keep_last", type=int, default=3, help="checkpoints kept (plus the best)")
     sup.add_argument("--resume_from", default=None, help="resume from this checkpoint directory (e.g. emergency)")
@@ -72,4 +76,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     for flag, ok in checks.items():
         if not ok:
             parser.error(f"{flag} must be positive (got {getattr(args, flag[2:])})")
+    problem = save_dir_problem(Path(args.save_dir))
+    if problem:
+        parser.error(problem)
     return args
+
+
+def save_dir_problem(save_dir: Path) -> str | None:
+    """Why ``save_dir`` cannot be used, checked before any training starts; None when it can."""
+    if save_dir.exists() and not save_dir.is_dir():
+        return f"--save_dir {save_dir} exists and is not a directory; pick another path"
+    existing = save_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--save_dir {save_dir} is not writable ({existing} does not allow this user to create files)"
+    return None

@@ -5,7 +5,13 @@ signals, checkpoints at step boundaries, exact resume. It reports each event (an
 supervisor through ``telepathy.events``.
 """
 
+# ruff: noqa: E402  (the handlers go in before the slow imports)
 from __future__ import annotations
+
+from telepathy import training_signals
+
+if __name__ == "__main__":  # first: a SIGTERM during the seconds of importing torch must not kill the trainer
+    training_signals.install_signal_handlers()
 
 import functools
 import logging
@@ -18,16 +24,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from telepathy import training_signals
 from telepathy.checkpointer import Checkpointer
 from telepathy.data import ResumableBatchSampler, resumable_loader
 from telepathy.events import EventLog
+from telepathy.exit_codes import EXIT_CANNOT_RESUME, EXIT_SAVE_DIR_BUSY
 from telepathy.latentwire import config
 from telepathy.latentwire.llm import FrozenLM, load_frozen_lm
 from telepathy.latentwire.model import Adapter, ByteEncoder
 from telepathy.latentwire.qa_data import QADataset, collate, prompt_bytes, squad_qa, synthetic_qa
+from telepathy.manifest import CheckpointInvalid
 from telepathy.retention import RetentionPolicy
-from telepathy.train_state import TrainState
+from telepathy.save_dir_lock import SaveDirBusy
+from telepathy.train_state import ResumeMismatchError, TrainState
 
 log = logging.getLogger("telepathy")
 ANCHOR = "Answer: "
@@ -73,7 +81,8 @@ def progress(args, total_steps: int):
 
 
 def train(args) -> int:
-    training_signals.install_signal_handlers()
+    if not training_signals.installed():  # a request that arrived during start-up stays pending
+        training_signals.install_signal_handlers()
     torch.set_num_threads(args.threads)
     events = EventLog(args.save_dir, "trainer")
     items = squad_qa(args.data_path, args.samples) if args.data_path else synthetic_qa(args.samples, args.seed)
@@ -109,8 +118,12 @@ def train(args) -> int:
             bytes=sum(f.stat().st_size for f in path.iterdir()),
             seconds=round(seconds, 3),
         ),  # fmt: skip
+        on_save_error=lambda reason, message: events.emit(
+            "save_failed", step=state.global_step, reason=reason, error=message
+        ),  # fmt: skip
     )
-    state = ckpt.resume(args.resume_from) if (args.auto_resume or args.resume_from) else TrainState()
+    resuming = args.auto_resume or args.resume_from
+    state = ckpt.resume(args.resume_from, strict=args.strict_resume) if resuming else TrainState()
     if not (args.auto_resume or args.resume_from) and ckpt.store.committed():
         log.error("%s already holds checkpoints; pass --auto_resume to continue it or use a new --save_dir",
                   args.save_dir)  # fmt: skip
@@ -174,7 +187,15 @@ def train(args) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[telepathy] %(message)s", stream=sys.stdout)
-    sys.exit(train(config.parse(sys.argv[1:] if argv is None else argv)))
+    try:
+        code = train(config.parse(sys.argv[1:] if argv is None else argv))
+    except SaveDirBusy as exc:  # another live run writes there: refuse before touching anything
+        log.error("%s", exc)
+        code = EXIT_SAVE_DIR_BUSY
+    except (ResumeMismatchError, CheckpointInvalid) as exc:  # a restart would fail the same way
+        log.error("cannot resume: %s", exc)
+        code = EXIT_CANNOT_RESUME
+    sys.exit(code)
 
 
 if __name__ == "__main__":
