@@ -37,11 +37,13 @@ from typing import Any
 import torch
 
 from telepathy import durable
+from telepathy.blob_store import BlobStore
 from telepathy.manifest import (
     MANIFEST_NAME,
     CheckpointInvalid,
+    FileEntry,
+    HashingWriter,
     build_manifest,
-    describe_file,
     is_safe_file_name,
     read_manifest,
     verify_directory,
@@ -84,8 +86,10 @@ def step_dir_name(step: int) -> str:
 class CheckpointStore:
     """Durable, verified checkpoints for one save directory."""
 
-    def __init__(self, save_dir: str | os.PathLike, retention: RetentionPolicy | None = None) -> None:
+    def __init__(self, save_dir: str | os.PathLike, retention: RetentionPolicy | None = None, *,
+                 differential: bool = False, compress: bool = False) -> None:  # fmt: skip
         self.save_dir = Path(save_dir)
+        self.blobs = BlobStore(save_dir, compress=compress) if (differential or compress) else None
         self.checkpoints_dir = self.save_dir / CHECKPOINTS
         self.emergency_dir = self.save_dir / EMERGENCY
         self.retention = retention or RetentionPolicy()
@@ -139,12 +143,14 @@ class CheckpointStore:
         tmp = parent / f"{_TEMP_PREFIX}{final_name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
-            entries = []
-            for name, obj in files.items():
-                path = tmp / f"{name}.pt"
-                durable.write_file_durably(path, lambda f, obj=obj: torch.save(obj, f))
-                entries.append(describe_file(path))
-            manifest = build_manifest(entries, {**info, "step": step, "emergency": emergency})
+            refs: dict[str, dict[str, Any]] = {}
+            if self.blobs is not None:  # large tensors to content-addressed blobs, written only when new
+                if not self.blobs.known:  # first save of this process: learn what the kept checkpoints hold
+                    self.blobs.known = self._referenced_blobs() or {}
+                files = {name: self.blobs.externalize(obj, refs) for name, obj in files.items()}
+            entries = [_write_part(tmp / f"{name}.pt", obj) for name, obj in files.items()]
+            extra = {"blobs": refs} if refs else {}
+            manifest = build_manifest(entries, {**info, "step": step, "emergency": emergency, **extra})
             durable.write_file_durably(tmp / MANIFEST_NAME, lambda f: f.write(manifest))
             if final.exists() and not emergency:
                 return self._resolve_existing(tmp, final)
@@ -159,6 +165,7 @@ class CheckpointStore:
             try:
                 durable.atomic_symlink(self.save_dir / LATEST, f"{CHECKPOINTS}/{final_name}")
                 self.prune()
+                self._collect_blobs()
             except OSError as exc:  # the commit stands: loading scans checkpoints/, not the symlink
                 log.warning("checkpoint %s is committed, but updating %s or pruning failed (%s); loading will "
                             "still find it", final, LATEST, exc)  # fmt: skip
@@ -227,10 +234,13 @@ class CheckpointStore:
     # ---------------------------------------------------------------------------------------- loading
     @staticmethod
     def load_part(directory: Path, name: str) -> Any:
-        """Load ``name.pt`` from a verified checkpoint directory without executing code from it."""
+        """Load ``name.pt`` from a verified checkpoint directory without executing code from it (tensors kept
+        in blobs by a differential or compressed save are read back in place of their references)."""
         path = directory / f"{name}.pt"
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no second copy in RAM
+            refs = read_manifest(directory).get("blobs")
+            return BlobStore(directory.parent.parent).internalize(obj, refs) if refs else obj
         except pickle.UnpicklingError as exc:
             raise UnsafeCheckpointError(
                 f"{path} is not a safe checkpoint file: it contains objects other than tensors and plain "
@@ -238,6 +248,30 @@ class CheckpointStore:
             ) from None
 
     # ---------------------------------------------------------------------------------------- pruning
+    def _referenced_blobs(self) -> dict[str, dict[str, Any]] | None:
+        """Every blob that a committed or emergency checkpoint references, with its manifest entry; None when
+        some manifest cannot be read (then nothing may be deleted: it might reference any blob)."""
+        directories = [r.path for r in self.committed()]
+        if self.emergency_dir.is_dir():
+            directories += [p for p in self.emergency_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        live: dict[str, dict[str, Any]] = {}
+        for directory in directories:
+            try:
+                live.update(read_manifest(directory).get("blobs", {}))
+            except CheckpointInvalid:
+                return None
+        return live
+
+    def _collect_blobs(self) -> None:
+        if self.blobs is None:
+            return
+        live = self._referenced_blobs()
+        if live is None:
+            log.warning("a checkpoint manifest in %s is unreadable; keeping every blob", self.save_dir)
+            return
+        self.blobs.known = live
+        self.blobs.collect_garbage(live)
+
     def prune(self) -> list[Path]:
         """Apply the retention policy. Deletes only committed ``step_N`` directories with a telepathy
         manifest, never the newest one or the one ``latest`` points at."""
@@ -290,3 +324,17 @@ def _os_error_in(exc: BaseException) -> OSError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _write_part(path: Path, obj: Any) -> FileEntry:
+    """``torch.save`` one part durably, hashing its bytes on their way to disk (no read-back)."""
+    writer: HashingWriter | None = None
+
+    def write(f: Any) -> None:
+        nonlocal writer
+        writer = HashingWriter(f)
+        torch.save(obj, writer)
+
+    durable.write_file_durably(path, write)
+    assert writer is not None
+    return writer.entry(path.name)

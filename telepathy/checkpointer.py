@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +29,7 @@ from telepathy import rng, training_signals
 from telepathy.checkpoint_store import CheckpointStore, CheckpointWriteError
 from telepathy.manifest import CheckpointInvalid, verify_directory
 from telepathy.retention import RetentionPolicy
+from telepathy.snapshot import HostBuffers
 from telepathy.train_state import (
     ResumeMismatchError,
     TrainState,
@@ -43,6 +46,15 @@ STATE_PART = "state"
 _RESERVED = {OPTIMIZER_PART, STATE_PART}
 
 
+@dataclass(frozen=True)
+class SaveReport:
+    path: Path
+    step: int
+    reason: str
+    seconds: float  # from the start of the save to its commit
+    blocked_seconds: float | None  # async saves: how long the training loop waited (the snapshot)
+
+
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
@@ -54,8 +66,12 @@ class Checkpointer:
     ``signature`` holds the settings that must match on resume (world size, batch size, gradient
     accumulation, seed, ...); a mismatch raises :class:`ResumeMismatchError` before anything is loaded.
     ``generators`` are extra ``torch.Generator`` objects whose state is saved with the global RNGs.
-    ``on_save(path, reason, seconds)`` is called after each commit (e.g. to record an event), and
+    ``on_save(SaveReport)`` is called after each commit (e.g. to record an event), and
     ``on_save_error(reason, message)`` after a save that failed with an I/O error (the loop goes on).
+    ``async_save``: periodic and SIGUSR1 saves from ``step_boundary`` block only for a copy of the state into
+    reusable host buffers and commit in a background thread; ``save()`` and saves before an exit stay durable
+    before they return. ``differential``: tensors unchanged since a kept checkpoint are not written again;
+    ``compress``: zstd over byte planes (see :mod:`telepathy.blob_store`).
     """
 
     def __init__(
@@ -70,13 +86,16 @@ class Checkpointer:
         signature: Mapping[str, Any] | None = None,
         retention: RetentionPolicy | None = None,
         args: Mapping[str, Any] | None = None,
-        on_save: Callable[[Path, str, float], None] | None = None,
+        on_save: Callable[[SaveReport], None] | None = None,
         on_save_error: Callable[[str, str], None] | None = None,
+        async_save: bool = False,
+        differential: bool = False,
+        compress: bool = False,
     ) -> None:
         clash = _RESERVED & set(parts)
         if clash:
             raise ValueError(f"part names {sorted(clash)} are reserved for the optimizer and training state")
-        self.store = CheckpointStore(save_dir, retention)
+        self.store = CheckpointStore(save_dir, retention, differential=differential, compress=compress)
         self.parts = dict(parts)
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -86,10 +105,16 @@ class Checkpointer:
         self.metadata = run_metadata(args)
         self.on_save = on_save
         self.on_save_error = on_save_error
+        self.async_save = async_save
+        self._buffers = HostBuffers()
+        self._writer: threading.Thread | None = None
+        self._writer_error: BaseException | None = None
         self.store.prepare()
 
     def close(self) -> None:
-        """Release the save dir for another writer (a process's lock also ends when it exits)."""
+        """Wait for a background save, then release the save dir for another writer (a process's lock also
+        ends when it exits)."""
+        self.wait()
         self.store.close()
 
     def __enter__(self) -> Checkpointer:
@@ -110,8 +135,12 @@ class Checkpointer:
         files[STATE_PART] = state_to_dict(state, rng_state, self.signature, self.metadata)
         return files
 
-    def save(self, state: TrainState, reason: str, metric: float | None = None) -> Path:
-        """Commit a checkpoint of the current training state; returns its directory."""
+    def save(
+        self, state: TrainState, reason: str, metric: float | None = None, *, blocking: bool = True
+    ) -> Path | None:
+        """Commit a checkpoint of the current training state and return its directory. ``blocking=False``
+        (what ``step_boundary`` uses with ``async_save``) returns None once the state is copied to host
+        buffers; the commit, and ``latest``, follow in the background. Never two saves at once."""
         info = {
             "reason": reason,
             "epoch": state.epoch,
@@ -120,34 +149,74 @@ class Checkpointer:
             "telepathy_version": self.metadata["telepathy_version"],
             "hostname": self.metadata["hostname"],
         }
+        self.wait()
         started = time.monotonic()
-        path = self.store.save(state.global_step, self._files(state), info)
+        if blocking:
+            path = self.store.save(state.global_step, self._files(state), info)
+            training_signals.mark_checkpoint_saved()
+            self._report(SaveReport(path, state.global_step, reason, time.monotonic() - started, None))
+            return path
+        snapshot = self._buffers.snapshot(self._files(state))
         training_signals.mark_checkpoint_saved()
-        log.info("checkpoint committed: %s (reason: %s)", path, reason)
+        blocked = time.monotonic() - started
+        self._writer = threading.Thread(target=self._write_in_background, name="telepathy-checkpoint-writer",
+                                        args=(state.global_step, snapshot, info, reason, started, blocked))  # fmt: skip
+        self._writer.start()  # not a daemon: an exiting interpreter waits for the commit
+        return None
+
+    def _write_in_background(self, step: int, files: dict[str, Any], info: dict[str, Any], reason: str,
+                             started: float, blocked: float) -> None:  # fmt: skip
+        try:
+            path = self.store.save(step, files, info)
+        except CheckpointWriteError as exc:
+            self._save_failed(reason, exc)
+        except BaseException as exc:  # re-raised in the training thread by wait()
+            self._writer_error = exc
+        else:
+            self._report(SaveReport(path, step, reason, time.monotonic() - started, blocked))
+
+    def wait(self) -> None:
+        """Block until a background save is committed (re-raising what went wrong in it, other than I/O)."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._writer_error is not None:
+            error, self._writer_error = self._writer_error, None
+            raise error
+
+    def _report(self, report: SaveReport) -> None:
+        log.info("checkpoint committed: %s (reason: %s)", report.path, report.reason)
         if self.on_save is not None:
-            self.on_save(path, reason, time.monotonic() - started)
-        return path
+            self.on_save(report)
+
+    def _save_failed(self, reason: str, exc: CheckpointWriteError) -> None:
+        stopping = training_signals.should_exit_training()
+        log.error("%s. %s", exc, "Exiting anyway; the run will resume from the previous checkpoint."
+                  if stopping else "Training continues; the next save is due in one interval.")  # fmt: skip
+        training_signals.mark_checkpoint_saved()  # retry after an interval, not at every step
+        if self.on_save_error is not None:
+            self.on_save_error(reason, str(exc))
 
     def step_boundary(self, state: TrainState, interval: float | None = None, metric: float | None = None) -> bool:
         """Call after each optimizer step. Saves when a signal asked or the interval passed; returns True
-        when the run must stop now (its exit code is ``training_signals.exit_code()``)."""
+        when the run must stop now (its exit code is ``training_signals.exit_code()``). With ``async_save``
+        only the copy to host buffers blocks, except before an exit: that save is durable before it returns."""
         reason = training_signals.save_reason()
         if training_signals.should_save_checkpoint(interval):
+            blocking = not self.async_save or training_signals.should_exit_training()
             try:
-                self.save(state, reason, metric)
+                self.save(state, reason, metric, blocking=blocking)
             except CheckpointWriteError as exc:  # disk full, I/O error: the previous checkpoint stands
-                stopping = training_signals.should_exit_training()
-                log.error("%s. %s", exc, "Exiting anyway; the run will resume from the previous checkpoint."
-                          if stopping else "Training continues; the next save is due in one interval.")  # fmt: skip
-                training_signals.mark_checkpoint_saved()  # retry after an interval, not at every step
-                if self.on_save_error is not None:
-                    self.on_save_error(reason, str(exc))
+                self._save_failed(reason, exc)
+        elif training_signals.should_exit_training():
+            self.wait()  # an exit without a new save still waits for the one in flight
         return training_signals.should_exit_training()
 
     def save_emergency(self, state: TrainState, error: BaseException) -> Path | None:
         """Best-effort checkpoint after an unexpected exception. It goes to ``SAVE_DIR/emergency/`` and is
         never resumed automatically (the failure may have struck mid-step); resume from it by hand."""
         try:
+            self.wait()
             path = self.store.save(
                 state.global_step,
                 self._files(state),

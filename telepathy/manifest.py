@@ -15,9 +15,11 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import xxhash
+
+from telepathy.blob_store import BlobStore, is_blob_name
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "telepathy-checkpoint"
@@ -59,8 +61,24 @@ def hash_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def describe_file(path: Path) -> FileEntry:
-    return FileEntry(path.name, path.stat().st_size, hash_file(path))
+class HashingWriter:
+    """A write-only file wrapper that hashes what passes through, so a save never reads its files back."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.hasher = xxhash.xxh3_128()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.hasher.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def entry(self, name: str) -> FileEntry:
+        return FileEntry(name, self.size, self.hasher.hexdigest())
 
 
 def build_manifest(entries: list[FileEntry], info: dict[str, Any]) -> bytes:
@@ -110,6 +128,11 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             raise CheckpointInvalid(directory, name, f"manifest size {size!r} is not a plausible byte count")
         if not isinstance(entry.get(HASH_NAME), str):
             raise CheckpointInvalid(directory, name, f"manifest has no {HASH_NAME} hash")
+    for name, entry in (doc.get("blobs") or {}).items():
+        ok = is_blob_name(name) and isinstance(entry, dict) and entry.get("codec") in ("raw", "zst")
+        size = entry.get("bytes") if isinstance(entry, dict) else None
+        if not ok or not isinstance(size, int) or not 0 <= size <= MAX_FILE_BYTES:
+            raise CheckpointInvalid(directory, MANIFEST_NAME, f"blob entry {name!r} is malformed")
     return doc
 
 
@@ -133,4 +156,9 @@ def verify_directory(directory: Path) -> dict[str, Any]:
             raise CheckpointInvalid(
                 directory, name, f"{HASH_NAME} {digest} does not match manifest {entry[HASH_NAME]} (corrupted)"
             )
+    if doc.get("blobs"):  # differential/compressed: the shared blobs this checkpoint references
+        problem = BlobStore(directory.parent.parent).verify(doc["blobs"])
+        if problem is not None:
+            file, _, reason = problem.partition(": ")
+            raise CheckpointInvalid(directory, file, reason)
     return doc

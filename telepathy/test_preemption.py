@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--log_every", type=int, default=250, help="print progress every N steps")
     p.add_argument("--keep_last", type=int, default=3)
+    p.add_argument("--async_save", action="store_true", help="periodic/SIGUSR1 saves commit in the background")
+    p.add_argument("--differential", action="store_true", help="write only tensors that changed (blobs/)")
+    p.add_argument("--compress", action="store_true", help="zstd-compress tensors (implies blobs/)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--fail_at_step", type=int, default=None, help="raise an error at this step (tests)")
     p.add_argument("--resume_from", default=None, help="resume from this checkpoint directory")
@@ -122,6 +125,9 @@ def train(args: argparse.Namespace) -> int:
         signature=signature,
         retention=RetentionPolicy(keep_last=args.keep_last),
         args=vars(args),
+        async_save=args.async_save,
+        differential=args.differential,
+        compress=args.compress,
     )
     if args.no_resume and ckpt.store.committed():
         print(

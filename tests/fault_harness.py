@@ -33,7 +33,7 @@ import torch
 from harness import deep_equal
 from torch import nn
 
-from telepathy import checkpoint_store, durable
+from telepathy import blob_store, checkpoint_store, durable
 from telepathy.checkpoint_store import CheckpointStore
 from telepathy.checkpointer import Checkpointer
 from telepathy.data import resumable_loader
@@ -62,6 +62,9 @@ def unsafe_publish(tmp_dir: Path, final_dir: Path) -> None:
     os.rmdir(tmp_dir)
 
 
+STORE_MODE = {"differential": False, "compress": False}  # set by --store_mode
+
+
 def train(save_dir: Path, keep_last: int, strict: bool = False, stop_after: int | None = None) -> int:
     """The faulted program: resume, train with a checkpoint after every step. Runs in a forked child."""
     torch.set_num_threads(1)
@@ -76,7 +79,7 @@ def train(save_dir: Path, keep_last: int, strict: bool = False, stop_after: int 
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 4))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ckpt = Checkpointer(save_dir, parts={"model": model}, optimizer=optimizer, signature={"batch_size": BATCH},
-                        retention=RetentionPolicy(keep_last=keep_last, keep_best=False))  # fmt: skip
+                        retention=RetentionPolicy(keep_last=keep_last, keep_best=False), **STORE_MODE)  # fmt: skip
     try:
         state = ckpt.resume(strict=strict)
     except CheckpointInvalid:
@@ -136,7 +139,7 @@ def outcome(save_dir: Path) -> tuple[dict[int, set[str]], dict[str, object]]:
         step, loss = line.split()
         seen[int(step)].add(loss)
     final = CheckpointStore(save_dir).newest_valid()[0].path
-    files = {name: torch.load(final / f"{name}.pt", weights_only=True) for name in ("model", "optimizer", "state")}
+    files = {name: CheckpointStore.load_part(final, name) for name in ("model", "optimizer", "state")}
     return seen, files
 
 
@@ -284,8 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a new temp dir)")
     parser.add_argument("--negative_control", action="store_true",
                         help="no atomic publish, no load-time verification: must report losses")  # fmt: skip
+    parser.add_argument("--store_mode", choices=("full", "differential", "compress"), default="full",
+                        help="differential/compress: every tensor becomes a shared blob")  # fmt: skip
     args = parser.parse_args(argv)
     NEGATIVE_CONTROL["on"] = args.negative_control
+    if args.store_mode != "full":
+        STORE_MODE[args.store_mode] = True
+        blob_store.MIN_BLOB_BYTES = 1  # the harness model is small: make every tensor a blob
     root = args.dir or Path(tempfile.mkdtemp(prefix=f"telepathy-{args.campaign}-"))
     root.mkdir(parents=True, exist_ok=True)
     if args.campaign == "kills":

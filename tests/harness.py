@@ -169,7 +169,7 @@ def final_checkpoint(save_dir: Path) -> Path:
 
 
 def load_checkpoint_files(directory: Path) -> dict[str, object]:
-    return {name: torch.load(directory / f"{name}.pt", weights_only=True) for name in ("model", "optimizer", "state")}
+    return {name: CheckpointStore.load_part(directory, name) for name in ("model", "optimizer", "state")}
 
 
 def deep_equal(a: object, b: object, path: str = "") -> list[str]:

@@ -141,3 +141,24 @@ def test_negative_control_broken_resume_is_detected(tmp_path: Path, reference) -
     assert any(m.startswith("loss at step") for m in mismatches), "broken resume went unnoticed"
     first_bad = min(int(m.split()[3].rstrip(":")) for m in mismatches if m.startswith("loss at step"))
     assert first_bad > 10, "steps before the interruption must still match"
+
+
+@pytest.mark.parametrize("name", ["kill_during_save", "usr1_saves_then_kill_replays", "term_at_epoch_boundary"])
+def test_async_saves_are_bit_identical(name: str, tmp_path: Path, reference) -> None:
+    """Background commits (``--async_save``), SIGKILL while the writer thread is mid-save included."""
+    check_schedule(f"async-{name}", NAMED_SCHEDULES[name], tmp_path, reference, ("--async_save",), SAVE_PAUSE)
+
+
+def test_async_random_schedule_with_interval_saves_is_bit_identical(tmp_path: Path, reference) -> None:
+    extra = ("--async_save", "--interval", "0.25")
+    check_schedule("async-random-1", random_schedule(1), tmp_path, reference, extra, SAVE_PAUSE)
+
+
+@pytest.mark.parametrize("mode", ["--differential", "--compress"])
+def test_differential_and_compressed_saves_are_bit_identical(mode: str, tmp_path: Path, reference) -> None:
+    """Every tensor as a blob (test hook), SIGKILL during saves, blobs shared across checkpoints and pruned."""
+    env = {**SAVE_PAUSE, "TELEPATHY_TEST_MIN_BLOB_BYTES": "1"}
+    schedule = NAMED_SCHEDULES["kill_during_save"] + [[Interrupt(30, TERM)]]
+    extra = (mode, "--keep_last", "2")
+    result = check_schedule(f"{mode[2:]}-kill_during_save", schedule, tmp_path, reference, extra, env)
+    assert (tmp_path / "run" / "blobs").is_dir() and result.exit_codes[-1] == 0

@@ -30,6 +30,12 @@ def test_sigkill_at_random_instants_never_tears_the_resume_point(tmp_path):
     assert len(save_phases) >= 3, summary["kills by phase"]  # the kills really landed inside saves
 
 
+def test_sigkill_with_differential_blobs_and_their_garbage_collection(tmp_path):
+    code, summary = campaign(tmp_path, "kills", "--count", "30", "--seed", "3", "--store_mode", "differential")
+    assert (summary["torn selected"], summary["resume failures"], summary["final mismatches"]) == (0, 0, 0), summary
+    assert code == 0 and summary["failures"] == []
+
+
 def test_damaged_files_are_detected_skipped_and_replayed_exactly(tmp_path):
     code, summary = campaign(tmp_path, "corrupt", "--rounds", "1", "--sample", "25", "--seed", "1")
     assert code == 0 and summary["failures"] == [], summary

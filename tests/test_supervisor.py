@@ -108,6 +108,7 @@ def test_trainer_that_overruns_the_grace_period_is_killed_and_exit_is_99(tmp_pat
     store = CheckpointStore(tmp_path)
     store.prepare()
     committed = store.save(4, {"encoder": {"w": torch.ones(3)}, "state": {"step": 4}}, {"reason": "interval"})
+    store.close()  # this test process is not the run's writer
     proc = subprocess.Popen([*MAIN, "--save_dir", str(tmp_path), "--grace_period", "1", "--", sys.executable, "-c",
                              HANGS_ON_TERM], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     assert proc.stdout.readline().strip() == "ready"
@@ -123,7 +124,7 @@ FAILS_ONCE = textwrap.dedent("""
     marker = sys.argv[1]
     if not os.path.exists(marker):
         open(marker, "w").close()
-        sys.exit(3)
+        sys.exit(7)
 """)
 
 

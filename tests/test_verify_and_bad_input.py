@@ -106,3 +106,10 @@ class _Payload:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_part_names_that_would_escape_the_checkpoint_are_refused(tmp_path):
+    with Checkpointer(tmp_path / "run", parts={"adapter_../../x": nn.Linear(2, 2)}) as ckpt:
+        with pytest.raises(ValueError, match="is not a plain file name"):
+            ckpt.save(TrainState(global_step=1), "interval")
+    assert not (tmp_path / "x.pt").exists() and list((tmp_path / "run" / "checkpoints").iterdir()) == []

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fail if the newest checkpoint is invalid instead of using an older one")  # fmt: skip
     sup.add_argument("--max_restarts", type=int, default=2, help="restarts after a trainer crash")
     sup.add_argument("--keep_last", type=int, default=3, help="checkpoints kept (plus the best)")
+    sup.add_argument("--async_save", action="store_true", help="periodic/SIGUSR1 saves commit in the background")
+    sup.add_argument("--differential", action="store_true", help="write only tensors that changed (blobs/)")
+    sup.add_argument("--compress", action="store_true", help="zstd-compress tensors (implies blobs/)")
     sup.add_argument("--resume_from", default=None, help="resume from this checkpoint directory (e.g. emergency)")
     model = p.add_argument_group("LatentWire")
     model.add_argument("--llama_id", default=None, help="hub id or local path; default: tiny Llama from a config")

@@ -110,13 +110,16 @@ def train(args) -> int:
         signature=signature,
         retention=RetentionPolicy(keep_last=args.keep_last),
         args=vars(args),
-        on_save=lambda path, reason, seconds: events.emit(
+        async_save=args.async_save,
+        differential=args.differential,
+        compress=args.compress,
+        on_save=lambda report: events.emit(
             "save",
-            step=state.global_step,  # bound below, before any save
-            reason=reason,
-            path=str(path),
-            bytes=sum(f.stat().st_size for f in path.iterdir()),
-            seconds=round(seconds, 3),
+            step=report.step,
+            reason=report.reason,
+            path=str(report.path),
+            bytes=sum(f.stat().st_size for f in report.path.iterdir()),
+            seconds=round(report.seconds, 3),
         ),  # fmt: skip
         on_save_error=lambda reason, message: events.emit(
             "save_failed", step=state.global_step, reason=reason, error=message

@@ -1,0 +1,305 @@
+"""Checkpoint cost, measured side by side in one run: raw dd, torch.save, safetensors, torch.distributed.checkpoint
+(save and async_save) and ours (sync and async). Prints medians and ratios; numbers depend on the disk.
+
+    python benchmarks/checkpoint_bench.py                 # 100 MiB and 1 GiB states, 3 repeats
+    python benchmarks/checkpoint_bench.py --sizes 4096 --repeats 1 --dir /scratch/bench
+
+For each state size (fp32 tensors of 64 MiB and smaller, random values):
+- write: "blocking" is how long a training loop would wait, "durable" until the bytes are fsynced and (ours)
+  committed; GB/s over durable; x dd = durable time / the dd time for the same bytes (dd if=<random file>
+  of=... bs=16M conv=fsync).
+- load: into preallocated tensors (what load_state_dict does), in a fresh process each; "extra peak RSS" is
+  the growth of the peak resident set during the load (mapped file pages count), over the state size. Page
+  cache is dropped first when this machine allows it (root), else noted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CHUNK = 16 * 2**20  # elements per tensor: 64 MiB of fp32
+
+
+def shapes(mib: int) -> dict[str, int]:
+    total, out, i = mib * 2**20 // 4, {}, 0
+    while total > 0:
+        out[f"layer{i}.weight"] = min(CHUNK, total)
+        total, i = total - out[f"layer{i}.weight"], i + 1
+    return out
+
+
+def make_state(mib: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {name: torch.randn(n, generator=generator) for name, n in shapes(mib).items()}
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def write_methods(state, work: Path) -> dict[str, tuple[float, float]]:
+    """name -> (blocking seconds, durable seconds), one run each."""
+    import safetensors.torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from telepathy.checkpoint_store import CheckpointStore
+    from telepathy.checkpointer import Checkpointer
+    from telepathy.snapshot import HostBuffers
+    from telepathy.train_state import TrainState
+
+    results: dict[str, tuple[float, float]] = {}
+    fresh = work / "out"
+
+    def reset() -> None:
+        shutil.rmtree(fresh, ignore_errors=True)
+        fresh.mkdir()
+
+    reset()
+    source = work / "random.bin"
+    if not source.exists():
+        with open(source, "wb") as f:
+            for t in state.values():
+                f.write(t.numpy().tobytes())
+    dd = timed(lambda: subprocess.run(["dd", f"if={source}", f"of={fresh / 'dd.bin'}", "bs=16M", "conv=fsync"],
+                                      check=True, capture_output=True))  # fmt: skip
+    results["dd conv=fsync"] = (dd, dd)
+    reset()
+
+    def torch_save() -> None:
+        torch.save(state, fresh / "state.pt")
+        fsync_path(fresh / "state.pt")
+
+    t = timed(torch_save)
+    results["torch.save + fsync"] = (t, t)
+    reset()
+
+    def safetensors_save() -> None:
+        safetensors.torch.save_file(state, fresh / "state.safetensors")
+        fsync_path(fresh / "state.safetensors")
+
+    t = timed(safetensors_save)
+    results["safetensors + fsync"] = (t, t)
+    reset()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{work / 'pg'}", rank=0, world_size=1)
+    t = timed(lambda: dcp.save(state, checkpoint_id=fresh / "dcp"))
+    results["DCP save"] = (t, t)
+    reset()
+    started = time.perf_counter()
+    future = dcp.async_save(state, checkpoint_id=fresh / "dcp_async")
+    blocking = time.perf_counter() - started
+    future.result()
+    results["DCP async_save"] = (blocking, time.perf_counter() - started)
+    reset()
+    store = CheckpointStore(fresh / "ours")
+    store.prepare()
+    t = timed(lambda: store.save(1, {"model": state}, {"reason": "bench"}))
+    results["ours sync"] = (t, t)
+    store.close()
+    reset()
+    buffers = HostBuffers()
+    buffers.snapshot(state)  # warm
+    t = timed(lambda: buffers.snapshot(state))
+    results["copy into warm buffers"] = (t, t)
+
+    class Holder:
+        def __init__(self) -> None:
+            self.sd = state
+
+        def state_dict(self):
+            return self.sd
+
+        def load_state_dict(self, sd):
+            pass
+
+    for label, changed in (("ours differential, all changed", 1.0), ("ours differential, half frozen", 0.5)):
+        store = CheckpointStore(fresh / label.replace(" ", "_"), differential=True)
+        store.prepare()
+        store.save(1, {"model": state}, {"reason": "bench"})
+        names = list(state)
+        edited = {n: (t + 1 if i < max(1, int(len(names) * changed)) else t) for i, (n, t) in enumerate(state.items())}
+        before = store.blobs.bytes_written
+        t = timed(lambda edited=edited, store=store: store.save(2, {"model": edited}, {"reason": "bench"}))
+        results[label] = (t, t)
+        results[label + " (bytes)"] = (store.blobs.bytes_written - before, 0)
+        store.close()
+    store = CheckpointStore(fresh / "compressed", compress=True)
+    store.prepare()
+    t = timed(lambda: store.save(1, {"model": state}, {"reason": "bench"}))
+    results["ours compressed"] = (t, t)
+    results["ours compressed (bytes)"] = (store.blobs.bytes_written, 0)
+    store.close()
+    reset()
+    ckpt = Checkpointer(fresh / "ours_async", parts={"model": Holder()}, async_save=True)
+    ckpt.save(TrainState(global_step=1), "warm", blocking=False)  # allocate the buffers once
+    ckpt.wait()
+    started = time.perf_counter()
+    ckpt.save(TrainState(global_step=2), "interval", blocking=False)
+    blocking = time.perf_counter() - started
+    ckpt.wait()
+    results["ours async"] = (blocking, time.perf_counter() - started)
+    ckpt.close()
+    reset()
+    return results
+
+
+def peak_rss_kib() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+
+
+def load_child(method: str, path: str, mib: int) -> None:
+    """In a fresh process: load ``path`` into preallocated tensors; print seconds and peak RSS."""
+    from telepathy.checkpoint_store import CheckpointStore
+    from telepathy.manifest import verify_directory
+
+    target = {k: torch.zeros(n) for k, n in shapes(mib).items()}  # resident, like a model's parameters
+    Path("/proc/self/clear_refs").write_text("5\n")  # reset the peak RSS (VmHWM) to the current RSS (Linux)
+    base_rss = peak_rss_kib()
+    started = time.perf_counter()
+    verify_s = 0.0
+    if method == "torch.load":
+        loaded = torch.load(path, weights_only=True)
+    elif method == "ours":
+        verify_s = timed(lambda: verify_directory(Path(path)))
+        loaded = CheckpointStore.load_part(Path(path), "model")
+    else:  # dd read
+        subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M"], check=True, capture_output=True)
+        loaded = {}
+    for k, v in loaded.items():
+        target[k].copy_(v)
+    seconds = time.perf_counter() - started
+    peak = peak_rss_kib() - base_rss
+    print(json.dumps({"seconds": seconds, "verify": verify_s, "extra_rss_mib": peak / 1024}))
+
+
+def load_methods(state, work: Path, mib: int) -> tuple[dict[str, tuple[float, float, float]], bool]:
+    from telepathy.checkpoint_store import CheckpointStore
+
+    paths = {"dd read": work / "random.bin", "torch.load": work / "load.pt"}
+    torch.save(state, paths["torch.load"])
+    store = CheckpointStore(work / "ours_load")
+    store.prepare()
+    paths["ours"] = store.save(1, {"model": state}, {"reason": "bench"})
+    store.close()
+    cold = True
+    out = {}
+    for method, path in paths.items():
+        cold &= drop_caches()
+        done = subprocess.run([sys.executable, __file__, "--_load", method, str(path), str(mib)], check=True,
+                              capture_output=True, text=True)  # fmt: skip
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        out[method] = (r["seconds"], r["verify"], r["extra_rss_mib"])
+    return out, cold
+
+
+def compression_table() -> None:
+    """Lossless ratio of our byte-plane zstd on synthetic (random normal) and trained weights, fp32 and bf16."""
+    from telepathy import blob_store
+    from telepathy.blob_store import BlobStore
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(300):  # a short real training run: targets from a fixed random linear map
+        x = torch.randn(64, 512)
+        loss = (model(x) - x.roll(1, dims=1)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    synthetic = {k: torch.randn_like(v) * v.std() for k, v in trained.items()}
+    print("| compression (zstd level 3, byte planes) | fp32 ratio | bf16 ratio |\n|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, tensors in (("synthetic (random normal)", synthetic), ("trained MLP, 300 AdamW steps", trained)):
+            ratios = []
+            for dtype in (torch.float32, torch.bfloat16):
+                store, refs = BlobStore(Path(tmp) / label[:5] / str(dtype), compress=True), {}
+                cast = {k: v.to(dtype) for k, v in tensors.items()}
+                store.externalize(cast, refs)
+                sizes = [v.numel() * v.element_size() for v in cast.values()]
+                raw = sum(n for n in sizes if n >= blob_store.MIN_BLOB_BYTES)  # the tensors that became blobs
+                ratios.append(raw / sum(e["bytes"] for e in refs.values()))
+            print(f"| {label} | {ratios[0]:.3f} | {ratios[1]:.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="100,1024", help="state sizes in MiB, comma-separated")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir on /tmp)")
+    parser.add_argument("--_load", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--compression_only", action="store_true", help="only the compression-ratio table")
+    args = parser.parse_args()
+    if args._load:
+        load_child(args._load[0], args._load[1], int(args._load[2]))
+        return
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    compression_table()
+    if args.compression_only:
+        return
+    root = Path(tempfile.mkdtemp(prefix="telepathy-bench-", dir=args.dir))
+    try:
+        for mib in (int(s) for s in args.sizes.split(",")):
+            state = make_state(mib)
+            work = root / f"{mib}"
+            work.mkdir()
+            runs = [write_methods(state, work) for _ in range(args.repeats)]
+            names = list(runs[0])
+            med = {n: (statistics.median(r[n][0] for r in runs), statistics.median(r[n][1] for r in runs))
+                   for n in names}  # fmt: skip
+            dd, torch_save = med["dd conv=fsync"][1], med["torch.save + fsync"][1]
+            gb = mib * 2**20 / 1e9
+            print(f"\n## {mib} MiB state, {args.repeats} repeat(s), medians")
+            print("| write | blocking s | durable s | GB/s | durable / dd | blocking / torch.save |")
+            print("|---|---|---|---|---|---|")
+            for n in names:
+                b, d = med[n]
+                if n.endswith("(bytes)"):
+                    print(f"| {n} | {b / 2**20:.1f} MiB written | | | | {b / (mib * 2**20):.3f} of the state |")
+                else:
+                    print(f"| {n} | {b:.3f} | {d:.3f} | {gb / d:.2f} | {d / dd:.2f} | {b / torch_save:.3f} |")
+            loads, cold = load_methods(state, work, mib)
+            print(f"\n| load ({'cold cache' if cold else 'page cache: could not drop it'}) | seconds | "
+                  "verify s | extra peak RSS / state | x dd read |\n|---|---|---|---|---|")  # fmt: skip
+            dd_read = loads["dd read"][0]
+            for n, (s, v, rss) in loads.items():
+                print(f"| {n} | {s:.3f} | {v:.3f} | {rss / mib:.2f} | {s / dd_read:.2f} |")
+            shutil.rmtree(work)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Snapshots of training state into reusable host buffers, for saving in the background.
+
+An async save may only block the loop for as long as it takes to copy the state somewhere the loop will not
+touch; serialising, hashing, writing and fsyncing then run in a background thread while training mutates the
+originals. The buffers are allocated at the first save and reused afterwards (one host copy of the state, no
+allocation per save). CUDA tensors go to pinned buffers with non-blocking copies and one synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+class HostBuffers:
+    """Reusable CPU buffers keyed by a tensor's position in the state; :meth:`snapshot` returns a copy of the
+    state whose tensors live in them (valid until the next snapshot)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def snapshot(self, state: Any) -> Any:
+        used_cuda = [False]
+        copy = self._copy(state, "", used_cuda)
+        if used_cuda[0]:
+            torch.cuda.synchronize()  # the non-blocking device-to-host copies must land before writing
+        return copy
+
+    def _copy(self, obj: Any, key: str, used_cuda: list[bool]) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self._copy_tensor(obj, key, used_cuda)
+        if isinstance(obj, Mapping):
+            return {k: self._copy(v, f"{key}/{k}", used_cuda) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            items = [self._copy(v, f"{key}[{i}]", used_cuda) for i, v in enumerate(obj)]
+            return items if isinstance(obj, list) else tuple(items)
+        return obj  # numbers, strings, None: immutable
+
+    def _copy_tensor(self, tensor: torch.Tensor, key: str, used_cuda: list[bool]) -> torch.Tensor:
+        tensor = tensor.detach()
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            pin = tensor.is_cuda and torch.cuda.is_available()
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
+            self._buffers[key] = buffer
+        if tensor.is_cuda:
+            used_cuda[0] = True
+            buffer.copy_(tensor, non_blocking=True)
+        else:
+            buffer.copy_(tensor)
+        return buffer
