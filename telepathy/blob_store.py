@@ -57,18 +57,12 @@ class BlobStore:
     def externalize(self, obj: Any, refs: dict[str, dict[str, Any]]) -> Any:
         """``obj`` with large tensors replaced by blob references (writing the blobs that do not exist yet);
         ``refs`` collects ``{blob name: manifest entry}`` for the checkpoint's manifest."""
-        if (
-            isinstance(obj, torch.Tensor)
-            and obj.numel() * obj.element_size() >= MIN_BLOB_BYTES
-            and (str(obj.dtype) in _DTYPES)
-        ):
-            return self._put(obj, refs)
-        if isinstance(obj, Mapping):
-            return {k: self.externalize(v, refs) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            items = [self.externalize(v, refs) for v in obj]
-            return items if isinstance(obj, list) else tuple(items)
-        return obj
+
+        def leaf(value: Any) -> Any:
+            big = isinstance(value, torch.Tensor) and value.numel() * value.element_size() >= MIN_BLOB_BYTES
+            return self._put(value, refs) if big and str(value.dtype) in _DTYPES else _UNCHANGED
+
+        return _rebuild(obj, leaf)
 
     def _put(self, tensor: torch.Tensor, refs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -132,14 +126,12 @@ class BlobStore:
 
     def internalize(self, obj: Any, refs: Mapping[str, Mapping[str, Any]]) -> Any:
         """The inverse of :meth:`externalize`: references replaced by tensors read from their blobs."""
-        if isinstance(obj, Mapping) and obj.get(BLOB_KEY) is not None:
-            return self._get(obj, refs)
-        if isinstance(obj, Mapping):
-            return {k: self.internalize(v, refs) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            items = [self.internalize(v, refs) for v in obj]
-            return items if isinstance(obj, list) else tuple(items)
-        return obj
+
+        def leaf(value: Any) -> Any:
+            is_ref = isinstance(value, Mapping) and value.get(BLOB_KEY) is not None
+            return self._get(value, refs) if is_ref else _UNCHANGED
+
+        return _rebuild(obj, leaf)
 
     def _get(self, ref: Mapping[str, Any], refs: Mapping[str, Mapping[str, Any]]) -> torch.Tensor:
         name, dtype = ref[BLOB_KEY], _DTYPES.get(str(ref.get("dtype")))
@@ -187,3 +179,19 @@ class BlobStore:
                     path.unlink(missing_ok=True)
                     removed += 1
         return removed
+
+
+_UNCHANGED = object()
+
+
+def _rebuild(obj: Any, leaf: Any) -> Any:
+    """Copy nested dicts, lists and tuples, replacing each value for which ``leaf`` returns a replacement."""
+    replacement = leaf(obj)
+    if replacement is not _UNCHANGED:
+        return replacement
+    if isinstance(obj, Mapping):
+        return {k: _rebuild(v, leaf) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_rebuild(v, leaf) for v in obj]
+        return items if isinstance(obj, list) else tuple(items)
+    return obj
