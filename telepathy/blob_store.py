@@ -49,6 +49,7 @@ class BlobStore:
         self.compress = compress
         self.level = level
         self.known: dict[str, dict[str, Any]] = {}  # blobs the kept checkpoints reference (manifest entries)
+        self._checked: set[str] = set()  # known blobs re-hashed by this process
         self.bytes_written = 0  # stored bytes written by this process (a benchmark/test figure)
         self._compress_seconds = self._write_seconds = 0.0
         self._compress_in = self._write_out = 0
@@ -72,11 +73,18 @@ class BlobStore:
         return {BLOB_KEY: name, "dtype": str(tensor.dtype), "shape": list(tensor.shape)}
 
     def _existing(self, name: str) -> dict[str, Any] | None:
-        """The manifest entry of a blob a kept checkpoint already references, if its file is still in place."""
+        """The manifest entry of a blob a kept checkpoint already references, if its file is in place and
+        intact. Each is re-hashed once per process before its first reuse: a damaged shared blob is rewritten
+        from the tensor in memory (which repairs the older checkpoints too) instead of poisoning every new one."""
         entry = self.known.get(name)
-        if entry is not None and self.path(name, entry["codec"]).is_file():
-            return entry
-        return None
+        if entry is None or not self.path(name, entry["codec"]).is_file():
+            return None
+        if name not in self._checked:
+            if self.verify({name: entry}) is not None:
+                log.warning("blob %s is damaged; writing it again", name)
+                return None
+            self._checked.add(name)
+        return entry
 
     def _write(self, name: str, raw: np.ndarray, element_size: int) -> dict[str, Any]:
         codec, data = "raw", memoryview(raw)
@@ -88,7 +96,7 @@ class BlobStore:
             if len(packed) < 0.95 * raw.nbytes:
                 codec, data = "zst", memoryview(packed)
         path = self.path(name, codec)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        durable.make_dirs(path.parent)
         tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
         started = time.perf_counter()
         if tmp.exists():
@@ -102,6 +110,7 @@ class BlobStore:
         self._maybe_stop_compressing()
         stored_digest = name if codec == "raw" else xxhash.xxh3_128_hexdigest(data)
         self.known[name] = {"codec": codec, "bytes": len(data), "stored_xxh3_128": stored_digest}
+        self._checked.add(name)
         return self.known[name]
 
     def _pack(self, raw: np.ndarray, element_size: int) -> bytes:

@@ -105,8 +105,7 @@ class CheckpointStore:
         remove stale temporary directories of earlier runs."""
         if self.save_dir.exists() and not self.save_dir.is_dir():
             raise NotADirectoryError(f"save dir {self.save_dir} exists and is not a directory; pick another path")
-        for directory in (self.save_dir, self.checkpoints_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+        durable.make_dirs(self.checkpoints_dir)
         if not os.access(self.checkpoints_dir, os.W_OK | os.X_OK):
             raise PermissionError(f"save dir {self.checkpoints_dir} is not writable by this user")
         self.lock.acquire()  # one writer per save dir; the clean-up below is safe only for the writer
@@ -137,7 +136,7 @@ class CheckpointStore:
             if not is_safe_file_name(f"{name}.pt"):
                 raise ValueError(f"checkpoint part name {name!r} is not a plain file name")
         parent = self.emergency_dir if emergency else self.checkpoints_dir
-        parent.mkdir(parents=True, exist_ok=True)
+        durable.make_dirs(parent)
         final_name = step_dir_name(step) + (f"_{int(time.time())}" if emergency else "")
         final = parent / final_name
         tmp = parent / f"{_TEMP_PREFIX}{final_name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -267,7 +266,9 @@ class CheckpointStore:
             return
         live = self._referenced_blobs()
         if live is None:
-            log.warning("a checkpoint manifest in %s is unreadable; keeping every blob", self.save_dir)
+            log.error("a checkpoint manifest in %s is unreadable, so no blob can be deleted safely and blobs/ "
+                      "will grow; run `python -m telepathy verify %s` and move the damaged checkpoint away",
+                      self.save_dir, self.save_dir)  # fmt: skip
             return
         self.blobs.known = live
         self.blobs.collect_garbage(live)

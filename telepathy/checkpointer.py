@@ -145,7 +145,7 @@ class Checkpointer:
             "reason": reason,
             "epoch": state.epoch,
             "batch_idx": state.batch_idx,
-            "metric": metric,
+            "metric": None if metric is None else float(metric),  # a 0-d tensor or numpy scalar is fine too
             "telepathy_version": self.metadata["telepathy_version"],
             "hostname": self.metadata["hostname"],
         }
@@ -217,6 +217,9 @@ class Checkpointer:
         never resumed automatically (the failure may have struck mid-step); resume from it by hand."""
         try:
             self.wait()
+        except Exception as exc:  # a failed background save must not prevent the emergency one
+            log.error("the background save before this failure had failed too: %r", exc)
+        try:
             path = self.store.save(
                 state.global_step,
                 self._files(state),
@@ -268,6 +271,11 @@ class Checkpointer:
                 ) from None
         else:
             found = self.store.newest_valid()
+            if found is None and self.store.committed():
+                newest = self.store.committed()[-1].path
+                raise CheckpointInvalid(newest.parent, newest.name, f"none of the {len(self.store.committed())} "
+                                        "checkpoints verifies (see the warnings above); starting from scratch "
+                                        "would hide that: move them away or use a new --save_dir")  # fmt: skip
             if found is None:
                 log.info("no checkpoint in %s; starting from scratch", self.store.save_dir)
                 return TrainState()

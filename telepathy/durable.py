@@ -34,6 +34,19 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def make_dirs(path: str | os.PathLike) -> None:
+    """``mkdir -p`` whose new entries survive a crash: each created directory's parent is fsynced."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    make_dirs(path.parent)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return
+    fsync_dir(path.parent)
+
+
 def write_file_durably(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> int:
     """Create ``path`` (which must not exist), let ``write`` fill it, fsync it. Returns its size."""
     with open(path, "xb") as f:

@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -77,8 +78,13 @@ def requeue_after_exit(exit_code: int, max_requeues: int, env: Mapping[str, str]
     ref = job_reference(env)
     fields = None
     if shutil.which("scontrol") and ref is not None and exit_code == EXIT_REQUEUE:
-        shown = subprocess.run(["scontrol", "show", "job", "-o", ref], capture_output=True, text=True)
-        fields = parse_job_fields(shown.stdout) if shown.returncode == 0 else {"JobState": "UNKNOWN"}
+        fields = {"JobState": "RUNNING"}  # unknown after retries (slurmctld busy): try the requeue anyway
+        for attempt in range(3):
+            shown = subprocess.run(["scontrol", "show", "job", "-o", ref], capture_output=True, text=True)
+            if shown.returncode == 0:
+                fields = parse_job_fields(shown.stdout)
+                break
+            time.sleep(2 * (attempt + 1))
     elif shutil.which("scontrol"):
         fields = {}
     decision = decide(exit_code, env, fields, max_requeues)

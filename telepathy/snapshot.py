@@ -26,23 +26,23 @@ class HostBuffers:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
     def snapshot(self, state: Any) -> Any:
-        used_cuda = [False]
-        copy = self._copy(state, "", used_cuda)
-        if used_cuda[0]:
-            torch.cuda.synchronize()  # the non-blocking device-to-host copies must land before writing
+        devices: set[torch.device] = set()
+        copy = self._copy(state, "", devices)
+        for device in devices:  # every device's non-blocking device-to-host copies must land before writing
+            torch.cuda.synchronize(device)
         return copy
 
-    def _copy(self, obj: Any, key: str, used_cuda: list[bool]) -> Any:
+    def _copy(self, obj: Any, key: str, devices: set[torch.device]) -> Any:
         if isinstance(obj, torch.Tensor):
-            return self._copy_tensor(obj, key, used_cuda)
+            return self._copy_tensor(obj, key, devices)
         if isinstance(obj, Mapping):
-            return {k: self._copy(v, f"{key}/{k}", used_cuda) for k, v in obj.items()}
+            return {k: self._copy(v, f"{key}/{k}", devices) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
-            items = [self._copy(v, f"{key}[{i}]", used_cuda) for i, v in enumerate(obj)]
+            items = [self._copy(v, f"{key}[{i}]", devices) for i, v in enumerate(obj)]
             return items if isinstance(obj, list) else tuple(items)
         return obj  # numbers, strings, None: immutable
 
-    def _copy_tensor(self, tensor: torch.Tensor, key: str, used_cuda: list[bool]) -> torch.Tensor:
+    def _copy_tensor(self, tensor: torch.Tensor, key: str, devices: set[torch.device]) -> torch.Tensor:
         tensor = tensor.detach()
         buffer = self._buffers.get(key)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
@@ -50,7 +50,7 @@ class HostBuffers:
             buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
             self._buffers[key] = buffer
         if tensor.is_cuda:
-            used_cuda[0] = True
+            devices.add(tensor.device)
             buffer.copy_(tensor, non_blocking=True)
         else:
             buffer.copy_(tensor)

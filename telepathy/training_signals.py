@@ -137,6 +137,24 @@ def save_reason() -> str:
     return "interval"
 
 
+def pending_requests(interval: float | None = None) -> tuple[bool, bool, int]:
+    """(a signal asked for a save, the interval is due, the exit signal or 0), without consuming anything:
+    what this process would act on at this step boundary, for agreeing with other ranks."""
+    due = interval is not None and time.monotonic() - _state.last_save_time >= interval
+    return _state.save_requested, due, _state.exit_signum or 0
+
+
+def adopt_requests(save_requested: bool, interval_due: bool, exit_signum: int) -> None:
+    """Act as if this process had received what some rank received (see ``telepathy.distributed``)."""
+    if save_requested:
+        _state.save_requested = True
+        _state.last_signum = _state.last_signum or signal.SIGUSR1
+    if interval_due:
+        _state.last_save_time = -float("inf")  # due here too, at the same step
+    if exit_signum and _state.exit_signum is None:
+        _state.exit_signum = exit_signum
+
+
 def mark_checkpoint_saved() -> None:
     """Restart the interval clock; call after a checkpoint is committed."""
     _state.last_save_time = time.monotonic()

@@ -4,13 +4,14 @@ when no kept checkpoint references them, damage is detected, compression round-t
 from __future__ import annotations
 
 import torch
+import xxhash
 from harness import deep_equal
 from torch import nn
 
 from telepathy.blob_store import BLOBS, BlobStore
 from telepathy.checkpoint_store import CheckpointStore
 from telepathy.checkpointer import Checkpointer
-from telepathy.manifest import read_manifest
+from telepathy.manifest import read_manifest, verify_directory
 from telepathy.retention import RetentionPolicy
 from telepathy.train_state import TrainState
 
@@ -94,3 +95,19 @@ def test_compression_round_trips_exactly_and_shrinks_bf16(tmp_path):
     bf16_name = skeleton["bf16"]["__telepathy_blob__"]
     assert tensor_bytes([tensors["bf16"]]) / stored[bf16_name] >= 1.3
     assert store.verify(refs) is None
+
+
+def test_a_damaged_shared_blob_is_rewritten_at_the_next_save(tmp_path):
+    frozen, trained, optimizer = frozen_and_trained()
+    parts = {"frozen": frozen, "trained": trained}
+    with Checkpointer(tmp_path, parts=parts, optimizer=optimizer, differential=True) as ckpt:
+        ckpt.save(TrainState(global_step=1), "interval")
+    step1 = tmp_path / "checkpoints/step_00000001"
+    frozen_blob = frozen.weight.detach().reshape(-1).view(torch.uint8).numpy()
+    victim = next((tmp_path / BLOBS).rglob(f"{xxhash.xxh3_128_hexdigest(frozen_blob)}.*"))
+    victim.write_bytes(b"\0" * victim.stat().st_size)  # bit rot in the blob every checkpoint shares
+    assert CheckpointStore(tmp_path).newest_valid() is None
+    with Checkpointer(tmp_path, parts=parts, optimizer=optimizer, differential=True) as ckpt:  # a new process
+        ckpt.save(TrainState(global_step=2), "interval")
+    store = CheckpointStore(tmp_path)
+    assert store.newest_valid()[0].step == 2 and verify_directory(step1)  # the rewrite repaired step 1 too

@@ -113,3 +113,12 @@ def test_part_names_that_would_escape_the_checkpoint_are_refused(tmp_path):
         with pytest.raises(ValueError, match="is not a plain file name"):
             ckpt.save(TrainState(global_step=1), "interval")
     assert not (tmp_path / "x.pt").exists() and list((tmp_path / "run" / "checkpoints").iterdir()) == []
+
+
+def test_resume_refuses_to_start_from_scratch_when_no_checkpoint_verifies(tmp_path):
+    make_run(tmp_path, steps=(1, 2))
+    for step in (1, 2):
+        (tmp_path / "checkpoints" / f"step_0000000{step}" / "model.pt").write_bytes(b"damaged")
+    with Checkpointer(tmp_path, parts={"model": nn.Linear(4, 4)}) as ckpt:
+        with pytest.raises(CheckpointInvalid, match="none of the 2 checkpoints verifies"):
+            ckpt.resume()
