@@ -52,6 +52,10 @@ class _SignalState:
         self.signals_received = 0
         self.last_signum: int | None = None
         self.last_save_time = time.monotonic()
+        # Distributed mode (telepathy.distributed): what all ranks agreed on at this step boundary, as
+        # (save requested, interval due, exit signal or 0). When set, the loop acts on it, not on the live flags,
+        # so a signal landing on one rank after the agreement waits for the next one instead of acting alone.
+        self.agreed: tuple[bool, bool, int] | None = None
 
 
 _state = _SignalState()
@@ -119,6 +123,12 @@ def should_save_checkpoint(interval: float | None = None, *, interval_seconds: f
     seconds = interval if interval is not None else interval_seconds
     if seconds is not None and seconds <= 0:
         raise ValueError(f"checkpoint interval must be > 0 seconds, got {seconds}")
+    if _state.agreed is not None:
+        save, due, exit_signum = _state.agreed
+        _state.agreed = (False, False, exit_signum)  # consumed; the agreed exit decision stays
+        if save:
+            _state.save_requested = False
+        return save or due or bool(exit_signum)
     if _state.save_requested:
         _state.save_requested = False
         return True
@@ -153,6 +163,7 @@ def adopt_requests(save_requested: bool, interval_due: bool, exit_signum: int) -
         _state.last_save_time = -float("inf")  # due here too, at the same step
     if exit_signum and _state.exit_signum is None:
         _state.exit_signum = exit_signum
+    _state.agreed = (save_requested, interval_due, exit_signum)
 
 
 def mark_checkpoint_saved() -> None:
@@ -165,7 +176,10 @@ def seconds_since_checkpoint() -> float:
 
 
 def should_exit_training() -> bool:
-    """True once a signal whose action ends training (SIGTERM, SIGINT by default) was received."""
+    """True once a signal whose action ends training (SIGTERM, SIGINT by default) was received (in
+    distributed mode: once all ranks agreed on one)."""
+    if _state.agreed is not None:
+        return bool(_state.agreed[2])
     return _state.exit_signum is not None
 
 

@@ -160,3 +160,16 @@ def test_dataloader_workers_ignore_and_survive_training_signals():
     assert sorted(seen[:, 0].tolist()) == list(range(64)), "every sample delivered despite the signals"
     assert bool(seen[:, 1].all()), "workers must ignore the training signals"
     assert not ts.should_exit_training(), "signals to workers are not signals to the trainer"
+
+
+def test_agreed_decisions_win_over_a_signal_that_arrives_after_the_agreement():
+    """Distributed mode: a SIGTERM on this rank just after the all-reduce must wait for the next agreement,
+    or this rank would stop while the others go on into the next collective."""
+    ts.install_signal_handlers()
+    ts.adopt_requests(False, False, 0)  # all ranks agreed: nothing to do at this boundary
+    send(signal.SIGTERM)  # arrives after the agreement
+    assert ts.should_save_checkpoint() is False and ts.should_exit_training() is False
+    assert ts.pending_requests() == (True, False, signal.SIGTERM)  # goes into the next agreement
+    ts.adopt_requests(*ts.pending_requests())
+    assert ts.should_save_checkpoint() is True and ts.should_exit_training() is True
+    assert ts.exit_code() == 99
