@@ -166,11 +166,7 @@ class BlobStore:
                 return f"{BLOBS}/{name[:2]}/{path.name}: missing or not a regular file"
             if path.stat().st_size != entry["bytes"]:
                 return f"{BLOBS}/{name[:2]}/{path.name}: size {path.stat().st_size}, manifest says {entry['bytes']}"
-            digest = xxhash.xxh3_128()
-            with open(path, "rb") as f:
-                while chunk := f.read(8 << 20):
-                    digest.update(chunk)
-            if digest.hexdigest() != entry["stored_xxh3_128"]:
+            if durable.hash_file(path) != entry["stored_xxh3_128"]:
                 return f"{BLOBS}/{name[:2]}/{path.name}: xxh3_128 does not match the manifest (corrupted)"
         return None
 

@@ -255,11 +255,12 @@ class Checkpointer:
 
         ``strict``: when the newest committed checkpoint fails verification, raise instead of falling back to
         an older one (an operator who would rather look than silently replay)."""
+        committed = self.store.committed()  # listed once: the checks below all read it
         if resume_from is not None:
             directory = Path(resume_from)
             verify_directory(directory)
-        elif strict and self.store.committed():
-            directory = self.store.committed()[-1].path
+        elif strict and committed:
+            directory = committed[-1].path
             try:
                 verify_directory(directory)
             except CheckpointInvalid as exc:
@@ -271,9 +272,9 @@ class Checkpointer:
                 ) from None
         else:
             found = self.store.newest_valid()
-            if found is None and self.store.committed():
-                newest = self.store.committed()[-1].path
-                raise CheckpointInvalid(newest.parent, newest.name, f"none of the {len(self.store.committed())} "
+            if found is None and committed:
+                newest = committed[-1].path
+                raise CheckpointInvalid(newest.parent, newest.name, f"none of the {len(committed)} "
                                         "checkpoints verifies (see the warnings above); starting from scratch "
                                         "would hide that: move them away or use a new --save_dir")  # fmt: skip
             if found is None:

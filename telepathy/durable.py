@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+import xxhash
+
 # Test hook: seconds to pause at each durability step, so tests can deliver a signal or SIGKILL "during a
 # save" deterministically. Read once; unset (0) in normal use.
 _STEP_PAUSE_S = float(os.environ.get("TELEPATHY_TEST_SAVE_STEP_PAUSE", "0") or 0)
@@ -23,6 +25,15 @@ def pause_point(label: str = "") -> None:
     sleeps only under the test hook above."""
     if _STEP_PAUSE_S > 0:
         time.sleep(_STEP_PAUSE_S)
+
+
+def hash_file(path: str | os.PathLike) -> str:
+    """xxh3-128 of a file's bytes, read in 8 MiB chunks (manifests and blobs are checked with it)."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import xxhash
 
 from telepathy.blob_store import BlobStore, is_blob_name
+from telepathy.durable import hash_file  # noqa: F401 (re-exported: part of this module's API)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "telepathy-checkpoint"
@@ -28,7 +29,6 @@ SELF_HASH = "manifest_xxh3_128"
 HASH_NAME = "xxh3_128"
 MAX_FILE_BYTES = 1 << 46  # 64 TiB: anything larger in a manifest is corruption or an attack
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$")
-_CHUNK = 8 << 20
 
 
 class CheckpointInvalid(Exception):
@@ -51,14 +51,6 @@ class FileEntry:
 def is_safe_file_name(name: str) -> bool:
     """A plain file name inside a checkpoint directory: no separators, no '..', no leading dot."""
     return bool(_SAFE_NAME.match(name)) and ".." not in name
-
-
-def hash_file(path: str | os.PathLike) -> str:
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class HashingWriter:
