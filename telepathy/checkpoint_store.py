@@ -29,8 +29,8 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,18 @@ class CheckpointWriteError(RuntimeError):
 class CheckpointRef:
     step: int
     path: Path
+
+
+@dataclass
+class PendingSave:
+    """A checkpoint being written: files go to ``tmp``; :meth:`CheckpointStore.commit` publishes it."""
+
+    step: int
+    tmp: Path
+    final: Path
+    emergency: bool
+    entries: list[FileEntry] = field(default_factory=list)
+    blob_refs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def step_dir_name(step: int) -> str:
@@ -132,43 +144,67 @@ class CheckpointStore:
     ) -> Path:
         """Write ``files`` (name -> object for ``torch.save``, written in the given order as ``name.pt``)
         and commit them as the checkpoint for ``step``. Returns the committed directory."""
-        for name in files:
-            if not is_safe_file_name(f"{name}.pt"):
-                raise ValueError(f"checkpoint part name {name!r} is not a plain file name")
+        pending = self.begin(step, emergency=emergency)
+        try:
+            self.write_parts(pending, files)
+            return self.commit(pending, info)
+        except BaseException as exc:
+            error = self.abort(pending, exc, files)
+            if error is exc:
+                raise
+            raise error from exc
+
+    def begin(self, step: int, *, emergency: bool = False) -> PendingSave:
+        """Start a checkpoint: an empty temporary directory that nothing loads until :meth:`commit`. The steps
+        are public so that several ranks can write into one checkpoint (``telepathy.collective``)."""
         parent = self.emergency_dir if emergency else self.checkpoints_dir
         durable.make_dirs(parent)
         final_name = step_dir_name(step) + (f"_{int(time.time())}" if emergency else "")
-        final = parent / final_name
         tmp = parent / f"{_TEMP_PREFIX}{final_name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir()
-        try:
-            refs: dict[str, dict[str, Any]] = {}
-            if self.blobs is not None:  # large tensors to content-addressed blobs, written only when new
-                if not self.blobs.known:  # first save of this process: learn what the kept checkpoints hold
-                    self.blobs.known = self._referenced_blobs() or {}
-                files = {name: self.blobs.externalize(obj, refs) for name, obj in files.items()}
-            entries = [_write_part(tmp / f"{name}.pt", obj) for name, obj in files.items()]
-            extra = {"blobs": refs} if refs else {}
-            manifest = build_manifest(entries, {**info, "step": step, "emergency": emergency, **extra})
-            durable.write_file_durably(tmp / MANIFEST_NAME, lambda f: f.write(manifest))
-            if final.exists() and not emergency:
-                return self._resolve_existing(tmp, final)
-            durable.publish_directory(tmp, final)
-        except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            io_error = _os_error_in(exc)
-            if io_error is None:
-                raise
-            raise CheckpointWriteError(self._describe_failure(step, io_error, files), io_error) from exc
-        if not emergency:
+        return PendingSave(step, tmp, parent / final_name, emergency)
+
+    def write_parts(self, pending: PendingSave, files: Mapping[str, Any]) -> None:
+        """Write ``name.pt`` for each entry durably into the pending checkpoint (large tensors to shared blobs
+        in differential or compressed mode)."""
+        for name in files:
+            if not is_safe_file_name(f"{name}.pt"):
+                raise ValueError(f"checkpoint part name {name!r} is not a plain file name")
+        if self.blobs is not None:  # large tensors to content-addressed blobs, written only when new
+            if not self.blobs.known:  # first save of this process: learn what the kept checkpoints hold
+                self.blobs.known = self._referenced_blobs() or {}
+            files = {name: self.blobs.externalize(obj, pending.blob_refs) for name, obj in files.items()}
+        pending.entries += [write_part(pending.tmp / f"{name}.pt", obj) for name, obj in files.items()]
+
+    def commit(self, pending: PendingSave, info: Mapping[str, Any], more: Sequence[FileEntry] = ()) -> Path:
+        """Write the manifest (the pending files plus ``more``, written by other ranks) and publish the
+        directory by rename; then move ``latest``, prune and collect unreferenced blobs."""
+        extra = {"blobs": pending.blob_refs} if pending.blob_refs else {}
+        manifest = build_manifest([*pending.entries, *more],
+                                  {**info, "step": pending.step, "emergency": pending.emergency, **extra})  # fmt: skip
+        durable.write_file_durably(pending.tmp / MANIFEST_NAME, lambda f: f.write(manifest))
+        final = pending.final
+        if final.exists() and not pending.emergency:
+            return self._resolve_existing(pending.tmp, final)
+        durable.publish_directory(pending.tmp, final)
+        if not pending.emergency:
             try:
-                durable.atomic_symlink(self.save_dir / LATEST, f"{CHECKPOINTS}/{final_name}")
+                durable.atomic_symlink(self.save_dir / LATEST, f"{CHECKPOINTS}/{final.name}")
                 self.prune()
                 self._collect_blobs()
             except OSError as exc:  # the commit stands: loading scans checkpoints/, not the symlink
                 log.warning("checkpoint %s is committed, but updating %s or pruning failed (%s); loading will "
                             "still find it", final, LATEST, exc)  # fmt: skip
         return final
+
+    def abort(self, pending: PendingSave, exc: BaseException, files: Mapping[str, Any] | None = None) -> BaseException:
+        """Remove what an unfinished save wrote; return the error to raise: a :class:`CheckpointWriteError`
+        (with the space needed) for an I/O error, ``exc`` itself otherwise."""
+        shutil.rmtree(pending.tmp, ignore_errors=True)
+        io_error = _os_error_in(exc)
+        if io_error is None:
+            return exc
+        return CheckpointWriteError(self._describe_failure(pending.step, io_error, files or {}), io_error)
 
     def _describe_failure(self, step: int, error: OSError, files: Mapping[str, Any]) -> str:
         try:
@@ -327,7 +363,7 @@ def _os_error_in(exc: BaseException) -> OSError | None:
     return None
 
 
-def _write_part(path: Path, obj: Any) -> FileEntry:
+def write_part(path: Path, obj: Any) -> FileEntry:
     """``torch.save`` one part durably, hashing its bytes on their way to disk (no read-back)."""
     writer: HashingWriter | None = None
 

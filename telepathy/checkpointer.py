@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
-from telepathy import rng, training_signals
+from telepathy import collective, distributed, rng, training_signals
 from telepathy.checkpoint_store import CheckpointStore, CheckpointWriteError
-from telepathy.manifest import CheckpointInvalid, verify_directory
+from telepathy.manifest import CheckpointInvalid, read_manifest, verify_directory
 from telepathy.retention import RetentionPolicy
 from telepathy.snapshot import HostBuffers
 from telepathy.train_state import (
@@ -72,6 +73,12 @@ class Checkpointer:
     reusable host buffers and commit in a background thread; ``save()`` and saves before an exit stay durable
     before they return. ``differential``: tensors unchanged since a kept checkpoint are not written again;
     ``compress``: zstd over byte planes (see :mod:`telepathy.blob_store`).
+
+    Under ``torch.distributed`` every rank constructs a Checkpointer on the same save dir and calls
+    ``step_boundary`` after each step: the ranks agree on signals there (every ``agree_every`` steps), save
+    together (rank 0 writes replicated parts and commits after every rank's ``rank_<r>.pt`` — its RNG — is
+    durable) and stop together. ``sharded=True`` (FSDP2/DTensor parts): parts and optimizer go through
+    ``torch.distributed.checkpoint`` and may be resumed on another world size.
     """
 
     def __init__(
@@ -91,10 +98,21 @@ class Checkpointer:
         async_save: bool = False,
         differential: bool = False,
         compress: bool = False,
+        sharded: bool = False,
+        agree_every: int = 1,
     ) -> None:
         clash = _RESERVED & set(parts)
         if clash:
             raise ValueError(f"part names {sorted(clash)} are reserved for the optimizer and training state")
+        self.rank, self.world_size = distributed.rank_and_world_size()
+        self.collective = distributed.is_distributed() or sharded
+        if self.collective and async_save:
+            raise ValueError("async_save is not supported with several ranks or sharded state yet; "
+                             "drop --async_save (saves stay synchronous and durable)")  # fmt: skip
+        if sharded and not all(isinstance(p, nn.Module) for p in parts.values()):
+            raise ValueError("sharded=True needs every part to be an nn.Module (its state goes through DCP)")
+        self.sharded = sharded
+        self.agree_every = agree_every
         self.store = CheckpointStore(save_dir, retention, differential=differential, compress=compress)
         self.parts = dict(parts)
         self.optimizer = optimizer
@@ -109,7 +127,22 @@ class Checkpointer:
         self._buffers = HostBuffers()
         self._writer: threading.Thread | None = None
         self._writer_error: BaseException | None = None
-        self.store.prepare()
+        self._prepare_store()
+
+    def _prepare_store(self) -> None:
+        """Rank 0 takes the save dir (lock, clean-up); the other ranks learn whether it could."""
+        problem: BaseException | None = None
+        if self.rank == 0:
+            try:
+                self.store.prepare()
+            except Exception as exc:
+                problem = exc
+        if distributed.is_distributed():
+            message = distributed.broadcast_from_rank0(None if problem is None else f"{problem}")
+            if message is not None and problem is None:
+                raise RuntimeError(f"rank 0 could not take the save dir: {message}")
+        if problem is not None:
+            raise problem
 
     def close(self) -> None:
         """Wait for a background save, then release the save dir for another writer (a process's lock also
@@ -125,9 +158,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------------ save
     def _files(self, state: TrainState) -> dict[str, Any]:
-        files: dict[str, Any] = {name: part.state_dict() for name, part in self.parts.items()}
+        """The files rank 0 writes: parts, optimizer and state (in sharded mode only scheduler, scaler and
+        state: parts and optimizer are in the DCP shards)."""
+        files: dict[str, Any] = {} if self.sharded else {name: part.state_dict() for name, part in self.parts.items()}
         files[OPTIMIZER_PART] = {
-            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "optimizer": self.optimizer.state_dict() if self.optimizer and not self.sharded else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
         }
@@ -151,8 +186,16 @@ class Checkpointer:
         }
         self.wait()
         started = time.monotonic()
-        if blocking:
+        if self.collective:  # every rank: its RNG file, its shards; rank 0 commits once all are durable
+            path = collective.save_collectively(
+                self.store, state.global_step, {**info, "sharded": self.sharded},
+                replicated=lambda: self._files(state),
+                per_rank={"rank": self.rank, "rng": rng.capture_rng_state(self.generators)},
+                sharded=self._write_shards if self.sharded else None,
+            )  # fmt: skip
+        elif blocking:
             path = self.store.save(state.global_step, self._files(state), info)
+        if self.collective or blocking:
             training_signals.mark_checkpoint_saved()
             self._report(SaveReport(path, state.global_step, reason, time.monotonic() - started, None))
             return path
@@ -163,6 +206,11 @@ class Checkpointer:
                                         args=(state.global_step, snapshot, info, reason, started, blocked))  # fmt: skip
         self._writer.start()  # not a daemon: an exiting interpreter waits for the commit
         return None
+
+    def _write_shards(self, tmp: Path) -> list[Path]:
+        from telepathy import sharded  # noqa: PLC0415 (DCP takes ~1.5 s to import; only sharded runs pay)
+
+        return sharded.save_parts(self.parts, self.optimizer, tmp, self.rank)
 
     def _write_in_background(self, step: int, files: dict[str, Any], info: dict[str, Any], reason: str,
                              started: float, blocked: float) -> None:  # fmt: skip
@@ -200,7 +248,10 @@ class Checkpointer:
     def step_boundary(self, state: TrainState, interval: float | None = None, metric: float | None = None) -> bool:
         """Call after each optimizer step. Saves when a signal asked or the interval passed; returns True
         when the run must stop now (its exit code is ``training_signals.exit_code()``). With ``async_save``
-        only the copy to host buffers blocks, except before an exit: that save is durable before it returns."""
+        only the copy to host buffers blocks, except before an exit: that save is durable before it returns.
+        Under ``torch.distributed``: call it on every rank; they agree first and act together."""
+        if not distributed.agree_on_signals(interval, step=state.global_step, every=self.agree_every):
+            return False
         reason = training_signals.save_reason()
         if training_signals.should_save_checkpoint(interval):
             blocking = not self.async_save or training_signals.should_exit_training()
@@ -214,7 +265,12 @@ class Checkpointer:
 
     def save_emergency(self, state: TrainState, error: BaseException) -> Path | None:
         """Best-effort checkpoint after an unexpected exception. It goes to ``SAVE_DIR/emergency/`` and is
-        never resumed automatically (the failure may have struck mid-step); resume from it by hand."""
+        never resumed automatically (the failure may have struck mid-step); resume from it by hand. With
+        several ranks only rank 0's replicated state can be saved alone (the others may be gone)."""
+        if self.collective and (self.sharded or self.rank != 0):
+            log.error("training failed on rank %d with %r; no emergency checkpoint (sharded or not the writer); "
+                      "the run resumes from the last committed checkpoint", self.rank, error)  # fmt: skip
+            return None
         try:
             self.wait()
         except Exception as exc:  # a failed background save must not prevent the emergency one
@@ -249,12 +305,8 @@ class Checkpointer:
             raise
 
     # ---------------------------------------------------------------------------------------- resume
-    def resume(self, resume_from: str | os.PathLike | None = None, *, strict: bool = False) -> TrainState:
-        """Restore the newest valid checkpoint (or ``resume_from``) into the parts, optimizer, scheduler,
-        scaler and RNGs; return its TrainState, or a fresh one when there is nothing to resume.
-
-        ``strict``: when the newest committed checkpoint fails verification, raise instead of falling back to
-        an older one (an operator who would rather look than silently replay)."""
+    def _choose(self, resume_from: str | os.PathLike | None, strict: bool) -> Path | None:
+        """The verified checkpoint to resume from, None when there is none, or CheckpointInvalid."""
         committed = self.store.committed()  # listed once: the checks below all read it
         if resume_from is not None:
             directory = Path(resume_from)
@@ -278,27 +330,61 @@ class Checkpointer:
                                         "checkpoints verifies (see the warnings above); starting from scratch "
                                         "would hide that: move them away or use a new --save_dir")  # fmt: skip
             if found is None:
-                log.info("no checkpoint in %s; starting from scratch", self.store.save_dir)
-                return TrainState()
+                return None
             directory = found[0].path
+        return directory
+
+    def resume(self, resume_from: str | os.PathLike | None = None, *, strict: bool = False) -> TrainState:
+        """Restore the newest valid checkpoint (or ``resume_from``) into the parts, optimizer, scheduler,
+        scaler and RNGs; return its TrainState, or a fresh one when there is nothing to resume.
+
+        ``strict``: when the newest committed checkpoint fails verification, raise instead of falling back to
+        an older one (an operator who would rather look than silently replay)."""
+        if self.collective:  # rank 0 verifies and decides; every rank loads the same checkpoint
+            directory = collective.choose_on_rank0(lambda: self._choose(resume_from, strict))
+        else:
+            directory = self._choose(resume_from, strict)
+        if directory is None:
+            log.info("no checkpoint in %s; starting from scratch", self.store.save_dir)
+            return TrainState()
         saved_state = self.store.load_part(directory, STATE_PART)
         check_signature(saved_state.get("signature", {}), self.signature, str(directory))
         state = state_from_dict(saved_state)
-        loaded = {name: self.store.load_part(directory, name) for name in self.parts}
-        for name, part in self.parts.items():
-            _check_shapes(name, part.state_dict(), loaded[name], directory)
+        manifest = read_manifest(directory)
+        was_sharded = bool(manifest.get("sharded"))
+        if was_sharded != self.sharded:
+            raise ResumeMismatchError(f"cannot resume from {directory}: it was saved with sharded={was_sharded}, "
+                                      f"this run has sharded={self.sharded}")  # fmt: skip
+        saved_world = int(manifest.get("world_size", 1))
+        if saved_world != self.world_size and self.rank == 0:
+            log.warning("resuming a checkpoint written by %d rank(s) with %d: training continues at the same "
+                        "global position (epoch %d, batch %d) in the same data order, but not bit-identically to an "
+                        "uninterrupted run (per-rank random streams and reduction order change); keep the global "
+                        "batch size fixed so that a batch index means the same samples", saved_world,
+                        self.world_size, state.epoch, state.batch_idx)  # fmt: skip
+        if self.sharded:
+            from telepathy import sharded  # noqa: PLC0415 (DCP takes ~1.5 s to import; only sharded runs pay)
+
+            sharded.load_parts(self.parts, self.optimizer, directory)
+        loaded = {} if self.sharded else {name: self.store.load_part(directory, name) for name in self.parts}
+        for name, saved in loaded.items():
+            _check_shapes(name, self.parts[name].state_dict(), saved, directory)
         opt = self.store.load_part(directory, OPTIMIZER_PART)
         # Order matters: weights, then optimizer (its state is cast to the parameters' devices), then the
         # scheduler (which reads optimizer param groups), then the scaler, and the RNGs last, after any
         # construction work that could have drawn random numbers.
-        for name, part in self.parts.items():
-            part.load_state_dict(loaded[name])
+        for name, saved in loaded.items():
+            self.parts[name].load_state_dict(saved)
         for obj, key in ((self.optimizer, "optimizer"), (self.scheduler, "scheduler"), (self.scaler, "scaler")):
-            if obj is not None:
+            if obj is not None and not (key == "optimizer" and self.sharded):
                 if opt.get(key) is None:
                     raise ValueError(f"{directory}/optimizer.pt has no {key} state but this run has a {key}")
                 obj.load_state_dict(opt[key])
-        rng.restore_rng_state(saved_state["rng"], self.generators)
+        rank_file = directory / f"{collective.rank_file_name(self.rank)}.pt"
+        if saved_world > 1 and rank_file.is_file():  # this rank's own random streams
+            rng.restore_rng_state(self.store.load_part(directory, rank_file.stem)["rng"], self.generators)
+        elif self.rank == 0:  # a rank that did not exist keeps its own seeding
+            rng.restore_rng_state(saved_state["rng"], self.generators)
         training_signals.mark_checkpoint_saved()
         log.info(
             "resumed from %s: epoch %d, batch %d, global step %d",
