@@ -27,6 +27,8 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.optim import Optimizer
 
+from telepathy.checkpoint_store import UnsafeCheckpointError
+
 METADATA_NAME = "sharded.metadata"
 _DCP_METADATA = ".metadata"
 _SAFE_MODULE = "torch.distributed.checkpoint.metadata"  # DCP's metadata dataclasses and enums
@@ -54,6 +56,11 @@ def save(state_dict: dict[str, Any], directory: Path, rank: int) -> list[Path]:
 
 def load(state_dict: dict[str, Any], directory: Path) -> None:
     """Collective: fill ``state_dict`` (this run's sharded tensors, any world size) in place from ``directory``."""
+    try:
+        read_metadata(directory)  # refused here with a clear error, before DCP wraps it in its own
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(f"{directory / METADATA_NAME} is not a safe checkpoint file: {exc}; "
+                                    "refusing to load it") from None  # fmt: skip
     dcp.load(state_dict, storage_reader=_SafeReader(directory), planner=_SafeLoadPlanner())
 
 
@@ -94,12 +101,18 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in sharded checkpoint metadata")
 
 
+def read_metadata(directory: Path) -> Metadata:
+    """The DCP metadata of a checkpoint, unpickled through the allow-list (UnpicklingError otherwise)."""
+    with open(Path(directory) / METADATA_NAME, "rb") as f:
+        metadata = _RestrictedUnpickler(f).load()
+    if not isinstance(metadata, Metadata):
+        raise pickle.UnpicklingError(f"{METADATA_NAME} does not hold DCP metadata")
+    return metadata
+
+
 class _SafeReader(FileSystemReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        with open(Path(self.path) / METADATA_NAME, "rb") as f:
-            metadata = _RestrictedUnpickler(f).load()
-        if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(f"{METADATA_NAME} does not hold DCP metadata")
+        metadata = read_metadata(Path(self.path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

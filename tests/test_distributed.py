@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_slurm import SUBMIT, cluster, log_of, release_when_requeued, wait_for, wait_until_finished  # noqa: F401
 
 from telepathy.checkpoint_store import CheckpointStore
 
@@ -184,3 +185,27 @@ def test_agreement_cost_is_reported(tmp_path):
     costs = [int(us) for us in re.findall(r"agree_us (\d+)", run.output)]
     assert len(costs) == 2 and all(us > 0 for us in costs), run.output[-3000:]
     print(f"per-step agreement: {costs} microseconds per rank")
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("cluster")
+def test_srun_two_ranks_under_the_submit_script_preempted_requeued_bit_identical(reference, tmp_path):
+    """``sbatch -n 2``: the submit script runs COMMAND as two srun tasks (ranks from SLURM_PROCID); a job on the
+    high partition preempts it, both ranks save and exit 99, the script requeues, the job finishes identical."""
+    ref_model, ref_steps = reference["ddp"]
+    env = {**os.environ, "SAVE_DIR": str(tmp_path / "save"), "PYTHON": sys.executable,
+           "COMMAND": f"{sys.executable} {WORKER} {tmp_path / 'save'} --delay 0.3 --out {tmp_path}"}  # fmt: skip
+    done = subprocess.run(["sbatch", "--parsable", "-p", "low", "-n", "2", "-c", "1", str(SUBMIT)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    job_id = done.stdout.strip().split(";")[0]
+    wait_for(lambda: "rank 1 step 3 " in log_of(job_id), 120, "both ranks to train")
+    subprocess.run(["sbatch", "-p", "high", "-c", "2", "-o", "/dev/null", "--wrap", "sleep 1"], check=True)
+    release_when_requeued(job_id)
+    final = wait_until_finished(job_id)
+    log = log_of(job_id)
+    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", log[-3000:]
+    assert "was preempted and saved; requeuing it (restart 1" in log
+    stops = EXIT.findall(log.split("restart 1")[0])
+    assert {r for r, _, _ in stops} == {"0", "1"} and {(c, s) for _, c, s in stops} == {("99", stops[0][2])}, log
+    assert_same_weights(final_model(tmp_path), ref_model)
+    assert {(int(r), int(s)): (loss, samples) for r, s, loss, samples in STEP.findall(log)} == ref_steps
