@@ -194,7 +194,7 @@ def test_srun_two_ranks_under_the_submit_script_preempted_requeued_bit_identical
     high partition preempts it, both ranks save and exit 99, the script requeues, the job finishes identical."""
     ref_model, ref_steps = reference["ddp"]
     env = {**os.environ, "SAVE_DIR": str(tmp_path / "save"), "PYTHON": sys.executable,
-           "COMMAND": f"{sys.executable} {WORKER} {tmp_path / 'save'} --delay 0.3 --out {tmp_path}"}  # fmt: skip
+           "COMMAND": f"{sys.executable} {WORKER} {tmp_path / 'save'} --delay 0.6 --out {tmp_path}"}  # fmt: skip
     done = subprocess.run(["sbatch", "--parsable", "-p", "low", "-n", "2", "-c", "1", str(SUBMIT)], cwd=tmp_path,
                           env=env, capture_output=True, text=True, check=True)  # fmt: skip
     job_id = done.stdout.strip().split(";")[0]
@@ -203,7 +203,7 @@ def test_srun_two_ranks_under_the_submit_script_preempted_requeued_bit_identical
     release_when_requeued(job_id)
     final = wait_until_finished(job_id)
     log = log_of(job_id)
-    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", log[-3000:]
+    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", (final, log[:3000])
     assert "was preempted and saved; requeuing it (restart 1" in log
     stops = EXIT.findall(log.split("restart 1")[0])
     assert {r for r, _, _ in stops} == {"0", "1"} and {(c, s) for _, c, s in stops} == {("99", stops[0][2])}, log
