@@ -1,29 +1,152 @@
-"""``python -m telepathy <verb> ...``: tools for the person running the jobs.
+"""``python -m telepathy <verb> SAVE_DIR`` (also the ``telepathy`` command): tools for the person running jobs.
 
-python -m telepathy verify SAVE_DIR_OR_CHECKPOINT [--load]
+    status SAVE_DIR [--json]               running/preempted/complete/failed, position, latest checkpoint, ...
+    list SAVE_DIR [--json] [--no-verify]   every checkpoint: step, time, size, reason, verified
+    verify PATH [--load]                   one checkpoint or all, against their manifests
+    prune SAVE_DIR [--keep_last N] [--keep_every K] [--no-keep_best] [--dry-run]
+    plot SAVE_DIR [--out FILE]             loss vs step with preemptions and checkpoints; throughput
+    export SAVE_DIR [--checkpoint DIR] [--out DIR]   the trained parts as safetensors
+
+Exit codes: 0 done, 1 something failed (verify), 2 the path is not a telepathy save dir or a usage error,
+75 prune refused because a live run writes there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from telepathy.exit_codes import EXIT_SAVE_DIR_BUSY, EXIT_USAGE
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m telepathy", description="Inspect telepathy save dirs.")
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="telepathy", description="Inspect and maintain telepathy save dirs.")
     verbs = parser.add_subparsers(dest="verb", required=True)
+    status = verbs.add_parser("status", help="the run's state, position, latest checkpoint, preemptions")
+    status.add_argument("save_dir", type=Path)
+    status.add_argument("--json", action="store_true")
+    listing = verbs.add_parser("list", help="checkpoints with step, time, size, reason, verified")
+    listing.add_argument("save_dir", type=Path)
+    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--no-verify", dest="verify", action="store_false", help="skip hashing the files")
     verify = verbs.add_parser("verify", help="check checkpoints against their manifests; exit 1 on any failure")
     verify.add_argument("path", type=Path, help="a save dir or one checkpoint directory")
     verify.add_argument("--load", action="store_true", help="also load every file with weights_only=True")
-    args = parser.parse_args(argv)
+    prune = verbs.add_parser("prune", help="apply a retention policy now")
+    prune.add_argument("save_dir", type=Path)
+    prune.add_argument("--keep_last", "--keep-last", type=int, default=3)
+    prune.add_argument("--keep_every", "--keep-every", type=int, default=None)
+    prune.add_argument("--no-keep_best", "--no-keep-best", dest="keep_best", action="store_false")
+    prune.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="only say what would go")
+    plot = verbs.add_parser("plot", help="PNG: loss vs step with preemptions and checkpoints; throughput")
+    plot.add_argument("save_dir", type=Path)
+    plot.add_argument("--out", type=Path, default=None, help="[SAVE_DIR/run.png]")
+    export = verbs.add_parser("export", help="write the trained parts as safetensors")
+    export.add_argument("save_dir", type=Path)
+    export.add_argument("--checkpoint", type=Path, default=None, help="[the newest valid checkpoint]")
+    export.add_argument("--out", type=Path, default=None, help="[SAVE_DIR/export/step_N]")
+    return parser
+
+
+def not_a_save_dir(path: Path) -> str | None:
+    """One line saying why ``path`` is not a telepathy save dir, or None when it is one."""
+    if not path.exists():
+        return f"{path} does not exist"
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    if not any(
+        (path / name).exists() or (path / name).is_symlink() for name in ("checkpoints", "latest", "events.jsonl")
+    ):
+        return f"{path} is not a telepathy save dir (no checkpoints/, latest or events.jsonl)"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.verb == "verify":
         from telepathy.verify import verify_path
 
         lines, code = verify_path(args.path, load=args.load)
         print("\n".join(lines))
         return code
-    return 2
+    problem = not_a_save_dir(args.save_dir)
+    if problem is not None:
+        print(f"telepathy {args.verb}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    return {"status": _status, "list": _list, "prune": _prune, "plot": _plot, "export": _export}[args.verb](args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from telepathy.run_status import format_status, run_status
+
+    status = run_status(args.save_dir)
+    print(json.dumps(status, indent=1) if args.json else format_status(status))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from telepathy.run_status import format_rows, list_checkpoints, rows_as_dicts
+
+    rows = list_checkpoints(args.save_dir, verify=args.verify)
+    print(json.dumps(rows_as_dicts(rows), indent=1) if args.json else format_rows(rows))
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from telepathy.checkpoint_store import CheckpointStore
+    from telepathy.retention import RetentionPolicy
+    from telepathy.save_dir_lock import SaveDirBusy
+
+    policy = RetentionPolicy(keep_last=args.keep_last, keep_best=args.keep_best, keep_every=args.keep_every)
+    store = CheckpointStore(args.save_dir, policy, differential=(args.save_dir / "blobs").is_dir())
+    if not args.dry_run:
+        try:
+            store.lock.acquire()  # never prune under a live run: it prunes by its own policy
+        except SaveDirBusy as exc:
+            print(f"telepathy prune: {exc}", file=sys.stderr)
+            return EXIT_SAVE_DIR_BUSY
+    removed = store.prune(dry_run=args.dry_run)
+    if not args.dry_run:
+        store.close()
+    verb = "would remove" if args.dry_run else "removed"
+    for path in removed:
+        print(f"{verb} {path}")
+    print(f"{verb} {len(removed)} checkpoint(s); kept {len(store.committed()) - (len(removed) if args.dry_run else 0)}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from telepathy.plot import plot_run
+
+    try:
+        out = plot_run(args.save_dir, args.out or args.save_dir / "run.png")
+    except ValueError as exc:
+        print(f"telepathy plot: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from telepathy.checkpoint_store import CheckpointStore
+    from telepathy.export import export_checkpoint
+    from telepathy.manifest import CheckpointInvalid
+
+    checkpoint = args.checkpoint or CheckpointStore(args.save_dir).resume_point()
+    if checkpoint is None:
+        print(f"telepathy export: {args.save_dir} has no committed checkpoint yet", file=sys.stderr)
+        return 1
+    out = args.out or args.save_dir / "export" / Path(checkpoint).name
+    try:
+        written = export_checkpoint(Path(checkpoint), out)
+    except (CheckpointInvalid, ValueError, FileExistsError) as exc:
+        print(f"telepathy export: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":

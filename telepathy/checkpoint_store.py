@@ -20,7 +20,6 @@ nothing.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import pickle
@@ -50,6 +49,7 @@ from telepathy.manifest import (
 )
 from telepathy.retention import RetentionPolicy
 from telepathy.save_dir_lock import SaveDirLock
+from telepathy.save_errors import describe_failure, os_error_in
 
 log = logging.getLogger("telepathy")
 
@@ -190,8 +190,7 @@ class CheckpointStore:
         if not pending.emergency:
             try:
                 durable.atomic_symlink(self.save_dir / LATEST, f"{CHECKPOINTS}/{final.name}")
-                self.prune()
-                self._collect_blobs()
+                self.prune()  # and the blobs only pruned checkpoints referenced
             except OSError as exc:  # the commit stands: loading scans checkpoints/, not the symlink
                 log.warning("checkpoint %s is committed, but updating %s or pruning failed (%s); loading will "
                             "still find it", final, LATEST, exc)  # fmt: skip
@@ -201,22 +200,11 @@ class CheckpointStore:
         """Remove what an unfinished save wrote; return the error to raise: a :class:`CheckpointWriteError`
         (with the space needed) for an I/O error, ``exc`` itself otherwise."""
         shutil.rmtree(pending.tmp, ignore_errors=True)
-        io_error = _os_error_in(exc)
+        io_error = os_error_in(exc)
         if io_error is None:
             return exc
-        return CheckpointWriteError(self._describe_failure(pending.step, io_error, files or {}), io_error)
-
-    def _describe_failure(self, step: int, error: OSError, files: Mapping[str, Any]) -> str:
-        try:
-            free = f"{shutil.disk_usage(self.save_dir).free / 2**20:.1f} MiB"
-        except OSError:
-            free = "an unknown amount"
-        previous = self.latest_pointer()
-        return (
-            f"could not write the checkpoint for step {step} in {self.save_dir}: {error.strerror or error} "
-            f"({errno.errorcode.get(error.errno or 0, 'no errno')}); it needs about "
-            f"{_tensor_bytes(files) / 2**20:.1f} MiB and the filesystem has {free} free; "
-            + (f"the previous checkpoint {previous} is intact and still latest" if previous else "nothing was saved")
+        return CheckpointWriteError(
+            describe_failure(self.save_dir, pending.step, io_error, files or {}, self.latest_pointer()), io_error
         )
 
     def _resolve_existing(self, tmp: Path, final: Path) -> Path:
@@ -266,6 +254,36 @@ class CheckpointStore:
                 log.warning("skipping checkpoint %s: %s: %s; trying the next older one", ref.path, exc.file, exc.reason)
         return None
 
+    def resume_point(self, resume_from: str | os.PathLike | None = None, strict: bool = False) -> Path | None:
+        """The verified checkpoint to resume from (``resume_from`` if given, else the newest that verifies; with
+        ``strict`` the newest or an error), None when there is none; CheckpointInvalid when none verifies."""
+        committed = self.committed()  # listed once: the checks below all read it
+        if resume_from is not None:
+            directory = Path(resume_from)
+            verify_directory(directory)
+        elif strict and committed:
+            directory = committed[-1].path
+            try:
+                verify_directory(directory)
+            except CheckpointInvalid as exc:
+                raise CheckpointInvalid(
+                    exc.directory,
+                    exc.file,
+                    f"{exc.reason}; strict resume refuses to fall back to an older "
+                    "checkpoint (check the disk, then resume without --strict_resume to replay from the previous one)",
+                ) from None
+        else:
+            found = self.newest_valid()
+            if found is None and committed:
+                newest = committed[-1].path
+                raise CheckpointInvalid(newest.parent, newest.name, f"none of the {len(committed)} "
+                                        "checkpoints verifies (see the warnings above); starting from scratch "
+                                        "would hide that: move them away or use a new --save_dir")  # fmt: skip
+            if found is None:
+                return None
+            directory = found[0].path
+        return directory
+
     # ---------------------------------------------------------------------------------------- loading
     @staticmethod
     def load_part(directory: Path, name: str) -> Any:
@@ -309,9 +327,9 @@ class CheckpointStore:
         self.blobs.known = live
         self.blobs.collect_garbage(live)
 
-    def prune(self) -> list[Path]:
+    def prune(self, dry_run: bool = False) -> list[Path]:
         """Apply the retention policy. Deletes only committed ``step_N`` directories with a telepathy
-        manifest, never the newest one or the one ``latest`` points at."""
+        manifest, never the newest one or the one ``latest`` points at. ``dry_run``: only say which."""
         refs = self.committed()
         if not refs:
             return []
@@ -331,36 +349,18 @@ class CheckpointStore:
         for step, path in ours.items():
             if step in keep or path.resolve() == pointer:
                 continue
+            if dry_run:
+                removed.append(path)
+                continue
             trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}")
             os.rename(path, trash)  # no longer a candidate for loading, even if the delete is interrupted
             durable.pause_point("pruned directory renamed aside, before its removal")
             durable.fsync_dir(path.parent)
             shutil.rmtree(trash)
             removed.append(path)
+        if not dry_run:
+            self._collect_blobs()
         return removed
-
-
-def _tensor_bytes(obj: Any) -> int:
-    """Bytes of the tensors in a nested structure (what a checkpoint of it needs, give or take metadata)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, Mapping):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
-def _os_error_in(exc: BaseException) -> OSError | None:
-    """The OSError behind ``exc``: itself, or one it was raised from or during (``torch.save`` turns a full
-    disk into a RuntimeError from its zip writer, with the OSError as its context)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def write_part(path: Path, obj: Any) -> FileEntry:

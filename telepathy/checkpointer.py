@@ -28,12 +28,14 @@ from torch import nn
 
 from telepathy import collective, distributed, rng, training_signals
 from telepathy.checkpoint_store import CheckpointStore, CheckpointWriteError
-from telepathy.manifest import CheckpointInvalid, read_manifest, verify_directory
+from telepathy.events import RunRecorder
+from telepathy.manifest import read_manifest
 from telepathy.retention import RetentionPolicy
 from telepathy.snapshot import HostBuffers
 from telepathy.train_state import (
     ResumeMismatchError,
     TrainState,
+    check_shapes,
     check_signature,
     run_metadata,
     state_from_dict,
@@ -100,6 +102,7 @@ class Checkpointer:
         compress: bool = False,
         sharded: bool = False,
         agree_every: int = 1,
+        record_events: bool = True,
     ) -> None:
         clash = _RESERVED & set(parts)
         if clash:
@@ -113,6 +116,7 @@ class Checkpointer:
             raise ValueError("sharded=True needs every part to be an nn.Module (its state goes through DCP)")
         self.sharded = sharded
         self.agree_every = agree_every
+        self.recorder = RunRecorder(save_dir) if record_events and self.rank == 0 else None
         self.store = CheckpointStore(save_dir, retention, differential=differential, compress=compress)
         self.parts = dict(parts)
         self.optimizer = optimizer
@@ -232,8 +236,15 @@ class Checkpointer:
             error, self._writer_error = self._writer_error, None
             raise error
 
+    def _record(self, kind: str, **fields: Any) -> None:
+        if self.recorder is not None:  # SAVE_DIR/events.jsonl, for `python -m telepathy status` and `plot`
+            self.recorder.emit(kind, **fields)
+
     def _report(self, report: SaveReport) -> None:
         log.info("checkpoint committed: %s (reason: %s)", report.path, report.reason)
+        size = sum(f.stat().st_size for f in report.path.iterdir())
+        self._record("save", step=report.step, reason=report.reason, path=str(report.path), bytes=size,
+                     seconds=round(report.seconds, 3))  # fmt: skip
         if self.on_save is not None:
             self.on_save(report)
 
@@ -242,6 +253,7 @@ class Checkpointer:
         log.error("%s. %s", exc, "Exiting anyway; the run will resume from the previous checkpoint."
                   if stopping else "Training continues; the next save is due in one interval.")  # fmt: skip
         training_signals.mark_checkpoint_saved()  # retry after an interval, not at every step
+        self._record("save_failed", reason=reason, error=str(exc))
         if self.on_save_error is not None:
             self.on_save_error(reason, str(exc))
 
@@ -250,6 +262,8 @@ class Checkpointer:
         when the run must stop now (its exit code is ``training_signals.exit_code()``). With ``async_save``
         only the copy to host buffers blocks, except before an exit: that save is durable before it returns.
         Under ``torch.distributed``: call it on every rank; they agree first and act together."""
+        if self.recorder is not None:
+            self.recorder.step(state.global_step, state.epoch, None if metric is None else float(metric))
         if not distributed.agree_on_signals(interval, step=state.global_step, every=self.agree_every):
             return False
         reason = training_signals.save_reason()
@@ -261,7 +275,11 @@ class Checkpointer:
                 self._save_failed(reason, exc)
         elif training_signals.should_exit_training():
             self.wait()  # an exit without a new save still waits for the one in flight
-        return training_signals.should_exit_training()
+        if training_signals.should_exit_training():
+            self._record("preempt", step=state.global_step, exit_code=training_signals.exit_code(),
+                         signal=training_signals.signal_name(training_signals.exit_signal()))  # fmt: skip
+            return True
+        return False
 
     def save_emergency(self, state: TrainState, error: BaseException) -> Path | None:
         """Best-effort checkpoint after an unexpected exception. It goes to ``SAVE_DIR/emergency/`` and is
@@ -305,35 +323,6 @@ class Checkpointer:
             raise
 
     # ---------------------------------------------------------------------------------------- resume
-    def _choose(self, resume_from: str | os.PathLike | None, strict: bool) -> Path | None:
-        """The verified checkpoint to resume from, None when there is none, or CheckpointInvalid."""
-        committed = self.store.committed()  # listed once: the checks below all read it
-        if resume_from is not None:
-            directory = Path(resume_from)
-            verify_directory(directory)
-        elif strict and committed:
-            directory = committed[-1].path
-            try:
-                verify_directory(directory)
-            except CheckpointInvalid as exc:
-                raise CheckpointInvalid(
-                    exc.directory,
-                    exc.file,
-                    f"{exc.reason}; strict resume refuses to fall back to an older "
-                    "checkpoint (check the disk, then resume without --strict_resume to replay from the previous one)",
-                ) from None
-        else:
-            found = self.store.newest_valid()
-            if found is None and committed:
-                newest = committed[-1].path
-                raise CheckpointInvalid(newest.parent, newest.name, f"none of the {len(committed)} "
-                                        "checkpoints verifies (see the warnings above); starting from scratch "
-                                        "would hide that: move them away or use a new --save_dir")  # fmt: skip
-            if found is None:
-                return None
-            directory = found[0].path
-        return directory
-
     def resume(self, resume_from: str | os.PathLike | None = None, *, strict: bool = False) -> TrainState:
         """Restore the newest valid checkpoint (or ``resume_from``) into the parts, optimizer, scheduler,
         scaler and RNGs; return its TrainState, or a fresh one when there is nothing to resume.
@@ -341,11 +330,13 @@ class Checkpointer:
         ``strict``: when the newest committed checkpoint fails verification, raise instead of falling back to
         an older one (an operator who would rather look than silently replay)."""
         if self.collective:  # rank 0 verifies and decides; every rank loads the same checkpoint
-            directory = collective.choose_on_rank0(lambda: self._choose(resume_from, strict))
+            directory = collective.choose_on_rank0(lambda: self.store.resume_point(resume_from, strict))
         else:
-            directory = self._choose(resume_from, strict)
+            directory = self.store.resume_point(resume_from, strict)
         if directory is None:
             log.info("no checkpoint in %s; starting from scratch", self.store.save_dir)
+            if self.recorder is not None:
+                self.recorder.start(0, 0)
             return TrainState()
         saved_state = self.store.load_part(directory, STATE_PART)
         check_signature(saved_state.get("signature", {}), self.signature, str(directory))
@@ -368,7 +359,7 @@ class Checkpointer:
             sharded.load_parts(self.parts, self.optimizer, directory)
         loaded = {} if self.sharded else {name: self.store.load_part(directory, name) for name in self.parts}
         for name, saved in loaded.items():
-            _check_shapes(name, self.parts[name].state_dict(), saved, directory)
+            check_shapes(name, self.parts[name].state_dict(), saved, directory)
         opt = self.store.load_part(directory, OPTIMIZER_PART)
         # Order matters: weights, then optimizer (its state is cast to the parameters' devices), then the
         # scheduler (which reads optimizer param groups), then the scaler, and the RNGs last, after any
@@ -386,27 +377,8 @@ class Checkpointer:
         elif self.rank == 0:  # a rank that did not exist keeps its own seeding
             rng.restore_rng_state(saved_state["rng"], self.generators)
         training_signals.mark_checkpoint_saved()
-        log.info(
-            "resumed from %s: epoch %d, batch %d, global step %d",
-            directory,
-            state.epoch,
-            state.batch_idx,
-            state.global_step,
-        )
+        log.info("resumed from %s: epoch %d, batch %d, global step %d", directory, state.epoch, state.batch_idx,
+                 state.global_step)  # fmt: skip
+        if self.recorder is not None:
+            self.recorder.start(state.global_step, state.epoch, resumed_from=str(directory))
         return state
-
-
-def _check_shapes(name: str, current: Mapping[str, Any], saved: Mapping[str, Any], directory: Path) -> None:
-    """Refuse, before anything is loaded, a part whose tensors differ in name or shape from this run's."""
-    problems = [f"missing in checkpoint: {k}" for k in current.keys() - saved.keys()]
-    problems += [f"not in this model: {k}" for k in saved.keys() - current.keys()]
-    for key in current.keys() & saved.keys():
-        a, b = current[key], saved[key]
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape != b.shape:
-            problems.append(f"{key}: checkpoint has shape {tuple(b.shape)}, this model has {tuple(a.shape)}")
-    if problems:
-        raise ResumeMismatchError(
-            f"cannot resume part {name!r} from {directory}/{name}.pt: it does not fit this model:\n  "
-            + "\n  ".join(sorted(problems)[:20])
-            + "\nResume with the same model configuration, or use a new --save_dir."
-        )

@@ -5,6 +5,7 @@ supervisor over a pipe (fd in ``TELEPATHY_REPORT_FD``): commits are reported wit
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 REPORT_FD_ENV = "TELEPATHY_REPORT_FD"
 EVENTS_FILE = "events.jsonl"
+PROGRESS_EVERY_ENV = "TELEPATHY_PROGRESS_EVERY"  # seconds between progress records [2]
 
 
 class EventLog:
@@ -42,3 +44,40 @@ def read_events(save_dir: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunRecorder:
+    """What a :class:`~telepathy.checkpointer.Checkpointer` records about its run, for ``python -m telepathy
+    status`` and ``plot``: start/resume, progress (at most every ``every`` seconds: step, epoch, the mean of the
+    metric passed to ``step_boundary`` since the last record, steps/s), save, save_failed and preempt."""
+
+    def __init__(self, save_dir: str | os.PathLike, every: float | None = None) -> None:
+        self.log = EventLog(save_dir, "trainer")
+        self.every = float(os.environ.get(PROGRESS_EVERY_ENV, "2")) if every is None else every
+        self.started = False
+        self._last = time.monotonic()
+        self._steps = 0
+        self._metrics: list[float] = []
+
+    def start(self, step: int, epoch: int, resumed_from: str | None = None) -> None:
+        self.started = True
+        self._last, self._steps, self._metrics = time.monotonic(), 0, []
+        if resumed_from is None:
+            self.log.emit("start", step=step, epoch=epoch)
+        else:
+            self.log.emit("resume", step=step, epoch=epoch, path=resumed_from)
+
+    def step(self, step: int, epoch: int, metric: float | None) -> None:
+        if not self.started:
+            self.start(step - 1, epoch)
+        self._steps += 1
+        if metric is not None and math.isfinite(metric):
+            self._metrics.append(metric)
+        elapsed = time.monotonic() - self._last
+        if elapsed >= self.every:
+            mean = sum(self._metrics) / len(self._metrics) if self._metrics else None
+            self.log.emit("progress", step=step, epoch=epoch, metric=mean, steps_per_s=round(self._steps / elapsed, 3))
+            self._last, self._steps, self._metrics = time.monotonic(), 0, []
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        self.log.emit(kind, **fields)

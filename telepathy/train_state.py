@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -131,4 +132,20 @@ def check_signature(saved: Mapping[str, Any], current: Mapping[str, Any], where:
             f"cannot resume from {where}: it was made with different run settings:\n  "
             + "\n  ".join(differences)
             + "\nResume with the same settings, or point --save_dir at a new directory to start fresh."
+        )
+
+
+def check_shapes(name: str, current: Mapping[str, Any], saved: Mapping[str, Any], directory: Path) -> None:
+    """Refuse, before anything is loaded, a part whose tensors differ in name or shape from this run's."""
+    problems = [f"missing in checkpoint: {k}" for k in current.keys() - saved.keys()]
+    problems += [f"not in this model: {k}" for k in saved.keys() - current.keys()]
+    for key in current.keys() & saved.keys():
+        a, b = current[key], saved[key]
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape != b.shape:
+            problems.append(f"{key}: checkpoint has shape {tuple(b.shape)}, this model has {tuple(a.shape)}")
+    if problems:
+        raise ResumeMismatchError(
+            f"cannot resume part {name!r} from {directory}/{name}.pt: it does not fit this model:\n  "
+            + "\n  ".join(sorted(problems)[:20])
+            + "\nResume with the same model configuration, or use a new --save_dir."
         )

@@ -1,8 +1,8 @@
 """The LatentWire trainer: the child process the main job supervises (``python -m telepathy.latentwire.train``).
 
 It trains the encoder and adapters against frozen LLMs with every guarantee of the core engine: flag-based
-signals, checkpoints at step boundaries, exact resume. It reports each event (and so each commit) to the
-supervisor through ``telepathy.events``.
+signals, checkpoints at step boundaries, exact resume. Its Checkpointer records the run's events (and so each
+commit) in ``SAVE_DIR/events.jsonl`` and reports them to the supervisor (``telepathy.events``).
 """
 
 # ruff: noqa: E402  (the handlers go in before the slow imports)
@@ -26,7 +26,6 @@ from torch import nn
 
 from telepathy.checkpointer import Checkpointer
 from telepathy.data import ResumableBatchSampler, resumable_loader
-from telepathy.events import EventLog
 from telepathy.exit_codes import EXIT_CANNOT_RESUME, EXIT_SAVE_DIR_BUSY
 from telepathy.latentwire import config
 from telepathy.latentwire.llm import FrozenLM, load_frozen_lm
@@ -84,7 +83,6 @@ def train(args) -> int:
     if not training_signals.installed():  # a request that arrived during start-up stays pending
         training_signals.install_signal_handlers()
     torch.set_num_threads(args.threads)
-    events = EventLog(args.save_dir, "trainer")
     items = squad_qa(args.data_path, args.samples) if args.data_path else synthetic_qa(args.samples, args.seed)
     dataset = QADataset(items)
     lms = {"llama": load_frozen_lm(args.llama_id)}
@@ -113,17 +111,6 @@ def train(args) -> int:
         async_save=args.async_save,
         differential=args.differential,
         compress=args.compress,
-        on_save=lambda report: events.emit(
-            "save",
-            step=report.step,
-            reason=report.reason,
-            path=str(report.path),
-            bytes=sum(f.stat().st_size for f in report.path.iterdir()),
-            seconds=round(report.seconds, 3),
-        ),  # fmt: skip
-        on_save_error=lambda reason, message: events.emit(
-            "save_failed", step=state.global_step, reason=reason, error=message
-        ),  # fmt: skip
     )
     resuming = args.auto_resume or args.resume_from
     state = ckpt.resume(args.resume_from, strict=args.strict_resume) if resuming else TrainState()
@@ -132,7 +119,6 @@ def train(args) -> int:
                   args.save_dir)  # fmt: skip
         return 2
     total = args.epochs * batches
-    events.emit("resume" if state.global_step else "start", step=state.global_step, epoch=state.epoch)
     if state.epoch >= args.epochs:
         print(f"training already complete at step {state.global_step}; nothing to do", flush=True)
         return training_signals.EXIT_COMPLETE
@@ -177,10 +163,7 @@ def train(args) -> int:
                     time.sleep(args.step_delay)
                 crash_point(state.global_step)
                 if ckpt.step_boundary(state, args.checkpoint_interval, metric=value):
-                    code = training_signals.exit_code()
-                    events.emit("preempt", step=state.global_step, exit_code=code,
-                                signal=training_signals.signal_name(training_signals.exit_signal()))  # fmt: skip
-                    return code
+                    return training_signals.exit_code()
     ckpt.save(state, "final", state.best_loss)
     if bar is not None:
         bar.close()
