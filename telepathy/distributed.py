@@ -11,6 +11,7 @@ group all of this is a no-op, so the same loop runs with and without ``torchrun`
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -66,6 +67,19 @@ def agree_on_signals(interval: float | None = None, *, step: int, every: int = 1
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         training_signals.adopt_requests(bool(flags[0]), bool(flags[1]), int(flags[2]))
     return True
+
+
+def steps_between_agreements(grace_period: float, step_seconds: float, save_seconds: float,
+                              agreement_seconds: float = 0.002, max_overhead: float = 0.01) -> int:  # fmt: skip
+    """The ``agree_every`` k for a run: as small as keeps the agreement under ``max_overhead`` of the step time
+    (1 when a step is long), but never so large that a signal waiting k steps plus a save overruns half the
+    grace period. Raises ValueError when even k=1 does not fit (the grace period is too short for a save)."""
+    budget = grace_period / 2 - save_seconds
+    if budget < step_seconds:
+        raise ValueError(f"a grace period of {grace_period:.0f} s leaves no time for a {save_seconds:.0f} s save after "
+                         f"a {step_seconds:.2f} s step; ask the scheduler for a longer warning")  # fmt: skip
+    wanted = math.ceil(agreement_seconds / (max_overhead * step_seconds))
+    return max(1, min(wanted, int(budget / step_seconds + 1e-9)))  # + epsilon: 0.5 / 0.01 is 49.999…
 
 
 def follow_step_boundary(interval: float | None = None) -> bool:

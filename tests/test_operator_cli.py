@@ -3,8 +3,11 @@ twice by real SIGTERMs, and the one-line errors for paths that are not save dirs
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from telepathy.__main__ import main as telepathy_main
 from telepathy.checkpoint_store import CheckpointStore
 from telepathy.events import read_events
 
@@ -25,7 +29,15 @@ ENV = {**os.environ, "TELEPATHY_PROGRESS_EVERY": "0.1"}
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "telepathy", *args], capture_output=True, text=True, timeout=120)
+    """The command in this process (argument parsing, output and exit code as in a shell; no torch import per
+    call); ``test_the_module_and_console_entry_points_run`` covers the real entry points."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = telepathy_main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def progress_step(save_dir) -> int:
@@ -125,3 +137,14 @@ def test_a_wrong_path_is_one_clear_line(tmp_path, verb):
     assert foreign.returncode == 2 and len(foreign.stderr.strip().splitlines()) == 1
     assert "is not a telepathy save dir" in foreign.stderr
     assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def test_the_module_and_console_entry_points_run(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    done = subprocess.run([sys.executable, "-m", "telepathy", "status", str(tmp_path), "--json"], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and json.loads(done.stdout)["state"] == "not started", done.stderr
+    script = shutil.which("telepathy")  # installed by `pip install -e .` ([project.scripts])
+    if script is not None:
+        done = subprocess.run([script, "list", str(tmp_path)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.startswith("    step"), done.stderr

@@ -173,3 +173,15 @@ def test_agreed_decisions_win_over_a_signal_that_arrives_after_the_agreement():
     ts.adopt_requests(*ts.pending_requests())
     assert ts.should_save_checkpoint() is True and ts.should_exit_training() is True
     assert ts.exit_code() == 99
+
+
+def test_steps_between_agreements_fits_the_grace_period():
+    from telepathy.distributed import steps_between_agreements
+
+    assert steps_between_agreements(120, step_seconds=1.0, save_seconds=10) == 1  # long steps: agree every step
+    # 10 ms steps: 2 ms per agreement would cost 20%; every 20 steps keeps it at 1%, well inside the grace
+    assert steps_between_agreements(120, step_seconds=0.01, save_seconds=10) == 20
+    # a tight grace period caps k: (30/2 - 14) s / 0.01 s = 100 steps at most, fewer are wanted anyway
+    assert steps_between_agreements(30, step_seconds=0.01, save_seconds=14.5, agreement_seconds=0.05) == 50
+    with pytest.raises(ValueError, match="longer warning"):
+        steps_between_agreements(20, step_seconds=1.0, save_seconds=15)
