@@ -56,6 +56,7 @@ class SaveReport:
     reason: str
     seconds: float  # from the start of the save to its commit
     blocked_seconds: float | None  # async saves: how long the training loop waited (the snapshot)
+    epoch: int | None = None
 
 
 class Stateful(Protocol):
@@ -201,7 +202,7 @@ class Checkpointer:
             path = self.store.save(state.global_step, self._files(state), info)
         if self.collective or blocking:
             training_signals.mark_checkpoint_saved()
-            self._report(SaveReport(path, state.global_step, reason, time.monotonic() - started, None))
+            self._report(SaveReport(path, state.global_step, reason, time.monotonic() - started, None, state.epoch))
             return path
         snapshot = self._buffers.snapshot(self._files(state))
         training_signals.mark_checkpoint_saved()
@@ -225,7 +226,7 @@ class Checkpointer:
         except BaseException as exc:  # re-raised in the training thread by wait()
             self._writer_error = exc
         else:
-            self._report(SaveReport(path, step, reason, time.monotonic() - started, blocked))
+            self._report(SaveReport(path, step, reason, time.monotonic() - started, blocked, info.get("epoch")))
 
     def wait(self) -> None:
         """Block until a background save is committed (re-raising what went wrong in it, other than I/O)."""
@@ -243,8 +244,8 @@ class Checkpointer:
     def _report(self, report: SaveReport) -> None:
         log.info("checkpoint committed: %s (reason: %s)", report.path, report.reason)
         size = sum(f.stat().st_size for f in report.path.iterdir())
-        self._record("save", step=report.step, reason=report.reason, path=str(report.path), bytes=size,
-                     seconds=round(report.seconds, 3))  # fmt: skip
+        self._record("save", step=report.step, epoch=report.epoch, reason=report.reason, path=str(report.path),
+                     bytes=size, seconds=round(report.seconds, 3))  # fmt: skip
         if self.on_save is not None:
             self.on_save(report)
 

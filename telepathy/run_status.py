@@ -68,7 +68,7 @@ def run_status(save_dir: Path) -> dict[str, Any]:
     latest = store.latest_pointer()
     checkpoint = None
     if latest is not None and latest.is_dir():
-        rows = [r for r in list_checkpoints(save_dir, verify=False) if Path(r.path) == latest]
+        rows = [r for r in list_checkpoints(save_dir, verify=False) if Path(r.path).resolve() == latest]
         if rows:
             row = rows[0]
             checkpoint = {"path": row.path, "step": row.step, "reason": row.reason, "bytes": row.bytes,
@@ -82,7 +82,7 @@ def run_status(save_dir: Path) -> dict[str, Any]:
         "save_dir": str(save_dir),
         "state": _state(save_dir, events, last_exit),
         "step": last.get("step", checkpoint and checkpoint["step"]),
-        "epoch": last.get("epoch"),
+        "epoch": next((e["epoch"] for e in reversed(positions) if e.get("epoch") is not None), None),
         "last_event": events[-1]["event"] if events else None,
         "last_event_age_s": round(time.time() - events[-1]["time"], 1) if events else None,
         "latest_checkpoint": checkpoint,
