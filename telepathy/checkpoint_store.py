@@ -160,6 +160,8 @@ class CheckpointStore:
         parent = self.emergency_dir if emergency else self.checkpoints_dir
         durable.make_dirs(parent)
         final_name = step_dir_name(step) + (f"_{int(time.time())}" if emergency else "")
+        if emergency and (parent / final_name).exists():  # a second emergency in the same second
+            final_name += f"_{secrets.token_hex(2)}"
         tmp = parent / f"{_TEMP_PREFIX}{final_name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir()
         return PendingSave(step, tmp, parent / final_name, emergency)

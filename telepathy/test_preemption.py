@@ -27,11 +27,11 @@ if __package__ in (None, ""):  # run as a file path: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from telepathy import training_signals  # noqa: E402
+from telepathy.checkpoint_flags import add_checkpoint_flags, checkpointer_options  # noqa: E402
 from telepathy.checkpointer import Checkpointer  # noqa: E402
 from telepathy.data import ResumableBatchSampler, resumable_loader, sample_generator  # noqa: E402
 from telepathy.exit_codes import EXIT_CANNOT_RESUME, EXIT_SAVE_DIR_BUSY  # noqa: E402
 from telepathy.manifest import CheckpointInvalid  # noqa: E402
-from telepathy.retention import RetentionPolicy  # noqa: E402
 from telepathy.save_dir_lock import SaveDirBusy  # noqa: E402
 from telepathy.train_state import ResumeMismatchError, TrainState  # noqa: E402
 
@@ -79,15 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds to pause after each step, before the save check (slows the demo; lets tests aim signals)",
     )
     p.add_argument("--log_every", type=int, default=250, help="print progress every N steps")
-    p.add_argument("--keep_last", type=int, default=3)
-    p.add_argument("--async_save", action="store_true", help="periodic/SIGUSR1 saves commit in the background")
-    p.add_argument("--differential", action="store_true", help="write only tensors that changed (blobs/)")
-    p.add_argument("--compress", action="store_true", help="zstd-compress tensors (implies blobs/)")
+    add_checkpoint_flags(p)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--fail_at_step", type=int, default=None, help="raise an error at this step (tests)")
-    p.add_argument("--resume_from", default=None, help="resume from this checkpoint directory")
     p.add_argument("--no_resume", action="store_true", help="ignore existing checkpoints (needs empty dir)")
-    p.add_argument("--strict_resume", action="store_true", help="fail on an invalid newest checkpoint (no fallback)")
     args = p.parse_args(argv)
     if args.interval <= 0 or args.duration <= 0:
         p.error("--interval and --duration must be > 0 seconds")
@@ -123,11 +118,8 @@ def train(args: argparse.Namespace) -> int:
         optimizer=optimizer,
         scheduler=scheduler,
         signature=signature,
-        retention=RetentionPolicy(keep_last=args.keep_last),
         args=vars(args),
-        async_save=args.async_save,
-        differential=args.differential,
-        compress=args.compress,
+        **checkpointer_options(args),
     )
     if args.no_resume and ckpt.store.committed():
         print(

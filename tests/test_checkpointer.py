@@ -125,3 +125,12 @@ def test_step_boundary_saves_on_signal_and_reports_exit(tmp_path):
     assert ckpt.step_boundary(state, interval=300)
     manifest_reason = ckpt.store.newest_valid()[1]["reason"]
     assert manifest_reason == "signal:SIGTERM" and training_signals.exit_code() == 99
+
+
+def test_two_emergency_checkpoints_in_one_second_both_land(tmp_path):
+    model = nn.Linear(2, 2)
+    with Checkpointer(tmp_path, parts={"model": model}) as ckpt:
+        first = ckpt.save_emergency(TrainState(global_step=5), RuntimeError("one"))
+        second = ckpt.save_emergency(TrainState(global_step=5), RuntimeError("two"))
+    assert first is not None and second is not None and first != second
+    assert sorted(p.name for p in (tmp_path / "emergency").iterdir()) == sorted([first.name, second.name])

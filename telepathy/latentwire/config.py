@@ -9,6 +9,8 @@ import difflib
 import os
 from pathlib import Path
 
+from telepathy.checkpoint_flags import add_checkpoint_flags
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -21,14 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     sup.add_argument("--checkpoint_interval", type=float, default=600.0, help="seconds between checkpoints")
     sup.add_argument("--grace_period", type=float, default=120.0, help="seconds the trainer gets after SIGTERM")
     sup.add_argument("--auto_resume", action="store_true", help="resume from SAVE_DIR/latest when present")
-    sup.add_argument("--strict_resume", action="store_true",
-                     help="fail if the newest checkpoint is invalid instead of using an older one")  # fmt: skip
     sup.add_argument("--max_restarts", type=int, default=2, help="restarts after a trainer crash")
-    sup.add_argument("--keep_last", type=int, default=3, help="checkpoints kept (plus the best)")
-    sup.add_argument("--async_save", action="store_true", help="periodic/SIGUSR1 saves commit in the background")
-    sup.add_argument("--differential", action="store_true", help="write only tensors that changed (blobs/)")
-    sup.add_argument("--compress", action="store_true", help="zstd-compress tensors (implies blobs/)")
-    sup.add_argument("--resume_from", default=None, help="resume from this checkpoint directory (e.g. emergency)")
+    add_checkpoint_flags(sup)
     model = p.add_argument_group("LatentWire")
     model.add_argument("--llama_id", default=None, help="hub id or local path; default: tiny Llama from a config")
     model.add_argument("--qwen_id", default=None, help="optional second frozen LLM")

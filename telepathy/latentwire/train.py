@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from telepathy.checkpoint_flags import checkpointer_options
 from telepathy.checkpointer import Checkpointer
 from telepathy.data import ResumableBatchSampler, resumable_loader
 from telepathy.exit_codes import EXIT_CANNOT_RESUME, EXIT_SAVE_DIR_BUSY
@@ -32,7 +33,6 @@ from telepathy.latentwire.llm import FrozenLM, load_frozen_lm
 from telepathy.latentwire.model import Adapter, ByteEncoder
 from telepathy.latentwire.qa_data import QADataset, collate, prompt_bytes, squad_qa, synthetic_qa
 from telepathy.manifest import CheckpointInvalid
-from telepathy.retention import RetentionPolicy
 from telepathy.save_dir_lock import SaveDirBusy
 from telepathy.train_state import ResumeMismatchError, TrainState
 
@@ -106,11 +106,8 @@ def train(args) -> int:
         parts={"encoder": encoder, **{f"adapter_{name}": a for name, a in adapters.items()}},
         optimizer=optimizer,
         signature=signature,
-        retention=RetentionPolicy(keep_last=args.keep_last),
         args=vars(args),
-        async_save=args.async_save,
-        differential=args.differential,
-        compress=args.compress,
+        **checkpointer_options(args),
     )
     resuming = args.auto_resume or args.resume_from
     state = ckpt.resume(args.resume_from, strict=args.strict_resume) if resuming else TrainState()
