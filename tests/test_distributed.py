@@ -194,7 +194,7 @@ def test_srun_two_ranks_under_the_submit_script_preempted_requeued_bit_identical
     high partition preempts it, both ranks save and exit 99, the script requeues, the job finishes identical."""
     ref_model, ref_steps = reference["ddp"]
     env = {**os.environ, "SAVE_DIR": str(tmp_path / "save"), "PYTHON": sys.executable,
-           "COMMAND": f"{sys.executable} {WORKER} {tmp_path / 'save'} --delay 0.6 --out {tmp_path}"}  # fmt: skip
+           "COMMAND": f"{sys.executable} {WORKER} {tmp_path / 'save'} --delay 0.45 --out {tmp_path}"}  # fmt: skip
     done = subprocess.run(["sbatch", "--parsable", "-p", "low", "-n", "2", "-c", "1", str(SUBMIT)], cwd=tmp_path,
                           env=env, capture_output=True, text=True, check=True)  # fmt: skip
     job_id = done.stdout.strip().split(";")[0]

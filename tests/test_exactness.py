@@ -110,7 +110,7 @@ def test_random_schedule_is_bit_identical(seed: int, tmp_path: Path, reference) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(4, 12))  # random kills in bulk: tests/fault_harness.py
+@pytest.mark.parametrize("seed", range(4, 7))  # random kills in bulk: tests/fault_harness.py
 def test_many_random_schedules_are_bit_identical(seed: int, tmp_path: Path, reference) -> None:
     check_schedule(f"random-{seed}", random_schedule(seed), tmp_path, reference, ("--interval", "0.25"), SAVE_PAUSE)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -76,6 +77,13 @@ def program_of(argv: list[str]) -> list[str]:
     return argv[: flags[0]] if flags else argv
 
 
+@functools.cache
+def help_of(program: tuple[str, ...]) -> str:
+    done = subprocess.run([sys.executable, *program, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"{' '.join(program)} --help failed:\n{done.stderr}"
+    return done.stdout
+
+
 def test_every_shell_example_parses_and_uses_only_real_flags_and_files():
     """Every bash block is valid shell; every telepathy program it names exists and accepts each flag it is
     given (checked against that program's --help); every repository file it names exists."""
@@ -89,17 +97,14 @@ def test_every_shell_example_parses_and_uses_only_real_flags_and_files():
                 assert (REPO / path).is_file(), f"README names {path}, which does not exist"
             for argv in our_invocations(line):
                 program = program_of(argv)
-                helptext = subprocess.run([sys.executable, *program, "--help"], cwd=REPO, capture_output=True,
-                                          text=True, timeout=60)  # fmt: skip
-                assert helptext.returncode == 0, f"{' '.join(program)} --help failed:\n{helptext.stderr}"
+                helptext = help_of(tuple(program))
                 flags = [w.split("=")[0] for w in argv if w.startswith("--")]
                 for flag in flags[: flags.index("--")] if "--" in flags else flags:
-                    assert flag in helptext.stdout, f"README passes {flag} to {' '.join(program)}, which lacks it"
+                    assert flag in helptext, f"README passes {flag} to {' '.join(program)}, which lacks it"
                 checked += 1
             for value in re.findall(r'TRAIN_ARGS="([^"]*)"', line):  # flags the submit script hands the trainer
-                helptext = subprocess.run([sys.executable, "-m", "telepathy.preemptible_training", "--help"],
-                                          capture_output=True, text=True, timeout=60)  # fmt: skip
-                assert all(f in helptext.stdout for f in value.split() if f.startswith("--")), value
+                helptext = help_of(("-m", "telepathy.preemptible_training"))
+                assert all(f in helptext for f in value.split() if f.startswith("--")), value
     assert checked >= 12, checked  # the parser found the commands (14 when written)
 
 
