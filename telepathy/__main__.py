@@ -1,6 +1,7 @@
 """``python -m telepathy <verb> SAVE_DIR`` (also the ``telepathy`` command): tools for the person running jobs.
 
-    status SAVE_DIR [--json]               running/preempted/complete/failed, position, latest checkpoint, ...
+    status SAVE_DIR... [--json]            running/preempted/complete/failed, position, latest checkpoint, ...
+                                           (several save dirs: one line each, e.g. `telepathy status runs/*`)
     list SAVE_DIR [--json] [--no-verify]   every checkpoint: step, time, size, reason, verified
     verify PATH [--load]                   one checkpoint or all, against their manifests
     prune SAVE_DIR [--keep_last N] [--keep_every K] [--no-keep_best] [--dry-run]
@@ -25,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="telepathy", description="Inspect and maintain telepathy save dirs.")
     verbs = parser.add_subparsers(dest="verb", required=True)
     status = verbs.add_parser("status", help="the run's state, position, latest checkpoint, preemptions")
-    status.add_argument("save_dir", type=Path)
+    status.add_argument("save_dir", type=Path, nargs="+", help="one save dir (details) or several (a table)")
     status.add_argument("--json", action="store_true")
     listing = verbs.add_parser("list", help="checkpoints with step, time, size, reason, verified")
     listing.add_argument("save_dir", type=Path)
@@ -71,18 +72,22 @@ def main(argv: list[str] | None = None) -> int:
         lines, code = verify_path(args.path, load=args.load)
         print("\n".join(lines))
         return code
-    problem = not_a_save_dir(args.save_dir)
-    if problem is not None:
-        print(f"telepathy {args.verb}: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+    for save_dir in args.save_dir if isinstance(args.save_dir, list) else [args.save_dir]:
+        problem = not_a_save_dir(save_dir)
+        if problem is not None:
+            print(f"telepathy {args.verb}: {problem}", file=sys.stderr)
+            return EXIT_USAGE
     return {"status": _status, "list": _list, "prune": _prune, "plot": _plot, "export": _export}[args.verb](args)
 
 
 def _status(args: argparse.Namespace) -> int:
-    from telepathy.run_status import format_status, run_status
+    from telepathy.run_status import format_status, format_status_table, run_status
 
-    status = run_status(args.save_dir)
-    print(json.dumps(status, indent=1) if args.json else format_status(status))
+    statuses = [run_status(save_dir) for save_dir in args.save_dir]
+    if args.json:
+        print(json.dumps(statuses[0] if len(statuses) == 1 else statuses, indent=1))
+    else:
+        print(format_status(statuses[0]) if len(statuses) == 1 else format_status_table(statuses))
     return 0
 
 

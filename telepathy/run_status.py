@@ -165,6 +165,20 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_status_table(statuses: list[dict[str, Any]]) -> str:
+    """One line per run, for an operator watching many jobs (``telepathy status runs/*``)."""
+    out = [
+        f"{'state':<12} {'step':>8} {'epoch':>5} {'latest age':>10} {'preempt':>7} {'restart':>7} {'exit':>4}  save dir"
+    ]
+    for st in statuses:
+        cp = st["latest_checkpoint"]
+        exit_code = st["last_exit_code"] if st["last_exit_code"] is not None else "-"
+        out.append(f"{st['state'].split(' (')[0]:<12} {st['step'] if st['step'] is not None else '-':>8} "
+                   f"{st['epoch'] if st['epoch'] is not None else '-':>5} {_ago(cp['age_s']) if cp else '-':>10} "
+                   f"{st['preemptions']:>7} {st['restarts']:>7} {exit_code:>4}  {st['save_dir']}")  # fmt: skip
+    return "\n".join(out)
+
+
 def format_rows(rows: list[CheckpointRow]) -> str:
     out = [f"{'step':>8}  {'epoch':>5}  {'saved at':19}  {'MiB':>8}  {'reason':16}  verified  path"]
     for r in rows:

@@ -77,6 +77,13 @@ def test_status_list_plot_and_export_of_a_run_preempted_twice(tmp_path):
     assert status["time_lost_s"] > 0
     text = cli("status", str(save)).stdout
     assert "state        complete" in text and "preemptions  2, restarts 2" in text
+    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)  # several runs at once: one line each
+    table = cli("status", str(save), str(tmp_path / "fresh")).stdout.splitlines()
+    assert table[0].split()[:3] == ["state", "step", "epoch"] and len(table) == 3
+    assert table[1].split()[:7] == ["complete", "48", "3", table[1].split()[3], "2", "2", "0"]
+    assert table[2].startswith("not started")
+    both = json.loads(cli("status", str(save), str(tmp_path / "fresh"), "--json").stdout)
+    assert [entry["state"] for entry in both] == ["complete", "not started"]
 
     rows = json.loads(cli("list", str(save), "--json").stdout)
     assert [r["reason"] for r in rows] == ["signal:SIGTERM", "signal:SIGTERM", "final"]
