@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 import xxhash
 
 from telepathy import durable
+from telepathy.layout import is_blob_name  # noqa: F401 (re-exported)
 
 log = logging.getLogger("telepathy")
 
@@ -34,13 +34,8 @@ BLOBS = "blobs"
 # Smaller tensors stay inside the part file. Test hook: TELEPATHY_TEST_MIN_BLOB_BYTES=1 makes every tensor a blob.
 MIN_BLOB_BYTES = int(os.environ.get("TELEPATHY_TEST_MIN_BLOB_BYTES", "") or 64 * 1024)
 BLOB_KEY = "__telepathy_blob__"
-_BLOB_NAME = re.compile(r"^[0-9a-f]{32}$")
 _DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
                                torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}  # fmt: skip
-
-
-def is_blob_name(name: object) -> bool:
-    return isinstance(name, str) and bool(_BLOB_NAME.match(name))
 
 
 class BlobStore:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import re
 import secrets
 import shutil
 import socket
@@ -37,6 +36,15 @@ import torch
 
 from telepathy import durable
 from telepathy.blob_store import BlobStore
+from telepathy.layout import (  # noqa: F401 (CHECKPOINTS, EMERGENCY, step_dir_name: re-exported)
+    CHECKPOINTS,
+    EMERGENCY,
+    LATEST,
+    CheckpointRef,
+    committed_checkpoints,
+    latest_pointer,
+    step_dir_name,
+)
 from telepathy.manifest import (
     MANIFEST_NAME,
     CheckpointInvalid,
@@ -53,10 +61,6 @@ from telepathy.save_errors import describe_failure, os_error_in
 
 log = logging.getLogger("telepathy")
 
-CHECKPOINTS = "checkpoints"
-EMERGENCY = "emergency"
-LATEST = "latest"
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _TEMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 
@@ -73,12 +77,6 @@ class CheckpointWriteError(RuntimeError):
         self.errno = error.errno
 
 
-@dataclass(frozen=True)
-class CheckpointRef:
-    step: int
-    path: Path
-
-
 @dataclass
 class PendingSave:
     """A checkpoint being written: files go to ``tmp``; :meth:`CheckpointStore.commit` publishes it."""
@@ -89,10 +87,6 @@ class PendingSave:
     emergency: bool
     entries: list[FileEntry] = field(default_factory=list)
     blob_refs: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 class CheckpointStore:
@@ -227,21 +221,11 @@ class CheckpointStore:
     # ---------------------------------------------------------------------------------------- listing
     def committed(self) -> list[CheckpointRef]:
         """Committed checkpoint directories, oldest first (not yet verified)."""
-        if not self.checkpoints_dir.is_dir():
-            return []
-        refs = []
-        for entry in self.checkpoints_dir.iterdir():
-            match = _STEP_DIR.match(entry.name)
-            if match and entry.is_dir() and not entry.is_symlink():
-                refs.append(CheckpointRef(int(match.group(1)), entry))
-        return sorted(refs, key=lambda r: r.step)
+        return committed_checkpoints(self.save_dir)
 
     def latest_pointer(self) -> Path | None:
         """Where ``SAVE_DIR/latest`` points, or None when it does not exist."""
-        link = self.save_dir / LATEST
-        if not link.is_symlink():
-            return None
-        return (self.save_dir / os.readlink(link)).resolve(strict=False)
+        return latest_pointer(self.save_dir)
 
     def newest_valid(self) -> tuple[CheckpointRef, dict[str, Any]] | None:
         """The newest checkpoint that verifies against its manifest; invalid ones are skipped with a

@@ -19,8 +19,8 @@ from typing import Any, BinaryIO
 
 import xxhash
 
-from telepathy.blob_store import BlobStore, is_blob_name
 from telepathy.durable import hash_file  # noqa: F401 (re-exported: part of this module's API)
+from telepathy.layout import is_blob_name
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "telepathy-checkpoint"
@@ -149,6 +149,8 @@ def verify_directory(directory: Path) -> dict[str, Any]:
                 directory, name, f"{HASH_NAME} {digest} does not match manifest {entry[HASH_NAME]} (corrupted)"
             )
     if doc.get("blobs"):  # differential/compressed: the shared blobs this checkpoint references
+        from telepathy.blob_store import BlobStore  # noqa: PLC0415 (torch; only differential checkpoints need it)
+
         problem = BlobStore(directory.parent.parent).verify(doc["blobs"])
         if problem is not None:
             file, _, reason = problem.partition(": ")

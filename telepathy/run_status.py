@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from telepathy.checkpoint_store import EMERGENCY, CheckpointStore
 from telepathy.events import read_events
+from telepathy.layout import committed_checkpoints, emergency_checkpoints, latest_pointer
 from telepathy.manifest import CheckpointInvalid, read_manifest, verify_directory
 from telepathy.save_dir_lock import SaveDirBusy, SaveDirLock, describe_holder
 
@@ -33,10 +33,7 @@ class CheckpointRow:
 
 def list_checkpoints(save_dir: Path, verify: bool = True) -> list[CheckpointRow]:
     """Committed and emergency checkpoints, oldest first."""
-    store = CheckpointStore(save_dir)
-    directories = [ref.path for ref in store.committed()]
-    if (save_dir / EMERGENCY).is_dir():
-        directories += [p for p in (save_dir / EMERGENCY).iterdir() if p.is_dir() and not p.name.startswith(".")]
+    directories = [ref.path for ref in committed_checkpoints(save_dir)] + emergency_checkpoints(save_dir)
     rows = []
     for directory in directories:
         try:
@@ -64,8 +61,7 @@ def run_status(save_dir: Path) -> dict[str, Any]:
     """The run's state (running/preempted/complete/failed/not started), position, latest checkpoint,
     preemptions, restarts, time lost to preemption and the last exit code."""
     events = read_events(save_dir)
-    store = CheckpointStore(save_dir)
-    latest = store.latest_pointer()
+    latest = latest_pointer(save_dir)
     checkpoint = None
     if latest is not None and latest.is_dir():
         rows = [r for r in list_checkpoints(save_dir, verify=False) if Path(r.path).resolve() == latest]
@@ -86,7 +82,7 @@ def run_status(save_dir: Path) -> dict[str, Any]:
         "last_event": events[-1]["event"] if events else None,
         "last_event_age_s": round(time.time() - events[-1]["time"], 1) if events else None,
         "latest_checkpoint": checkpoint,
-        "checkpoints": len(store.committed()),
+        "checkpoints": len(committed_checkpoints(save_dir)),
         "preemptions": len(preempts) or sum(e["exit_code"] == 99 for e in exits),
         "restarts": sum(e["event"] == "resume" for e in events),
         "time_lost_s": round(time_lost(events), 1),
@@ -103,7 +99,7 @@ def _state(save_dir: Path, events: list[dict[str, Any]], last_exit: int | None) 
     except SaveDirBusy:
         return f"running ({describe_holder(save_dir)})"
     if not events:
-        return "not started" if not CheckpointStore(save_dir).committed() else "unknown (no events.jsonl)"
+        return "not started" if not committed_checkpoints(save_dir) else "unknown (no events.jsonl)"
     if last_exit is None:
         return "failed (ended without an exit record: killed?)"
     return EXIT_MEANING.get(last_exit, f"failed (exit code {last_exit})")

@@ -122,3 +122,14 @@ def test_resume_refuses_to_start_from_scratch_when_no_checkpoint_verifies(tmp_pa
     with Checkpointer(tmp_path, parts={"model": nn.Linear(4, 4)}) as ckpt:
         with pytest.raises(CheckpointInvalid, match="none of the 2 checkpoints verifies"):
             ckpt.resume()
+
+
+def test_status_and_list_read_a_save_dir_without_importing_torch(tmp_path):
+    """An operator runs them over fifty jobs: they must start in a fraction of a second (torch takes ~2 s)."""
+    make_run(tmp_path)
+    code = ("import sys; from telepathy.__main__ import main; "
+            "assert main(['status', sys.argv[1]]) == 0 and main(['list', sys.argv[1]]) == 0; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "3 committed" in done.stdout and done.stdout.count(" yes ") == 3
