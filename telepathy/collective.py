@@ -18,7 +18,7 @@ from typing import Any
 
 from telepathy.checkpoint_store import CheckpointStore, CheckpointWriteError, write_part
 from telepathy.distributed import broadcast_from_rank0, gather_to_rank0, rank_and_world_size
-from telepathy.manifest import CheckpointInvalid, FileEntry, hash_file
+from telepathy.manifest import CheckpointInvalid, FileEntry, entry_for
 
 
 def rank_file_name(rank: int) -> str:
@@ -52,7 +52,7 @@ def save_collectively(
     error = None
     try:
         written = sharded(tmp) if sharded is not None else []
-        entries = [FileEntry(p.name, p.stat().st_size, hash_file(p)) for p in written]
+        entries = [entry_for(p) for p in written]
         entries.append(write_part(tmp / f"{rank_file_name(rank)}.pt", dict(per_rank)))
         if pending is not None:
             store.write_parts(pending, replicated())

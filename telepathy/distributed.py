@@ -82,14 +82,6 @@ def steps_between_agreements(grace_period: float, step_seconds: float, save_seco
     return max(1, min(wanted, int(budget / step_seconds + 1e-9)))  # + epsilon: 0.5 / 0.01 is 49.999…
 
 
-def follow_step_boundary(interval: float | None = None) -> bool:
-    """For loops that keep a single writer by hand: ``step_boundary`` for ranks that do not write — consume
-    the agreed save request and restart the interval clock like the writer does; True when the run must stop."""
-    if training_signals.should_save_checkpoint(interval):
-        training_signals.mark_checkpoint_saved()
-    return training_signals.should_exit_training()
-
-
 def init_from_environment(backend: str | None = None) -> tuple[int, int]:
     """``dist.init_process_group`` under ``torchrun`` (RANK/WORLD_SIZE/MASTER_ADDR set) or under ``srun`` with
     several tasks (derived from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, the first host of the job's node list

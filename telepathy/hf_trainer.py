@@ -21,7 +21,7 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from telepathy import durable, training_signals
-from telepathy.manifest import MANIFEST_NAME, CheckpointInvalid, FileEntry, build_manifest, verify_directory
+from telepathy.manifest import MANIFEST_NAME, CheckpointInvalid, build_manifest, entry_for, verify_directory
 
 log = logging.getLogger("telepathy")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -56,13 +56,9 @@ def seal(directory: Path, step: int) -> None:
         if path.is_file() and path.name != MANIFEST_NAME:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-            entries.append(FileEntry(path.name, path.stat().st_size, durable.hash_file(path)))
+            entries.append(entry_for(path))
     manifest = build_manifest(entries, {"step": step, "reason": "hf_trainer", "emergency": False})
-    tmp = directory / f".{MANIFEST_NAME}.tmp"
-    tmp.unlink(missing_ok=True)
-    durable.write_file_durably(tmp, lambda f: f.write(manifest))
-    os.replace(tmp, directory / MANIFEST_NAME)
-    durable.fsync_dir(directory)
+    durable.atomic_write_bytes(directory / MANIFEST_NAME, manifest)
     durable.fsync_dir(directory.parent)
 
 

@@ -48,6 +48,11 @@ class FileEntry:
     digest: str
 
 
+def entry_for(path: Path) -> FileEntry:
+    """The manifest entry of a file already written (and fsynced) by someone else: DCP shards, Trainer files."""
+    return FileEntry(path.name, path.stat().st_size, hash_file(path))
+
+
 def is_safe_file_name(name: str) -> bool:
     """A plain file name inside a checkpoint directory: no separators, no '..', no leading dot."""
     return bool(_SAFE_NAME.match(name)) and ".." not in name

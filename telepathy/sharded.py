@@ -82,11 +82,6 @@ def _state_of(parts: Mapping[str, nn.Module], optimizer: Optimizer | None) -> di
     return {"parts": model_state, "optimizer": optimizer_state}
 
 
-def world_size_of(directory: Path) -> int:
-    """How many ranks wrote the shards (one ``__<rank>_0.distcp`` each)."""
-    return len({p.name.split("_")[2] for p in directory.glob("__*_*.distcp")})
-
-
 class _RestrictedUnpickler(pickle.Unpickler):
     """Only the classes defined in DCP's metadata module, torch sizes/dtypes/layouts and a few builtins; no functions
     (other than torch's layout lookup), so unpickling can construct data but never run code."""
