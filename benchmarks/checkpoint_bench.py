@@ -73,9 +73,9 @@ def write_methods(state, work: Path) -> dict[str, tuple[float, float]]:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    from telepathy.checkpoint_store import CheckpointStore
     from telepathy.checkpointer import Checkpointer
-    from telepathy.snapshot import HostBuffers
+    from telepathy.store.checkpoint_store import CheckpointStore
+    from telepathy.store.snapshot import HostBuffers
     from telepathy.train_state import TrainState
 
     results: dict[str, tuple[float, float]] = {}
@@ -181,8 +181,8 @@ def peak_rss_kib() -> int:
 
 def load_child(method: str, path: str, mib: int) -> None:
     """In a fresh process: load ``path`` into preallocated tensors; print seconds and peak RSS."""
-    from telepathy.checkpoint_store import CheckpointStore
-    from telepathy.manifest import verify_directory
+    from telepathy.disk.manifest import verify_directory
+    from telepathy.store.checkpoint_store import CheckpointStore
 
     target = {k: torch.zeros(n) for k, n in shapes(mib).items()}  # resident, like a model's parameters
     Path("/proc/self/clear_refs").write_text("5\n")  # reset the peak RSS (VmHWM) to the current RSS (Linux)
@@ -205,7 +205,7 @@ def load_child(method: str, path: str, mib: int) -> None:
 
 
 def load_methods(state, work: Path, mib: int) -> tuple[dict[str, tuple[float, float, float]], bool]:
-    from telepathy.checkpoint_store import CheckpointStore
+    from telepathy.store.checkpoint_store import CheckpointStore
 
     paths = {"dd read": work / "random.bin", "torch.load": work / "load.pt"}
     torch.save(state, paths["torch.load"])
@@ -226,8 +226,8 @@ def load_methods(state, work: Path, mib: int) -> tuple[dict[str, tuple[float, fl
 
 def compression_table() -> None:
     """Lossless ratio of our byte-plane zstd on synthetic (random normal) and trained weights, fp32 and bf16."""
-    from telepathy import blob_store
-    from telepathy.blob_store import BlobStore
+    from telepathy.store import blobs as blob_store
+    from telepathy.store.blobs import BlobStore
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512))

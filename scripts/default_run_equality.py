@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 from harness import Interrupt, RunResult, deep_equal, run_once  # noqa: E402
 
-from telepathy.checkpoint_store import CheckpointStore  # noqa: E402
+from telepathy.store.checkpoint_store import CheckpointStore  # noqa: E402
 
 MAIN = [sys.executable, "-m", "telepathy.preemptible_training"]
 

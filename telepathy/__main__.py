@@ -67,7 +67,7 @@ def not_a_save_dir(path: Path) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.verb == "verify":
-        from telepathy.verify import verify_path
+        from telepathy.tools.verify import verify_path
 
         lines, code = verify_path(args.path, load=args.load)
         print("\n".join(lines))
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from telepathy.run_status import format_status, format_status_table, run_status
+    from telepathy.tools.status import format_status, format_status_table, run_status
 
     statuses = [run_status(save_dir) for save_dir in args.save_dir]
     if args.json:
@@ -92,7 +92,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from telepathy.run_status import format_rows, list_checkpoints, rows_as_dicts
+    from telepathy.tools.status import format_rows, list_checkpoints, rows_as_dicts
 
     rows = list_checkpoints(args.save_dir, verify=args.verify)
     print(json.dumps(rows_as_dicts(rows), indent=1) if args.json else format_rows(rows))
@@ -100,9 +100,9 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from telepathy.checkpoint_store import CheckpointStore
-    from telepathy.retention import RetentionPolicy
-    from telepathy.save_dir_lock import SaveDirBusy
+    from telepathy.disk.lock import SaveDirBusy
+    from telepathy.disk.retention import RetentionPolicy
+    from telepathy.store.checkpoint_store import CheckpointStore
 
     policy = RetentionPolicy(keep_last=args.keep_last, keep_best=args.keep_best, keep_every=args.keep_every)
     store = CheckpointStore(args.save_dir, policy, differential=(args.save_dir / "blobs").is_dir())
@@ -123,7 +123,7 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from telepathy.plot import plot_run
+    from telepathy.tools.plot import plot_run
 
     try:
         out = plot_run(args.save_dir, args.out or args.save_dir / "run.png")
@@ -135,9 +135,9 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from telepathy.checkpoint_store import CheckpointStore
-    from telepathy.export import export_checkpoint
-    from telepathy.manifest import CheckpointInvalid
+    from telepathy.disk.manifest import CheckpointInvalid
+    from telepathy.store.checkpoint_store import CheckpointStore
+    from telepathy.tools.export import export_checkpoint
 
     checkpoint = args.checkpoint or CheckpointStore(args.save_dir).resume_point()
     if checkpoint is None:

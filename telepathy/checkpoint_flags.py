@@ -20,7 +20,7 @@ def add_checkpoint_flags(group: argparse.ArgumentParser | argparse._ArgumentGrou
 
 def checkpointer_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for ``Checkpointer`` from the flags above."""
-    from telepathy.retention import RetentionPolicy  # noqa: PLC0415
+    from telepathy.disk.retention import RetentionPolicy  # noqa: PLC0415
 
     return {
         "retention": RetentionPolicy(keep_last=args.keep_last),

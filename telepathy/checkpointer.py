@@ -26,12 +26,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from telepathy import collective, distributed, rng, training_signals
-from telepathy.checkpoint_store import CheckpointStore, CheckpointWriteError
-from telepathy.events import RunRecorder
-from telepathy.manifest import read_manifest
-from telepathy.retention import RetentionPolicy
-from telepathy.snapshot import HostBuffers
+from telepathy import distributed, rng, training_signals
+from telepathy.disk.events import RunRecorder
+from telepathy.disk.manifest import read_manifest
+from telepathy.disk.retention import RetentionPolicy
+from telepathy.store import collective
+from telepathy.store.checkpoint_store import CheckpointStore, CheckpointWriteError
+from telepathy.store.snapshot import HostBuffers
 from telepathy.train_state import (
     ResumeMismatchError,
     TrainState,
@@ -75,7 +76,7 @@ class Checkpointer:
     ``async_save``: periodic and SIGUSR1 saves from ``step_boundary`` block only for a copy of the state into
     reusable host buffers and commit in a background thread; ``save()`` and saves before an exit stay durable
     before they return. ``differential``: tensors unchanged since a kept checkpoint are not written again;
-    ``compress``: zstd over byte planes (see :mod:`telepathy.blob_store`).
+    ``compress``: zstd over byte planes (see :mod:`telepathy.store.blobs`).
 
     Under ``torch.distributed`` every rank constructs a Checkpointer on the same save dir and calls
     ``step_boundary`` after each step: the ranks agree on signals there (every ``agree_every`` steps), save
@@ -213,7 +214,7 @@ class Checkpointer:
         return None
 
     def _write_shards(self, tmp: Path) -> list[Path]:
-        from telepathy import sharded  # noqa: PLC0415 (DCP takes ~1.5 s to import; only sharded runs pay)
+        from telepathy.store import sharded  # noqa: PLC0415 (DCP takes ~1.5 s to import; only sharded runs pay)
 
         return sharded.save_parts(self.parts, self.optimizer, tmp, self.rank)
 
@@ -355,7 +356,7 @@ class Checkpointer:
                         "batch size fixed so that a batch index means the same samples", saved_world,
                         self.world_size, state.epoch, state.batch_idx)  # fmt: skip
         if self.sharded:
-            from telepathy import sharded  # noqa: PLC0415 (DCP takes ~1.5 s to import; only sharded runs pay)
+            from telepathy.store import sharded  # noqa: PLC0415 (DCP takes ~1.5 s to import; only sharded runs pay)
 
             sharded.load_parts(self.parts, self.optimizer, directory)
         loaded = {} if self.sharded else {name: self.store.load_part(directory, name) for name in self.parts}

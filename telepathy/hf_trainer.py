@@ -20,8 +20,9 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from telepathy import durable, training_signals
-from telepathy.manifest import MANIFEST_NAME, CheckpointInvalid, build_manifest, entry_for, verify_directory
+from telepathy import training_signals
+from telepathy.disk import durable
+from telepathy.disk.manifest import MANIFEST_NAME, CheckpointInvalid, build_manifest, entry_for, verify_directory
 
 log = logging.getLogger("telepathy")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

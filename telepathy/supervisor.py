@@ -2,7 +2,7 @@
 
 The supervisor never blocks on the child: its main loop wakes every 50 ms (or at once on a signal), so it
 stays responsive even if the child hangs. The child reports events (commits among them) through a pipe
-(``telepathy.events``), read by a background thread, so no log text is parsed.
+(``telepathy.disk.events``), read by a background thread, so no log text is parsed.
 
 Exit codes: 0 training complete; 99 preempted (the newest committed checkpoint is the resume point; the
 child was killed if it overran the grace period); 130 after SIGINT; anything else is the child's failure.
@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from telepathy import training_signals
-from telepathy.events import REPORT_FD_ENV, EventLog
+from telepathy.disk.events import REPORT_FD_ENV, EventLog
+from telepathy.disk.lock import SaveDirBusy, SaveDirLock
 from telepathy.exit_codes import EXIT_SAVE_DIR_BUSY, NOT_RESTARTED
-from telepathy.save_dir_lock import SaveDirBusy, SaveDirLock
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 KNOWN_EXITS = (training_signals.EXIT_COMPLETE, training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED)

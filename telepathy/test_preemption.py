@@ -30,9 +30,9 @@ from telepathy import training_signals  # noqa: E402
 from telepathy.checkpoint_flags import add_checkpoint_flags, checkpointer_options  # noqa: E402
 from telepathy.checkpointer import Checkpointer  # noqa: E402
 from telepathy.data import ResumableBatchSampler, resumable_loader, sample_generator  # noqa: E402
+from telepathy.disk.lock import SaveDirBusy  # noqa: E402
+from telepathy.disk.manifest import CheckpointInvalid  # noqa: E402
 from telepathy.exit_codes import EXIT_CANNOT_RESUME, EXIT_SAVE_DIR_BUSY  # noqa: E402
-from telepathy.manifest import CheckpointInvalid  # noqa: E402
-from telepathy.save_dir_lock import SaveDirBusy  # noqa: E402
 from telepathy.train_state import ResumeMismatchError, TrainState  # noqa: E402
 
 log = logging.getLogger("telepathy")

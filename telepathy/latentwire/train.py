@@ -2,7 +2,7 @@
 
 It trains the encoder and adapters against frozen LLMs with every guarantee of the core engine: flag-based
 signals, checkpoints at step boundaries, exact resume. Its Checkpointer records the run's events (and so each
-commit) in ``SAVE_DIR/events.jsonl`` and reports them to the supervisor (``telepathy.events``).
+commit) in ``SAVE_DIR/events.jsonl`` and reports them to the supervisor (``telepathy.disk.events``).
 """
 
 # ruff: noqa: E402  (the handlers go in before the slow imports)
@@ -27,13 +27,13 @@ from torch import nn
 from telepathy.checkpoint_flags import checkpointer_options
 from telepathy.checkpointer import Checkpointer
 from telepathy.data import ResumableBatchSampler, resumable_loader
+from telepathy.disk.lock import SaveDirBusy
+from telepathy.disk.manifest import CheckpointInvalid
 from telepathy.exit_codes import EXIT_CANNOT_RESUME, EXIT_SAVE_DIR_BUSY
 from telepathy.latentwire import config
 from telepathy.latentwire.llm import FrozenLM, load_frozen_lm
 from telepathy.latentwire.model import Adapter, ByteEncoder
 from telepathy.latentwire.qa_data import QADataset, collate, prompt_bytes, squad_qa, synthetic_qa
-from telepathy.manifest import CheckpointInvalid
-from telepathy.save_dir_lock import SaveDirBusy
 from telepathy.train_state import ResumeMismatchError, TrainState
 
 log = logging.getLogger("telepathy")

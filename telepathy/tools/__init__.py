@@ -1,0 +1,1 @@
+"""Operator tools behind ``python -m telepathy <verb>``: status/list, verify, export, plot."""

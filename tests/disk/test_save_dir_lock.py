@@ -1,0 +1,63 @@
+"""One writer per save dir: a second writer is refused at once naming the holder; a dead holder's lock is taken
+over; the main job refuses before starting its trainer and does not restart a refused one."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from torch import nn
+
+from telepathy.checkpointer import Checkpointer
+from telepathy.disk.lock import HOLDER_NAME, SaveDirBusy, SaveDirLock
+
+pytestmark = pytest.mark.slow  # real processes
+HOLD = "import sys, time; from telepathy.disk.lock import SaveDirLock; lock = SaveDirLock(sys.argv[1]); " \
+       "lock.acquire(); print('held', flush=True); time.sleep(600)"  # fmt: skip
+MAIN = [sys.executable, "-m", "telepathy.preemptible_training"]
+
+
+def test_second_writer_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(tmp_path):
+    stale = tmp_path / "checkpoints" / ".tmp-step_00000007-otherhost-123-abcd"
+    stale.mkdir(parents=True)  # another writer's save in progress: the refused one must not clean it up
+    env = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "3"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SaveDirBusy) as refused:
+            Checkpointer(tmp_path, parts={"model": nn.Linear(2, 2)})
+        message = str(refused.value)
+        assert f"in use by another run (host {socket.gethostname()}, pid {holder.pid}, SLURM job 4242 (array " \
+               "task 3), since " in message and "use another --save_dir" in message  # fmt: skip
+        assert stale.exists()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up, the kernel drops its lock
+        holder.wait()
+    with Checkpointer(tmp_path, parts={"model": nn.Linear(2, 2)}):
+        assert json.loads((tmp_path / HOLDER_NAME).read_text())["pid"] == os.getpid()
+        assert not stale.exists()  # now the writer, it removes the dead run's temporary directory
+
+
+def test_one_process_may_open_its_save_dir_twice(tmp_path):
+    with Checkpointer(tmp_path, parts={"model": nn.Linear(2, 2)}), Checkpointer(tmp_path, parts={}):
+        pass
+
+
+def test_main_job_refuses_a_busy_save_dir_before_starting_and_never_restarts_a_refused_trainer(tmp_path):
+    lock = SaveDirLock(tmp_path / "busy")
+    (tmp_path / "busy").mkdir()
+    lock.acquire()
+    try:
+        done = subprocess.run([*MAIN, "--save_dir", str(tmp_path / "busy"), "--", sys.executable, "-c",
+                               "print('trainer started')"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    finally:
+        lock.release()
+    assert done.returncode == 75 and f"pid {os.getpid()}" in done.stdout and "trainer started" not in done.stdout
+    refused = subprocess.run([*MAIN, "--save_dir", str(tmp_path / "free"), "--max_restarts", "2", "--",
+                              sys.executable, "-c", "raise SystemExit(75)"], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+    assert refused.returncode == 75 and "restart" not in refused.stdout

@@ -1,0 +1,113 @@
+"""Differential and compressed checkpoints: unchanged tensors are not written again, blobs are collected only
+when no kept checkpoint references them, damage is detected, compression round-trips exactly."""
+
+from __future__ import annotations
+
+import torch
+import xxhash
+from harness import deep_equal
+from torch import nn
+
+from telepathy.checkpointer import Checkpointer
+from telepathy.disk.manifest import read_manifest, verify_directory
+from telepathy.disk.retention import RetentionPolicy
+from telepathy.store.blobs import BLOBS, BlobStore
+from telepathy.store.checkpoint_store import CheckpointStore
+from telepathy.train_state import TrainState
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def frozen_and_trained():
+    torch.manual_seed(0)
+    frozen, trained = nn.Linear(512, 512), nn.Linear(256, 256)  # 1 MiB frozen, 256 KiB trained
+    frozen.requires_grad_(False)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-2)
+    return frozen, trained, optimizer
+
+
+def train_step(trained, optimizer):
+    trained(torch.randn(4, 256)).pow(2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_unchanged_tensors_are_not_written_again(tmp_path):
+    frozen, trained, optimizer = frozen_and_trained()
+    ckpt = Checkpointer(tmp_path, parts={"frozen": frozen, "trained": trained}, optimizer=optimizer,
+                        differential=True, retention=RetentionPolicy(keep_last=1, keep_best=False))  # fmt: skip
+    train_step(trained, optimizer)
+    ckpt.save(TrainState(global_step=1), "interval")
+    blobs = ckpt.store.blobs
+    first = blobs.bytes_written
+    train_step(trained, optimizer)
+    ckpt.save(TrainState(global_step=2), "interval")
+    second = blobs.bytes_written - first
+    changed = tensor_bytes([trained.weight]) + 2 * tensor_bytes([trained.weight])  # weight + AdamW exp_avg(_sq)
+    assert first > tensor_bytes(frozen.parameters()) and second <= 1.05 * changed, (first, second, changed)
+    # keep_last=1: the old checkpoint is pruned and its blobs collected, but the shared frozen blob stays.
+    (kept,) = ckpt.store.committed()
+    on_disk = {p.name.split(".")[0] for p in (tmp_path / BLOBS).rglob("*") if p.is_file()}
+    assert on_disk == set(ckpt.store._referenced_blobs())
+    # Resume: exactly the saved tensors.
+    frozen2, trained2, optimizer2 = frozen_and_trained()
+    trained2.weight.data.zero_()
+    ckpt.close()
+    resumed = Checkpointer(tmp_path, parts={"frozen": frozen2, "trained": trained2}, optimizer=optimizer2,
+                           differential=True)  # fmt: skip
+    resumed.resume()
+    assert deep_equal(trained2.state_dict(), trained.state_dict()) == []
+    assert deep_equal(optimizer2.state_dict(), optimizer.state_dict()) == []
+    assert deep_equal(frozen2.state_dict(), frozen.state_dict()) == []
+    resumed.close()
+    assert kept.path.name == "step_00000002"
+
+
+def test_a_damaged_blob_is_detected_and_the_previous_checkpoint_used(tmp_path):
+    frozen, trained, optimizer = frozen_and_trained()
+    with Checkpointer(tmp_path, parts={"frozen": frozen, "trained": trained}, optimizer=optimizer,
+                      differential=True) as ckpt:  # fmt: skip
+        ckpt.save(TrainState(global_step=1), "interval")
+        train_step(trained, optimizer)
+        ckpt.save(TrainState(global_step=2), "interval")
+    step2 = CheckpointStore(tmp_path).committed()[-1].path
+    only_in_2 = set(read_manifest(step2)["blobs"]) - set(read_manifest(tmp_path / "checkpoints/step_00000001")["blobs"])
+    victim = next((tmp_path / BLOBS).rglob(f"{sorted(only_in_2)[0]}.*"))
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 1
+    victim.write_bytes(bytes(data))
+    store = CheckpointStore(tmp_path)
+    assert store.newest_valid()[0].step == 1  # step 2 skipped: its blob no longer matches
+    assert step2.exists()
+
+
+def test_compression_round_trips_exactly_and_shrinks_bf16(tmp_path):
+    torch.manual_seed(0)
+    tensors = {"bf16": torch.randn(256, 1024).to(torch.bfloat16), "fp32": torch.randn(256, 1024) * 0.02}
+    store = BlobStore(tmp_path, compress=True)
+    refs: dict = {}
+    skeleton = store.externalize(tensors, refs)
+    assert {e["codec"] for e in refs.values()} == {"zst"}
+    assert deep_equal(store.internalize(skeleton, refs), tensors) == []
+    stored = {name: entry["bytes"] for name, entry in refs.items()}
+    bf16_name = skeleton["bf16"]["__telepathy_blob__"]
+    assert tensor_bytes([tensors["bf16"]]) / stored[bf16_name] >= 1.3
+    assert store.verify(refs) is None
+
+
+def test_a_damaged_shared_blob_is_rewritten_at_the_next_save(tmp_path):
+    frozen, trained, optimizer = frozen_and_trained()
+    parts = {"frozen": frozen, "trained": trained}
+    with Checkpointer(tmp_path, parts=parts, optimizer=optimizer, differential=True) as ckpt:
+        ckpt.save(TrainState(global_step=1), "interval")
+    step1 = tmp_path / "checkpoints/step_00000001"
+    frozen_blob = frozen.weight.detach().reshape(-1).view(torch.uint8).numpy()
+    victim = next((tmp_path / BLOBS).rglob(f"{xxhash.xxh3_128_hexdigest(frozen_blob)}.*"))
+    victim.write_bytes(b"\0" * victim.stat().st_size)  # bit rot in the blob every checkpoint shares
+    assert CheckpointStore(tmp_path).newest_valid() is None
+    with Checkpointer(tmp_path, parts=parts, optimizer=optimizer, differential=True) as ckpt:  # a new process
+        ckpt.save(TrainState(global_step=2), "interval")
+    store = CheckpointStore(tmp_path)
+    assert store.newest_valid()[0].step == 2 and verify_directory(step1)  # the rewrite repaired step 1 too
