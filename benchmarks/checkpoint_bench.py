@@ -3,6 +3,7 @@
 
     python benchmarks/checkpoint_bench.py                 # 100 MiB and 1 GiB states, 3 repeats
     python benchmarks/checkpoint_bench.py --sizes 4096 --repeats 1 --dir /scratch/bench
+    python benchmarks/checkpoint_bench.py --smoke         # every section at a tiny size (a test runs this)
 
 For each state size (fp32 tensors of 64 MiB and smaller, random values):
 - write: "blocking" is how long a training loop would wait, "durable" until the bytes are fsynced and (ours)
@@ -10,7 +11,10 @@ For each state size (fp32 tensors of 64 MiB and smaller, random values):
   of=... bs=16M conv=fsync).
 - load: into preallocated tensors (what load_state_dict does), in a fresh process each; "extra peak RSS" is
   the growth of the peak resident set during the load (mapped file pages count), over the state size. Page
-  cache is dropped first when this machine allows it (root), else noted.
+  cache is dropped first when this machine allows it (root), else noted (never under --smoke).
+
+The DCP rows run last in each repeat, inside a one-rank gloo process group that is destroyed right after:
+with a process group alive, telepathy's Checkpointer counts as distributed (and refuses async saves).
 """
 
 from __future__ import annotations
@@ -29,19 +33,20 @@ from pathlib import Path
 import torch
 
 CHUNK = 16 * 2**20  # elements per tensor: 64 MiB of fp32
+SMOKE_CHUNK = 2**16  # --smoke: 256 KiB tensors, so a 1 MiB state has several (half of them can be frozen)
 
 
-def shapes(mib: int) -> dict[str, int]:
+def shapes(mib: int, chunk: int = CHUNK) -> dict[str, int]:
     total, out, i = mib * 2**20 // 4, {}, 0
     while total > 0:
-        out[f"layer{i}.weight"] = min(CHUNK, total)
+        out[f"layer{i}.weight"] = min(chunk, total)
         total, i = total - out[f"layer{i}.weight"], i + 1
     return out
 
 
-def make_state(mib: int) -> dict[str, torch.Tensor]:
+def make_state(mib: int, chunk: int = CHUNK) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    return {name: torch.randn(n, generator=generator) for name, n in shapes(mib).items()}
+    return {name: torch.randn(n, generator=generator) for name, n in shapes(mib, chunk).items()}
 
 
 def fsync_path(path: Path) -> None:
@@ -70,8 +75,6 @@ def timed(fn) -> float:
 def write_methods(state, work: Path) -> dict[str, tuple[float, float]]:
     """name -> (blocking seconds, durable seconds), one run each."""
     import safetensors.torch
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
 
     from telepathy.checkpointer import Checkpointer
     from telepathy.store.checkpoint_store import CheckpointStore
@@ -110,17 +113,6 @@ def write_methods(state, work: Path) -> dict[str, tuple[float, float]]:
 
     t = timed(safetensors_save)
     results["safetensors + fsync"] = (t, t)
-    reset()
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"file://{work / 'pg'}", rank=0, world_size=1)
-    t = timed(lambda: dcp.save(state, checkpoint_id=fresh / "dcp"))
-    results["DCP save"] = (t, t)
-    reset()
-    started = time.perf_counter()
-    future = dcp.async_save(state, checkpoint_id=fresh / "dcp_async")
-    blocking = time.perf_counter() - started
-    future.result()
-    results["DCP async_save"] = (blocking, time.perf_counter() - started)
     reset()
     store = CheckpointStore(fresh / "ours")
     store.prepare()
@@ -171,6 +163,33 @@ def write_methods(state, work: Path) -> dict[str, tuple[float, float]]:
     results["ours async"] = (blocking, time.perf_counter() - started)
     ckpt.close()
     reset()
+    results.update(dcp_methods(state, work, fresh))  # last: it needs a process group (see the module doc)
+    reset()
+    return results
+
+
+def dcp_methods(state, work: Path, fresh: Path) -> dict[str, tuple[float, float]]:
+    """DCP save and async_save in a one-rank gloo process group, destroyed before returning (when we made it)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    results: dict[str, tuple[float, float]] = {}
+    ours = not dist.is_initialized()
+    if ours:  # a fresh rendezvous file each time: a FileStore's file is not for reuse after its group is gone
+        rendezvous = Path(tempfile.mkdtemp(prefix="pg-", dir=work)) / "store"
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
+    try:
+        t = timed(lambda: dcp.save(state, checkpoint_id=fresh / "dcp"))
+        results["DCP save"] = (t, t)
+        started = time.perf_counter()
+        future = dcp.async_save(state, checkpoint_id=fresh / "dcp_async")
+        blocking = time.perf_counter() - started
+        future.result()
+        results["DCP async_save"] = (blocking, time.perf_counter() - started)
+    finally:
+        if ours:
+            dist.destroy_process_group()
+            shutil.rmtree(rendezvous.parent, ignore_errors=True)
     return results
 
 
@@ -179,12 +198,12 @@ def peak_rss_kib() -> int:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
 
 
-def load_child(method: str, path: str, mib: int) -> None:
+def load_child(method: str, path: str, mib: int, chunk: int) -> None:
     """In a fresh process: load ``path`` into preallocated tensors; print seconds and peak RSS."""
     from telepathy.disk.manifest import verify_directory
     from telepathy.store.checkpoint_store import CheckpointStore
 
-    target = {k: torch.zeros(n) for k, n in shapes(mib).items()}  # resident, like a model's parameters
+    target = {k: torch.zeros(n) for k, n in shapes(mib, chunk).items()}  # resident, like a model's parameters
     Path("/proc/self/clear_refs").write_text("5\n")  # reset the peak RSS (VmHWM) to the current RSS (Linux)
     base_rss = peak_rss_kib()
     started = time.perf_counter()
@@ -204,7 +223,7 @@ def load_child(method: str, path: str, mib: int) -> None:
     print(json.dumps({"seconds": seconds, "verify": verify_s, "extra_rss_mib": peak / 1024}))
 
 
-def load_methods(state, work: Path, mib: int) -> tuple[dict[str, tuple[float, float, float]], bool]:
+def load_methods(state, work: Path, mib: int, chunk: int, drop: bool) -> tuple[dict[str, tuple[float, ...]], bool]:
     from telepathy.store.checkpoint_store import CheckpointStore
 
     paths = {"dd read": work / "random.bin", "torch.load": work / "load.pt"}
@@ -213,18 +232,18 @@ def load_methods(state, work: Path, mib: int) -> tuple[dict[str, tuple[float, fl
     store.prepare()
     paths["ours"] = store.save(1, {"model": state}, {"reason": "bench"})
     store.close()
-    cold = True
+    cold = drop
     out = {}
     for method, path in paths.items():
-        cold &= drop_caches()
-        done = subprocess.run([sys.executable, __file__, "--_load", method, str(path), str(mib)], check=True,
-                              capture_output=True, text=True)  # fmt: skip
+        cold = cold and drop_caches()
+        child = [sys.executable, __file__, "--_load", method, str(path), str(mib), str(chunk)]
+        done = subprocess.run(child, check=True, capture_output=True, text=True)
         r = json.loads(done.stdout.strip().splitlines()[-1])
         out[method] = (r["seconds"], r["verify"], r["extra_rss_mib"])
     return out, cold
 
 
-def compression_table() -> None:
+def compression_table(steps: int = 300) -> None:
     """Lossless ratio of our byte-plane zstd on synthetic (random normal) and trained weights, fp32 and bf16."""
     from telepathy.store import blobs as blob_store
     from telepathy.store.blobs import BlobStore
@@ -232,7 +251,7 @@ def compression_table() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(300):  # a short real training run: targets from a fixed random linear map
+    for _ in range(steps):  # a short real training run: targets from a fixed random linear map
         x = torch.randn(64, 512)
         loss = (model(x) - x.roll(1, dims=1)).pow(2).mean()
         optimizer.zero_grad()
@@ -242,7 +261,8 @@ def compression_table() -> None:
     synthetic = {k: torch.randn_like(v) * v.std() for k, v in trained.items()}
     print("| compression (zstd level 3, byte planes) | fp32 ratio | bf16 ratio |\n|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for label, tensors in (("synthetic (random normal)", synthetic), ("trained MLP, 300 AdamW steps", trained)):
+        trained_label = f"trained MLP, {steps} AdamW steps"
+        for label, tensors in (("synthetic (random normal)", synthetic), (trained_label, trained)):
             ratios = []
             for dtype in (torch.float32, torch.bfloat16):
                 store, refs = BlobStore(Path(tmp) / label[:5] / str(dtype), compress=True), {}
@@ -254,34 +274,59 @@ def compression_table() -> None:
             print(f"| {label} | {ratios[0]:.3f} | {ratios[1]:.3f} |")
 
 
+def usable_dir(path: Path | None) -> Path | None:
+    """``--dir`` if it is a writable directory; otherwise one line on stderr and exit 2 (it is not created: a
+    typo would otherwise measure whatever disk holds the new directory)."""
+    if path is None:
+        return None
+    problem = None
+    if not path.is_dir():
+        problem = "is not a directory" if path.exists() else "does not exist; create it first (on the disk to measure)"
+    elif not os.access(path, os.W_OK | os.X_OK):
+        problem = "is not writable by this user"
+    if problem:
+        print(f"checkpoint_bench: --dir {path} {problem}", file=sys.stderr)
+        sys.exit(2)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="100,1024", help="state sizes in MiB, comma-separated")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir on /tmp)")
-    parser.add_argument("--_load", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", default=None, help="state sizes in MiB, comma-separated (default 100,1024)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per size; medians are shown (default 3)")
+    parser.add_argument("--dir", type=Path, default=None, help="an existing directory to write in (default: /tmp)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every section at a tiny size (1 MiB in 256 KiB tensors, 2 repeats, 5 training steps): "
+                        "checks that the script runs; the numbers mean little")  # fmt: skip
+    parser.add_argument("--_load", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--compression_only", action="store_true", help="only the compression-ratio table")
     args = parser.parse_args()
     if args._load:
-        load_child(args._load[0], args._load[1], int(args._load[2]))
+        load_child(args._load[0], args._load[1], int(args._load[2]), int(args._load[3]))
         return
+    sizes = [int(s) for s in (args.sizes or ("1" if args.smoke else "100,1024")).split(",")]
+    repeats = args.repeats or (2 if args.smoke else 3)
+    chunk = SMOKE_CHUNK if args.smoke else CHUNK
+    base = None if args.compression_only else usable_dir(args.dir)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    compression_table()
+    if args.smoke:
+        print("# --smoke: tiny sizes, so that the script cannot rot; the numbers mean little\n")
+    compression_table(steps=5 if args.smoke else 300)
     if args.compression_only:
         return
-    root = Path(tempfile.mkdtemp(prefix="telepathy-bench-", dir=args.dir))
+    root = Path(tempfile.mkdtemp(prefix="telepathy-bench-", dir=base))
     try:
-        for mib in (int(s) for s in args.sizes.split(",")):
-            state = make_state(mib)
+        for mib in sizes:
+            state = make_state(mib, chunk)
             work = root / f"{mib}"
             work.mkdir()
-            runs = [write_methods(state, work) for _ in range(args.repeats)]
+            runs = [write_methods(state, work) for _ in range(repeats)]
             names = list(runs[0])
             med = {n: (statistics.median(r[n][0] for r in runs), statistics.median(r[n][1] for r in runs))
                    for n in names}  # fmt: skip
             dd, torch_save = med["dd conv=fsync"][1], med["torch.save + fsync"][1]
             gb = mib * 2**20 / 1e9
-            print(f"\n## {mib} MiB state, {args.repeats} repeat(s), medians")
+            print(f"\n## {mib} MiB state, {repeats} repeat(s), medians")
             print("| write | blocking s | durable s | GB/s | durable / dd | blocking / torch.save |")
             print("|---|---|---|---|---|---|")
             for n in names:
@@ -290,8 +335,9 @@ def main() -> None:
                     print(f"| {n} | {b / 2**20:.1f} MiB written | | | | {b / (mib * 2**20):.3f} of the state |")
                 else:
                     print(f"| {n} | {b:.3f} | {d:.3f} | {gb / d:.2f} | {d / dd:.2f} | {b / torch_save:.3f} |")
-            loads, cold = load_methods(state, work, mib)
-            print(f"\n| load ({'cold cache' if cold else 'page cache: could not drop it'}) | seconds | "
+            loads, cold = load_methods(state, work, mib, chunk, drop=not args.smoke)
+            cache = "cold cache" if cold else f"page cache: {'not dropped' if args.smoke else 'could not drop it'}"
+            print(f"\n| load ({cache}) | seconds | "
                   "verify s | extra peak RSS / state | x dd read |\n|---|---|---|---|---|")  # fmt: skip
             dd_read = loads["dd read"][0]
             for n, (s, v, rss) in loads.items():

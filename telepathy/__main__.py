@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from telepathy.exit_codes import EXIT_SAVE_DIR_BUSY, EXIT_USAGE
+from telepathy.errors import EXIT_SAVE_DIR_BUSY, EXIT_USAGE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,9 +57,9 @@ def not_a_save_dir(path: Path) -> str | None:
         return f"{path} does not exist"
     if not path.is_dir():
         return f"{path} is not a directory"
-    if not any(
-        (path / name).exists() or (path / name).is_symlink() for name in ("checkpoints", "latest", "events.jsonl")
-    ):
+    from telepathy.disk.save_dir import SaveDir  # noqa: PLC0415
+
+    if not SaveDir(path).looks_like_save_dir():
         return f"{path} is not a telepathy save dir (no checkpoints/, latest or events.jsonl)"
     return None
 
@@ -100,12 +100,12 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from telepathy.disk.lock import SaveDirBusy
     from telepathy.disk.retention import RetentionPolicy
+    from telepathy.errors import SaveDirBusy
     from telepathy.store.checkpoint_store import CheckpointStore
 
     policy = RetentionPolicy(keep_last=args.keep_last, keep_best=args.keep_best, keep_every=args.keep_every)
-    store = CheckpointStore(args.save_dir, policy, differential=(args.save_dir / "blobs").is_dir())
+    store = CheckpointStore(args.save_dir, policy, differential=True)  # collects the blobs pruned ones referenced
     if not args.dry_run:
         try:
             store.lock.acquire()  # never prune under a live run: it prunes by its own policy
@@ -135,11 +135,12 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from telepathy.disk.manifest import CheckpointInvalid
-    from telepathy.store.checkpoint_store import CheckpointStore
+    from telepathy.disk.catalog import Catalog
+    from telepathy.disk.save_dir import SaveDir
+    from telepathy.errors import CheckpointInvalid
     from telepathy.tools.export import export_checkpoint
 
-    checkpoint = args.checkpoint or CheckpointStore(args.save_dir).resume_point()
+    checkpoint = args.checkpoint or Catalog(SaveDir(args.save_dir)).resume_point()
     if checkpoint is None:
         print(f"telepathy export: {args.save_dir} has no committed checkpoint yet", file=sys.stderr)
         return 1

@@ -4,8 +4,12 @@
     state = ckpt.resume()                      # fresh TrainState when there is nothing to resume
     with ckpt.emergency_guard(state):
         ...                                    # after each optimizer step: state.advance(...)
-        if ckpt.step_boundary(state, interval=300):
+        if ckpt.step_boundary(state):          # saves when a signal asked or the options' interval passed
             sys.exit(training_signals.exit_code())
+
+How often, what to keep and in which format: :class:`~telepathy.options.CheckpointOptions` (``options=`` or its
+fields by name, e.g. ``Checkpointer(d, parts=..., interval=300, async_save=True)``); when: its
+:class:`~telepathy.save_policy.SavePolicy`.
 
 What goes where: each entry of ``parts`` -> ``<name>.pt`` (its state_dict), optimizer + LR scheduler +
 GradScaler -> ``optimizer.pt``, position + RNG + run signature + metadata -> ``state.pt``, written last.
@@ -27,14 +31,16 @@ import torch
 from torch import nn
 
 from telepathy import distributed, rng, training_signals
+from telepathy.disk.contents import OPTIMIZER, RESERVED_PARTS, STATE, part_file, rank_part
 from telepathy.disk.events import RunRecorder
 from telepathy.disk.manifest import read_manifest
-from telepathy.disk.retention import RetentionPolicy
+from telepathy.errors import CheckpointWriteError, ResumeMismatchError, UsageError
+from telepathy.options import CheckpointOptions
+from telepathy.save_policy import SavePolicy, check_interval
 from telepathy.store import collective
-from telepathy.store.checkpoint_store import CheckpointStore, CheckpointWriteError
+from telepathy.store.checkpoint_store import CheckpointStore
 from telepathy.store.snapshot import HostBuffers
 from telepathy.train_state import (
-    ResumeMismatchError,
     TrainState,
     check_shapes,
     check_signature,
@@ -45,9 +51,8 @@ from telepathy.train_state import (
 
 log = logging.getLogger("telepathy")
 
-OPTIMIZER_PART = "optimizer"
-STATE_PART = "state"
-_RESERVED = {OPTIMIZER_PART, STATE_PART}
+OPTIMIZER_PART = OPTIMIZER  # older names
+STATE_PART = STATE
 
 
 @dataclass(frozen=True)
@@ -73,15 +78,17 @@ class Checkpointer:
     ``generators`` are extra ``torch.Generator`` objects whose state is saved with the global RNGs.
     ``on_save(SaveReport)`` is called after each commit (e.g. to record an event), and
     ``on_save_error(reason, message)`` after a save that failed with an I/O error (the loop goes on).
-    ``async_save``: periodic and SIGUSR1 saves from ``step_boundary`` block only for a copy of the state into
-    reusable host buffers and commit in a background thread; ``save()`` and saves before an exit stay durable
-    before they return. ``differential``: tensors unchanged since a kept checkpoint are not written again;
-    ``compress``: zstd over byte planes (see :mod:`telepathy.store.blobs`).
+    ``options`` (:class:`CheckpointOptions`, or its fields as keyword arguments): the interval or step count
+    between saves, retention, the format and ``async_save`` — periodic and SIGUSR1 saves from ``step_boundary``
+    then block only for a copy of the state into reusable host buffers and commit in a background thread;
+    ``save()`` and saves before an exit stay durable before they return. Format ``differential``: tensors
+    unchanged since a kept checkpoint are not written again; ``compressed``: also zstd over byte planes (see
+    :mod:`telepathy.store.blobs`).
 
     Under ``torch.distributed`` every rank constructs a Checkpointer on the same save dir and calls
     ``step_boundary`` after each step: the ranks agree on signals there (every ``agree_every`` steps), save
     together (rank 0 writes replicated parts and commits after every rank's ``rank_<r>.pt`` — its RNG — is
-    durable) and stop together. ``sharded=True`` (FSDP2/DTensor parts): parts and optimizer go through
+    durable) and stop together. Format ``sharded`` (FSDP2/DTensor parts): parts and optimizer go through
     ``torch.distributed.checkpoint`` and may be resumed on another world size.
     """
 
@@ -95,31 +102,29 @@ class Checkpointer:
         scaler: Stateful | None = None,
         generators: Mapping[str, torch.Generator] | None = None,
         signature: Mapping[str, Any] | None = None,
-        retention: RetentionPolicy | None = None,
+        options: CheckpointOptions | None = None,
         args: Mapping[str, Any] | None = None,
         on_save: Callable[[SaveReport], None] | None = None,
         on_save_error: Callable[[str, str], None] | None = None,
-        async_save: bool = False,
-        differential: bool = False,
-        compress: bool = False,
-        sharded: bool = False,
-        agree_every: int = 1,
         record_events: bool = True,
+        **option_fields: Any,
     ) -> None:
-        clash = _RESERVED & set(parts)
+        clash = RESERVED_PARTS & set(parts)
         if clash:
-            raise ValueError(f"part names {sorted(clash)} are reserved for the optimizer and training state")
+            raise UsageError(f"part names {sorted(clash)} are reserved for the optimizer and training state")
+        self.options = options = resolve_options(options, option_fields)
         self.rank, self.world_size = distributed.rank_and_world_size()
-        self.collective = distributed.is_distributed() or sharded
-        if self.collective and async_save:
-            raise ValueError("async_save is not supported with several ranks or sharded state yet; "
+        self.sharded = options.format == "sharded"
+        self.collective = distributed.is_distributed() or self.sharded
+        if self.collective and options.async_save:
+            raise UsageError("async_save is not supported with several ranks or sharded state yet; "
                              "drop --async_save (saves stay synchronous and durable)")  # fmt: skip
-        if sharded and not all(isinstance(p, nn.Module) for p in parts.values()):
-            raise ValueError("sharded=True needs every part to be an nn.Module (its state goes through DCP)")
-        self.sharded = sharded
-        self.agree_every = agree_every
+        if self.sharded and not all(isinstance(p, nn.Module) for p in parts.values()):
+            raise UsageError("format 'sharded' needs every part to be an nn.Module (its state goes through DCP)")
+        self.policy = SavePolicy(options.interval, options.every_steps, options.agree_every)
         self.recorder = RunRecorder(save_dir) if record_events and self.rank == 0 else None
-        self.store = CheckpointStore(save_dir, retention, differential=differential, compress=compress)
+        self.store = CheckpointStore(save_dir, options.retention(), differential=options.uses_blobs,
+                                     compress=options.format == "compressed")  # fmt: skip
         self.parts = dict(parts)
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -129,7 +134,7 @@ class Checkpointer:
         self.metadata = run_metadata(args)
         self.on_save = on_save
         self.on_save_error = on_save_error
-        self.async_save = async_save
+        self.async_save = options.async_save
         self._buffers = HostBuffers()
         self._writer: threading.Thread | None = None
         self._writer_error: BaseException | None = None
@@ -167,13 +172,13 @@ class Checkpointer:
         """The files rank 0 writes: parts, optimizer and state (in sharded mode only scheduler, scaler and
         state: parts and optimizer are in the DCP shards)."""
         files: dict[str, Any] = {} if self.sharded else {name: part.state_dict() for name, part in self.parts.items()}
-        files[OPTIMIZER_PART] = {
+        files[OPTIMIZER] = {
             "optimizer": self.optimizer.state_dict() if self.optimizer and not self.sharded else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
         }
         rng_state = rng.capture_rng_state(self.generators)
-        files[STATE_PART] = state_to_dict(state, rng_state, self.signature, self.metadata)
+        files[STATE] = state_to_dict(state, rng_state, self.signature, self.metadata)
         return files
 
     def save(
@@ -202,11 +207,11 @@ class Checkpointer:
         elif blocking:
             path = self.store.save(state.global_step, self._files(state), info)
         if self.collective or blocking:
-            training_signals.mark_checkpoint_saved()
+            self.policy.saved()
             self._report(SaveReport(path, state.global_step, reason, time.monotonic() - started, None, state.epoch))
             return path
         snapshot = self._buffers.snapshot(self._files(state))
-        training_signals.mark_checkpoint_saved()
+        self.policy.saved()
         blocked = time.monotonic() - started
         self._writer = threading.Thread(target=self._write_in_background, name="telepathy-checkpoint-writer",
                                         args=(state.global_step, snapshot, info, reason, started, blocked))  # fmt: skip
@@ -254,34 +259,35 @@ class Checkpointer:
         stopping = training_signals.should_exit_training()
         log.error("%s. %s", exc, "Exiting anyway; the run will resume from the previous checkpoint."
                   if stopping else "Training continues; the next save is due in one interval.")  # fmt: skip
-        training_signals.mark_checkpoint_saved()  # retry after an interval, not at every step
+        self.policy.saved()  # retry after an interval, not at every step
         self._record("save_failed", reason=reason, error=str(exc))
         if self.on_save_error is not None:
             self.on_save_error(reason, str(exc))
 
     def step_boundary(self, state: TrainState, interval: float | None = None, metric: float | None = None) -> bool:
-        """Call after each optimizer step. Saves when a signal asked or the interval passed; returns True
-        when the run must stop now (its exit code is ``training_signals.exit_code()``). With ``async_save``
-        only the copy to host buffers blocks, except before an exit: that save is durable before it returns.
-        Under ``torch.distributed``: call it on every rank; they agree first and act together."""
+        """Call after each optimizer step. Saves when the save policy says so (a signal asked, the interval
+        passed, the step count came round); returns True when the run must stop now (its exit code is
+        ``training_signals.exit_code()``). With ``async_save`` only the copy to host buffers blocks, except before
+        an exit: that save is durable before it returns. Under ``torch.distributed``: call it on every rank; they
+        agree first and act together. ``interval`` (seconds) replaces the options' interval from now on."""
         if self.recorder is not None:
             self.recorder.step(state.global_step, state.epoch, None if metric is None else float(metric))
-        if not distributed.agree_on_signals(interval, step=state.global_step, every=self.agree_every):
+        if interval is not None and interval != self.policy.interval:
+            self.policy.interval = check_interval(interval)
+        if not self.policy.decides_at(state.global_step):
             return False
-        reason = training_signals.save_reason()
-        if training_signals.should_save_checkpoint(interval):
-            blocking = not self.async_save or training_signals.should_exit_training()
+        requests = self.policy.requests(state.global_step)
+        decision = self.policy.decide(distributed.agree(requests) if self.collective else requests)
+        if decision.save:
             try:
-                self.save(state, reason, metric, blocking=blocking)
+                self.save(state, decision.reason, metric, blocking=not self.async_save or decision.stop)
             except CheckpointWriteError as exc:  # disk full, I/O error: the previous checkpoint stands
-                self._save_failed(reason, exc)
-        elif training_signals.should_exit_training():
-            self.wait()  # an exit without a new save still waits for the one in flight
-        if training_signals.should_exit_training():
+                self._save_failed(decision.reason, exc)
+        if decision.stop:
+            self.wait()  # an exit waits for a save in flight
             self._record("preempt", step=state.global_step, exit_code=training_signals.exit_code(),
                          signal=training_signals.signal_name(training_signals.exit_signal()))  # fmt: skip
-            return True
-        return False
+        return decision.stop
 
     def save_emergency(self, state: TrainState, error: BaseException) -> Path | None:
         """Best-effort checkpoint after an unexpected exception. It goes to ``SAVE_DIR/emergency/`` and is
@@ -340,7 +346,7 @@ class Checkpointer:
             if self.recorder is not None:
                 self.recorder.start(0, 0)
             return TrainState()
-        saved_state = self.store.load_part(directory, STATE_PART)
+        saved_state = self.store.load_part(directory, STATE)
         check_signature(saved_state.get("signature", {}), self.signature, str(directory))
         state = state_from_dict(saved_state)
         manifest = read_manifest(directory)
@@ -362,7 +368,7 @@ class Checkpointer:
         loaded = {} if self.sharded else {name: self.store.load_part(directory, name) for name in self.parts}
         for name, saved in loaded.items():
             check_shapes(name, self.parts[name].state_dict(), saved, directory)
-        opt = self.store.load_part(directory, OPTIMIZER_PART)
+        opt = self.store.load_part(directory, OPTIMIZER)
         # Order matters: weights, then optimizer (its state is cast to the parameters' devices), then the
         # scheduler (which reads optimizer param groups), then the scaler, and the RNGs last, after any
         # construction work that could have drawn random numbers.
@@ -371,16 +377,39 @@ class Checkpointer:
         for obj, key in ((self.optimizer, "optimizer"), (self.scheduler, "scheduler"), (self.scaler, "scaler")):
             if obj is not None and not (key == "optimizer" and self.sharded):
                 if opt.get(key) is None:
-                    raise ValueError(f"{directory}/optimizer.pt has no {key} state but this run has a {key}")
+                    raise ResumeMismatchError(f"{directory}/{part_file(OPTIMIZER)} has no {key} state but this run "
+                                              f"has a {key}")  # fmt: skip
                 obj.load_state_dict(opt[key])
-        rank_file = directory / f"{collective.rank_file_name(self.rank)}.pt"
-        if saved_world > 1 and rank_file.is_file():  # this rank's own random streams
-            rng.restore_rng_state(self.store.load_part(directory, rank_file.stem)["rng"], self.generators)
+        own = rank_part(self.rank)
+        if saved_world > 1 and part_file(own) in manifest["files"]:  # this rank's own random streams
+            rng.restore_rng_state(self.store.load_part(directory, own)["rng"], self.generators)
         elif self.rank == 0:  # a rank that did not exist keeps its own seeding
             rng.restore_rng_state(saved_state["rng"], self.generators)
-        training_signals.mark_checkpoint_saved()
+        self.policy.saved()
         log.info("resumed from %s: epoch %d, batch %d, global step %d", directory, state.epoch, state.batch_idx,
                  state.global_step)  # fmt: skip
         if self.recorder is not None:
             self.recorder.start(state.global_step, state.epoch, resumed_from=str(directory))
         return state
+
+
+def resolve_options(options: CheckpointOptions | None, fields: Mapping[str, Any]) -> CheckpointOptions:
+    """``options`` with ``fields`` applied; also the older keyword forms: ``retention=RetentionPolicy(...)``,
+    ``differential=``/``compress=``/``sharded=`` booleans (each a format)."""
+    fields = dict(fields)
+    options = options or CheckpointOptions()
+    retention = fields.pop("retention", None)
+    if retention is not None:
+        fields.update(keep_last=retention.keep_last, keep_best=retention.keep_best, keep_every=retention.keep_every,
+                      higher_is_better=retention.higher_is_better)  # fmt: skip
+    formats = [name for name, flag in (("sharded", fields.pop("sharded", False)),
+                                       ("compressed", fields.pop("compress", False)),
+                                       ("differential", fields.pop("differential", False))) if flag]  # fmt: skip
+    if formats:
+        fields.setdefault("format", formats[0])
+    unknown = set(fields) - set(CheckpointOptions.__dataclass_fields__)
+    if unknown:
+        raise TypeError(
+            f"Checkpointer got unknown option(s) {sorted(unknown)}; see telepathy.options.CheckpointOptions"
+        )
+    return options.replace(**fields) if fields else options

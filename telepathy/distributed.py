@@ -5,7 +5,7 @@ A signal may reach one rank, some or all (SLURM's ``B:`` signals only the batch 
 task), and interval clocks drift apart. If ranks decided alone, one would stop or save while the others wait in
 a collective for it forever. So at each step boundary every rank contributes what it would act on —
 [a signal asked for a save, the interval is due, the exit signal] — to one all-reduce (MAX) of three integers,
-and adopts the result; then ``Checkpointer.step_boundary`` decides the same on every rank. Outside a process
+and the save policy (:mod:`telepathy.save_policy`) decides on the result, the same on every rank. Outside a process
 group all of this is a no-op, so the same loop runs with and without ``torchrun``.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from telepathy import training_signals
+from telepathy.save_policy import Requests
 
 
 def is_distributed() -> bool:
@@ -53,20 +53,15 @@ def gather_to_rank0(value: Any) -> list[Any] | None:
     return out
 
 
-def agree_on_signals(interval: float | None = None, *, step: int, every: int = 1, group: object = None) -> bool:
-    """Call on every rank after each optimizer step; returns True on the steps where the ranks agreed, and
-    only then may the loop act on signals (``Checkpointer.step_boundary`` calls this itself when a process
-    group is initialised). ``every``: agree every k-th ``step`` only (a signal then waits up to k steps; keep
-    k steps well inside the grace period)."""
-    if step % every:
-        return False
-    if is_distributed():
-        save, due, exit_signum = training_signals.pending_requests(interval)
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-        flags = torch.tensor([int(save), int(due), exit_signum], dtype=torch.int64, device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-        training_signals.adopt_requests(bool(flags[0]), bool(flags[1]), int(flags[2]))
-    return True
+def agree(requests: Requests, group: object = None) -> Requests:
+    """Every rank's requests combined (one all-reduce MAX of three integers): a save or a stop asked on any rank
+    is asked on all. Call on every rank at the same step; outside a process group it returns ``requests``."""
+    if not is_distributed():
+        return requests
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    flags = torch.tensor(requests.as_ints(), dtype=torch.int64, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return Requests.from_ints(flags.tolist())
 
 
 def steps_between_agreements(grace_period: float, step_seconds: float, save_seconds: float,

@@ -25,7 +25,7 @@ from pathlib import Path
 from telepathy import training_signals
 from telepathy.disk.events import REPORT_FD_ENV, EventLog
 from telepathy.disk.lock import SaveDirBusy, SaveDirLock
-from telepathy.exit_codes import EXIT_SAVE_DIR_BUSY, NOT_RESTARTED
+from telepathy.errors import EXIT_SAVE_DIR_BUSY, NOT_RESTARTED
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 KNOWN_EXITS = (training_signals.EXIT_COMPLETE, training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED)

@@ -27,13 +27,11 @@ if __package__ in (None, ""):  # run as a file path: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from telepathy import training_signals  # noqa: E402
-from telepathy.checkpoint_flags import add_checkpoint_flags, checkpointer_options  # noqa: E402
 from telepathy.checkpointer import Checkpointer  # noqa: E402
 from telepathy.data import ResumableBatchSampler, resumable_loader, sample_generator  # noqa: E402
-from telepathy.disk.lock import SaveDirBusy  # noqa: E402
-from telepathy.disk.manifest import CheckpointInvalid  # noqa: E402
-from telepathy.exit_codes import EXIT_CANNOT_RESUME, EXIT_SAVE_DIR_BUSY  # noqa: E402
-from telepathy.train_state import ResumeMismatchError, TrainState  # noqa: E402
+from telepathy.errors import TelepathyError, describe  # noqa: E402
+from telepathy.options import CheckpointOptions, add_checkpoint_flags  # noqa: E402
+from telepathy.train_state import TrainState  # noqa: E402
 
 log = logging.getLogger("telepathy")
 
@@ -64,7 +62,6 @@ def build_model(dim: int, classes: int) -> nn.Module:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--duration", type=float, default=60.0, help="seconds this invocation trains (default 60)")
-    p.add_argument("--interval", type=float, default=10.0, help="seconds between periodic checkpoints")
     p.add_argument("--save_dir", default="runs/test_preemption")
     p.add_argument("--epochs", type=int, default=None, help="total epochs (default: until --duration ends)")
     p.add_argument("--samples", type=int, default=512)
@@ -79,13 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds to pause after each step, before the save check (slows the demo; lets tests aim signals)",
     )
     p.add_argument("--log_every", type=int, default=250, help="print progress every N steps")
-    add_checkpoint_flags(p)
+    add_checkpoint_flags(p, interval_flags=("--interval", "--checkpoint_interval"), interval_default=10.0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--fail_at_step", type=int, default=None, help="raise an error at this step (tests)")
     p.add_argument("--no_resume", action="store_true", help="ignore existing checkpoints (needs empty dir)")
     args = p.parse_args(argv)
-    if args.interval <= 0 or args.duration <= 0:
-        p.error("--interval and --duration must be > 0 seconds")
+    if not 0 < args.duration < float("inf"):
+        p.error("--duration must be a finite number of seconds > 0")
     if min(args.samples, args.batch_size, args.log_every, args.keep_last, args.epochs or 1) <= 0:
         p.error("--samples, --batch_size, --epochs, --log_every and --keep_last must be positive")
     return args
@@ -119,7 +116,7 @@ def train(args: argparse.Namespace) -> int:
         scheduler=scheduler,
         signature=signature,
         args=vars(args),
-        **checkpointer_options(args),
+        options=CheckpointOptions.from_args(args),
     )
     if args.no_resume and ckpt.store.committed():
         print(
@@ -161,7 +158,7 @@ def train(args: argparse.Namespace) -> int:
                     )
                 if args.step_delay:
                     time.sleep(args.step_delay)
-                if ckpt.step_boundary(state, args.interval, metric=loss):
+                if ckpt.step_boundary(state, metric=loss):
                     code = training_signals.exit_code()
                     name = training_signals.signal_name(training_signals.exit_signal())
                     print(f"{name}: checkpoint committed at step {state.global_step}; exiting {code}", flush=True)
@@ -191,12 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[telepathy] %(message)s", stream=sys.stdout)
     try:
         code = train(parse_args(argv))
-    except SaveDirBusy as exc:  # another live run writes there: refuse before touching anything
-        log.error("%s", exc)
-        code = EXIT_SAVE_DIR_BUSY
-    except (ResumeMismatchError, CheckpointInvalid) as exc:
-        log.error("cannot resume: %s", exc)
-        code = EXIT_CANNOT_RESUME
+    except TelepathyError as exc:  # a refusal a restart would repeat (75, 3, 2) or a failed save: one line
+        log.error("%s", describe(exc))
+        code = exc.exit_code
     sys.exit(code)
 
 

@@ -19,11 +19,10 @@ from typing import Any
 
 import torch
 
+from telepathy import tree
+from telepathy.errors import ResumeMismatchError
+
 STATE_FORMAT_VERSION = 1
-
-
-class ResumeMismatchError(RuntimeError):
-    """The checkpoint was made with settings that this run does not share; resuming would silently diverge."""
 
 
 @dataclasses.dataclass
@@ -71,16 +70,18 @@ def run_metadata(args: Mapping[str, Any] | None = None) -> dict[str, Any]:
 
 def to_primitive(value: Any) -> Any:
     """Convert args-like values to types ``torch.load(weights_only=True)`` accepts (others become str)."""
-    if value is None or type(value) in (bool, int, float, str):
-        return value
-    for base in (bool, int, float, str):  # subclasses (IntEnum, TorchVersion) would need pickling
-        if isinstance(value, base):
-            return base(value)
-    if isinstance(value, Mapping):
-        return {str(k): to_primitive(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [to_primitive(v) for v in value]
-    return str(value)
+
+    def leaf(item: Any, path: str) -> Any:
+        if item is None or type(item) in (bool, int, float, str):
+            return item
+        for base in (bool, int, float, str):  # subclasses (IntEnum, TorchVersion) would need pickling
+            if isinstance(item, base):
+                return base(item)
+        if isinstance(item, (tuple, set, frozenset)):
+            return to_primitive(list(item))  # weights_only loads lists; tuples and sets become lists
+        return tree.KEEP if isinstance(item, (Mapping, list)) else str(item)
+
+    return tree.transform(value, leaf, key=str)
 
 
 def state_to_dict(

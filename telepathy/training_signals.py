@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Mapping
 
-from telepathy.exit_codes import EXIT_COMPLETE, EXIT_INTERRUPTED, EXIT_REQUEUE  # noqa: F401 (public names)
+from telepathy.errors import EXIT_COMPLETE, EXIT_INTERRUPTED, EXIT_REQUEUE  # noqa: F401 (public names)
 
 
 class Action(enum.Enum):
@@ -51,11 +51,7 @@ class _SignalState:
         self.exit_signum: int | None = None  # first signal whose action ends training
         self.signals_received = 0
         self.last_signum: int | None = None
-        self.last_save_time = time.monotonic()
-        # Distributed mode (telepathy.distributed): what all ranks agreed on at this step boundary, as
-        # (save requested, interval due, exit signal or 0). When set, the loop acts on it, not on the live flags,
-        # so a signal landing on one rank after the agreement waits for the next one instead of acting alone.
-        self.agreed: tuple[bool, bool, int] | None = None
+        self.last_save_time = time.monotonic()  # the clock of should_save_checkpoint(interval) below
 
 
 _state = _SignalState()
@@ -123,12 +119,6 @@ def should_save_checkpoint(interval: float | None = None, *, interval_seconds: f
     seconds = interval if interval is not None else interval_seconds
     if seconds is not None and seconds <= 0:
         raise ValueError(f"checkpoint interval must be > 0 seconds, got {seconds}")
-    if _state.agreed is not None:
-        save, due, exit_signum = _state.agreed
-        _state.agreed = (False, False, exit_signum)  # consumed; the agreed exit decision stays
-        if save:
-            _state.save_requested = False
-        return save or due or bool(exit_signum)
     if _state.save_requested:
         _state.save_requested = False
         return True
@@ -147,23 +137,24 @@ def save_reason() -> str:
     return "interval"
 
 
-def pending_requests(interval: float | None = None) -> tuple[bool, bool, int]:
-    """(a signal asked for a save, the interval is due, the exit signal or 0), without consuming anything:
-    what this process would act on at this step boundary, for agreeing with other ranks."""
-    due = interval is not None and time.monotonic() - _state.last_save_time >= interval
-    return _state.save_requested, due, _state.exit_signum or 0
+def save_requested() -> bool:
+    """Whether a signal asked for a save that nobody took yet (read without consuming it)."""
+    return _state.save_requested
 
 
-def adopt_requests(save_requested: bool, interval_due: bool, exit_signum: int) -> None:
-    """Act as if this process had received what some rank received (see ``telepathy.distributed``)."""
-    if save_requested:
-        _state.save_requested = True
-        _state.last_signum = _state.last_signum or signal.SIGUSR1
-    if interval_due:
-        _state.last_save_time = -float("inf")  # due here too, at the same step
-    if exit_signum and _state.exit_signum is None:
-        _state.exit_signum = exit_signum
-    _state.agreed = (save_requested, interval_due, exit_signum)
+def take_save_request() -> int | None:
+    """Consume a signal's save request (the caller saves now); returns the signal that asked, or None."""
+    if not _state.save_requested:
+        return None
+    _state.save_requested = False
+    return _state.last_signum
+
+
+def adopt_exit_signal(signum: int) -> None:
+    """Act as if this process had received ``signum`` (another rank did; the ranks agreed to stop together), so
+    that ``should_exit_training`` and ``exit_code`` answer the same on every rank."""
+    if _state.exit_signum is None:
+        _state.exit_signum = signum
 
 
 def mark_checkpoint_saved() -> None:
@@ -176,10 +167,8 @@ def seconds_since_checkpoint() -> float:
 
 
 def should_exit_training() -> bool:
-    """True once a signal whose action ends training (SIGTERM, SIGINT by default) was received (in
-    distributed mode: once all ranks agreed on one)."""
-    if _state.agreed is not None:
-        return bool(_state.agreed[2])
+    """True once a signal whose action ends training (SIGTERM, SIGINT by default) was received (or adopted from
+    another rank)."""
     return _state.exit_signum is not None
 
 

@@ -8,17 +8,18 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
+from telepathy.disk.save_dir import EVENTS as EVENTS_FILE  # noqa: F401 (re-exported)
+from telepathy.disk.save_dir import SaveDir
+
 REPORT_FD_ENV = "TELEPATHY_REPORT_FD"
-EVENTS_FILE = "events.jsonl"
 PROGRESS_EVERY_ENV = "TELEPATHY_PROGRESS_EVERY"  # seconds between progress records [2]
 
 
 class EventLog:
     def __init__(self, save_dir: str | os.PathLike, source: str) -> None:
-        self.path = Path(save_dir) / EVENTS_FILE
+        self.path = SaveDir(save_dir).events
         self.source = source
         fd = os.environ.get(REPORT_FD_ENV)
         self.report_fd = int(fd) if fd and fd.isdigit() else None
@@ -40,7 +41,7 @@ class EventLog:
 
 
 def read_events(save_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(save_dir) / EVENTS_FILE
+    path = SaveDir(save_dir).events
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

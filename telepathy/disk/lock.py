@@ -22,13 +22,9 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from telepathy.disk import durable
-
-LOCK_NAME = ".telepathy.lock"
-HOLDER_NAME = ".telepathy.lock.json"
-
-
-class SaveDirBusy(RuntimeError):
-    """Another live process is the writer of this save directory."""
+from telepathy.disk.save_dir import LOCK as LOCK_NAME  # noqa: F401 (re-exported)
+from telepathy.disk.save_dir import SaveDir
+from telepathy.errors import SaveDirBusy  # noqa: F401 (re-exported: raised here)
 
 
 class SaveDirLock:
@@ -36,7 +32,7 @@ class SaveDirLock:
 
     def __init__(self, save_dir: str | os.PathLike) -> None:
         self.save_dir = Path(save_dir)
-        self._lock = FileLock(self.save_dir / LOCK_NAME, timeout=0, thread_local=False, is_singleton=True)
+        self._lock = FileLock(SaveDir(save_dir).lock_file, timeout=0, thread_local=False, is_singleton=True)
 
     @property
     def held(self) -> bool:
@@ -55,7 +51,7 @@ class SaveDirLock:
             holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": round(time.time(), 3),
                       "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                       "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID")}  # fmt: skip
-            durable.atomic_write_bytes(self.save_dir / HOLDER_NAME, json.dumps(holder).encode())
+            durable.atomic_write_bytes(SaveDir(self.save_dir).holder_file, json.dumps(holder).encode())
 
     def release(self) -> None:
         if self._lock.is_locked:
@@ -65,7 +61,7 @@ class SaveDirLock:
 def describe_holder(save_dir: str | os.PathLike) -> str:
     """``host H, pid P, SLURM job J, since <time>`` from the holder record, as far as it is readable."""
     try:
-        holder = json.loads((Path(save_dir) / HOLDER_NAME).read_text())
+        holder = json.loads(SaveDir(save_dir).holder_file.read_text())
     except (OSError, ValueError):
         return "holder unknown"
     parts = [f"host {holder.get('host')}", f"pid {holder.get('pid')}"]

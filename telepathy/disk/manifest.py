@@ -19,26 +19,17 @@ from typing import Any, BinaryIO
 
 import xxhash
 
+from telepathy.disk.contents import MANIFEST as MANIFEST_NAME
 from telepathy.disk.durable import hash_file  # noqa: F401 (re-exported: part of this module's API)
 from telepathy.disk.save_dir import is_blob_name
+from telepathy.errors import CheckpointInvalid  # noqa: F401 (re-exported: raised here)
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "telepathy-checkpoint"
 MANIFEST_VERSION = 2  # 2: the manifest hashes itself
 SELF_HASH = "manifest_xxh3_128"
 HASH_NAME = "xxh3_128"
 MAX_FILE_BYTES = 1 << 46  # 64 TiB: anything larger in a manifest is corruption or an attack
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$")
-
-
-class CheckpointInvalid(Exception):
-    """A checkpoint directory failed verification; ``file`` and ``reason`` say where and why."""
-
-    def __init__(self, directory: Path, file: str, reason: str) -> None:
-        super().__init__(f"{directory}/{file}: {reason}")
-        self.directory = directory
-        self.file = file
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -134,7 +125,8 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 
 def verify_directory(directory: Path) -> dict[str, Any]:
-    """Check every file against the manifest; return the manifest or raise CheckpointInvalid."""
+    """Check every file of the directory against the manifest; return the manifest or raise CheckpointInvalid.
+    The shared blobs a differential checkpoint references are checked by :class:`telepathy.disk.catalog.Catalog`."""
     doc = read_manifest(directory)
     for name, entry in doc["files"].items():
         path = directory / name
@@ -153,11 +145,4 @@ def verify_directory(directory: Path) -> dict[str, Any]:
             raise CheckpointInvalid(
                 directory, name, f"{HASH_NAME} {digest} does not match manifest {entry[HASH_NAME]} (corrupted)"
             )
-    if doc.get("blobs"):  # differential/compressed: the shared blobs this checkpoint references
-        from telepathy.store.blobs import BlobStore  # noqa: PLC0415 (torch; only differential checkpoints need it)
-
-        problem = BlobStore(directory.parent.parent).verify(doc["blobs"])
-        if problem is not None:
-            file, _, reason = problem.partition(": ")
-            raise CheckpointInvalid(directory, file, reason)
     return doc

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import os
 from pathlib import Path
 
-from telepathy.checkpoint_flags import add_checkpoint_flags
+from telepathy.options import add_checkpoint_flags, add_supervisor_flags, save_dir_problem
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,13 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Preemption-safe LatentWire training under a supervising wrapper.",
         allow_abbrev=False,
     )
-    sup = p.add_argument_group("preemption")
-    sup.add_argument("--save_dir", default="runs/preemptible_exp")
-    sup.add_argument("--checkpoint_interval", type=float, default=600.0, help="seconds between checkpoints")
-    sup.add_argument("--grace_period", type=float, default=120.0, help="seconds the trainer gets after SIGTERM")
-    sup.add_argument("--auto_resume", action="store_true", help="resume from SAVE_DIR/latest when present")
-    sup.add_argument("--max_restarts", type=int, default=2, help="restarts after a trainer crash")
-    add_checkpoint_flags(sup)
+    add_supervisor_flags(p.add_argument_group("preemption"))
+    add_checkpoint_flags(p.add_argument_group("checkpoints"))
     model = p.add_argument_group("LatentWire")
     model.add_argument("--llama_id", default=None, help="hub id or local path; default: tiny Llama from a config")
     model.add_argument("--qwen_id", default=None, help="optional second frozen LLM")
@@ -67,10 +61,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         hint = difflib.get_close_matches(flag, known, n=1)
         parser.error(f"unknown flag {unknown[0]!r}" + (f"; did you mean {hint[0]}?" if hint else "; see --help"))
     checks = {
-        "--checkpoint_interval": args.checkpoint_interval > 0, "--grace_period": args.grace_period > 0,
         "--samples": args.samples > 0, "--epochs": args.epochs > 0, "--batch_size": args.batch_size > 0,
         "--latent_len": args.latent_len > 0, "--d_z": args.d_z > 0, "--max_restarts": args.max_restarts >= 0,
-        "--log_every": args.log_every > 0, "--keep_last": args.keep_last > 0,
+        "--log_every": args.log_every > 0,
     }  # fmt: skip
     for flag, ok in checks.items():
         if not ok:
@@ -79,15 +72,3 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if problem:
         parser.error(problem)
     return args
-
-
-def save_dir_problem(save_dir: Path) -> str | None:
-    """Why ``save_dir`` cannot be used, checked before any training starts; None when it can."""
-    if save_dir.exists() and not save_dir.is_dir():
-        return f"--save_dir {save_dir} exists and is not a directory; pick another path"
-    existing = save_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"--save_dir {save_dir} is not writable ({existing} does not allow this user to create files)"
-    return None

@@ -24,17 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from telepathy.checkpoint_flags import checkpointer_options
 from telepathy.checkpointer import Checkpointer
 from telepathy.data import ResumableBatchSampler, resumable_loader
-from telepathy.disk.lock import SaveDirBusy
-from telepathy.disk.manifest import CheckpointInvalid
-from telepathy.exit_codes import EXIT_CANNOT_RESUME, EXIT_SAVE_DIR_BUSY
+from telepathy.errors import TelepathyError, describe
 from telepathy.latentwire import config
 from telepathy.latentwire.llm import FrozenLM, load_frozen_lm
 from telepathy.latentwire.model import Adapter, ByteEncoder
 from telepathy.latentwire.qa_data import QADataset, collate, prompt_bytes, squad_qa, synthetic_qa
-from telepathy.train_state import ResumeMismatchError, TrainState
+from telepathy.options import CheckpointOptions
+from telepathy.train_state import TrainState
 
 log = logging.getLogger("telepathy")
 ANCHOR = "Answer: "
@@ -107,7 +105,7 @@ def train(args) -> int:
         optimizer=optimizer,
         signature=signature,
         args=vars(args),
-        **checkpointer_options(args),
+        options=CheckpointOptions.from_args(args),
     )
     resuming = args.auto_resume or args.resume_from
     state = ckpt.resume(args.resume_from, strict=args.strict_resume) if resuming else TrainState()
@@ -159,7 +157,7 @@ def train(args) -> int:
                 if args.step_delay:
                     time.sleep(args.step_delay)
                 crash_point(state.global_step)
-                if ckpt.step_boundary(state, args.checkpoint_interval, metric=value):
+                if ckpt.step_boundary(state, metric=value):
                     return training_signals.exit_code()
     ckpt.save(state, "final", state.best_loss)
     if bar is not None:
@@ -172,12 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[telepathy] %(message)s", stream=sys.stdout)
     try:
         code = train(config.parse(sys.argv[1:] if argv is None else argv))
-    except SaveDirBusy as exc:  # another live run writes there: refuse before touching anything
-        log.error("%s", exc)
-        code = EXIT_SAVE_DIR_BUSY
-    except (ResumeMismatchError, CheckpointInvalid) as exc:  # a restart would fail the same way
-        log.error("cannot resume: %s", exc)
-        code = EXIT_CANNOT_RESUME
+    except TelepathyError as exc:  # a refusal a restart would repeat (75, 3, 2) or a failed save: one line
+        log.error("%s", describe(exc))
+        code = exc.exit_code
     sys.exit(code)
 
 

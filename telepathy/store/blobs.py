@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,13 @@ import numpy as np
 import torch
 import xxhash
 
+from telepathy import tree
 from telepathy.disk import durable
-from telepathy.disk.save_dir import is_blob_name  # noqa: F401 (re-exported)
+from telepathy.disk.catalog import Catalog
+from telepathy.disk.save_dir import BLOBS, TEMP_PREFIX, SaveDir, is_blob_name  # noqa: F401 (BLOBS: re-exported)
 
 log = logging.getLogger("telepathy")
 
-BLOBS = "blobs"
 # Smaller tensors stay inside the part file. Test hook: TELEPATHY_TEST_MIN_BLOB_BYTES=1 makes every tensor a blob.
 MIN_BLOB_BYTES = int(os.environ.get("TELEPATHY_TEST_MIN_BLOB_BYTES", "") or 64 * 1024)
 BLOB_KEY = "__telepathy_blob__"
@@ -39,8 +40,9 @@ _DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torc
 
 
 class BlobStore:
-    def __init__(self, save_dir: str | os.PathLike, compress: bool = False, level: int = 3) -> None:
-        self.root = Path(save_dir) / BLOBS
+    def __init__(self, save_dir: SaveDir | str | os.PathLike, compress: bool = False, level: int = 3) -> None:
+        self.dir = save_dir if isinstance(save_dir, SaveDir) else SaveDir(save_dir)
+        self.root = self.dir.blobs
         self.compress = compress
         self.level = level
         self.known: dict[str, dict[str, Any]] = {}  # blobs the kept checkpoints reference (manifest entries)
@@ -54,11 +56,11 @@ class BlobStore:
         """``obj`` with large tensors replaced by blob references (writing the blobs that do not exist yet);
         ``refs`` collects ``{blob name: manifest entry}`` for the checkpoint's manifest."""
 
-        def leaf(value: Any) -> Any:
+        def leaf(value: Any, path: str) -> Any:
             big = isinstance(value, torch.Tensor) and value.numel() * value.element_size() >= MIN_BLOB_BYTES
-            return self._put(value, refs) if big and str(value.dtype) in _DTYPES else _UNCHANGED
+            return self._put(value, refs) if big and str(value.dtype) in _DTYPES else tree.KEEP
 
-        return _rebuild(obj, leaf)
+        return tree.transform(obj, leaf)
 
     def _put(self, tensor: torch.Tensor, refs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -92,7 +94,7 @@ class BlobStore:
                 codec, data = "zst", memoryview(packed)
         path = self.path(name, codec)
         durable.make_dirs(path.parent)
-        tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+        tmp = path.with_name(f"{TEMP_PREFIX}{path.name}-{os.getpid()}")
         started = time.perf_counter()
         if tmp.exists():
             tmp.unlink()
@@ -126,16 +128,16 @@ class BlobStore:
 
     # ------------------------------------------------------------------------------------------- read
     def path(self, name: str, codec: str) -> Path:
-        return self.root / name[:2] / f"{name}.{codec}"
+        return self.dir.blob_path(name, codec)
 
     def internalize(self, obj: Any, refs: Mapping[str, Mapping[str, Any]]) -> Any:
         """The inverse of :meth:`externalize`: references replaced by tensors read from their blobs."""
 
-        def leaf(value: Any) -> Any:
+        def leaf(value: Any, path: str) -> Any:
             is_ref = isinstance(value, Mapping) and value.get(BLOB_KEY) is not None
-            return self._get(value, refs) if is_ref else _UNCHANGED
+            return self._get(value, refs) if is_ref else tree.KEEP
 
-        return _rebuild(obj, leaf)
+        return tree.transform(obj, leaf)
 
     def _get(self, ref: Mapping[str, Any], refs: Mapping[str, Mapping[str, Any]]) -> torch.Tensor:
         name, dtype = ref[BLOB_KEY], _DTYPES.get(str(ref.get("dtype")))
@@ -155,43 +157,4 @@ class BlobStore:
 
     def verify(self, refs: Mapping[str, Mapping[str, Any]]) -> str | None:
         """None when every referenced blob has its recorded size and hash, else which one does not and why."""
-        for name, entry in refs.items():
-            path = self.path(name, entry["codec"])
-            if path.is_symlink() or not path.is_file():
-                return f"{BLOBS}/{name[:2]}/{path.name}: missing or not a regular file"
-            if path.stat().st_size != entry["bytes"]:
-                return f"{BLOBS}/{name[:2]}/{path.name}: size {path.stat().st_size}, manifest says {entry['bytes']}"
-            if durable.hash_file(path) != entry["stored_xxh3_128"]:
-                return f"{BLOBS}/{name[:2]}/{path.name}: xxh3_128 does not match the manifest (corrupted)"
-        return None
-
-    # -------------------------------------------------------------------------------------- clean-up
-    def collect_garbage(self, live: Iterable[str]) -> int:
-        """Delete blobs (and stale temporaries of other processes) that no kept checkpoint references."""
-        if not self.root.is_dir():
-            return 0
-        live, removed, own = set(live), 0, f"-{os.getpid()}"
-        for shard in self.root.iterdir():
-            for path in shard.iterdir() if shard.is_dir() else ():
-                stem = path.name.split(".")[0]
-                stale_tmp = path.name.startswith(".tmp-") and not path.name.endswith(own)
-                if stale_tmp or (is_blob_name(stem) and stem not in live):
-                    path.unlink(missing_ok=True)
-                    removed += 1
-        return removed
-
-
-_UNCHANGED = object()
-
-
-def _rebuild(obj: Any, leaf: Any) -> Any:
-    """Copy nested dicts, lists and tuples, replacing each value for which ``leaf`` returns a replacement."""
-    replacement = leaf(obj)
-    if replacement is not _UNCHANGED:
-        return replacement
-    if isinstance(obj, Mapping):
-        return {k: _rebuild(v, leaf) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        items = [_rebuild(v, leaf) for v in obj]
-        return items if isinstance(obj, list) else tuple(items)
-    return obj
+        return Catalog(self.dir).verify_blobs(dict(refs))  # type: ignore[arg-type]

@@ -16,13 +16,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from telepathy.disk.manifest import CheckpointInvalid, FileEntry, entry_for
+from telepathy.disk.commit import PendingCheckpoint
+from telepathy.disk.contents import rank_part
+from telepathy.disk.manifest import FileEntry, entry_for
 from telepathy.distributed import broadcast_from_rank0, gather_to_rank0, rank_and_world_size
-from telepathy.store.checkpoint_store import CheckpointStore, CheckpointWriteError, write_part
-
-
-def rank_file_name(rank: int) -> str:
-    return f"rank_{rank:05d}"
+from telepathy.errors import CheckpointInvalid, CheckpointWriteError
+from telepathy.store.checkpoint_store import CheckpointStore
+from telepathy.store.formats import write_part
 
 
 def save_collectively(
@@ -48,12 +48,13 @@ def save_collectively(
     if tmp_name is None:
         raise _error(problem)
     tmp = Path(tmp_name)
+    mine = PendingCheckpoint.join(store.dir, step, tmp)  # this rank's files, reported to rank 0 below
     entries: list[FileEntry] = []
     error = None
     try:
         written = sharded(tmp) if sharded is not None else []
         entries = [entry_for(p) for p in written]
-        entries.append(write_part(tmp / f"{rank_file_name(rank)}.pt", dict(per_rank)))
+        entries.append(write_part(mine, rank_part(rank), dict(per_rank)))
         if pending is not None:
             store.write_parts(pending, replicated())
     except Exception as exc:  # told to rank 0, which then does not commit

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from telepathy import tree
+
 
 def describe_failure(save_dir: Path, step: int, error: OSError, files: Mapping[str, Any], previous: Path | None) -> str:
     try:
@@ -27,13 +29,7 @@ def describe_failure(save_dir: Path, step: int, error: OSError, files: Mapping[s
 
 def tensor_bytes(obj: Any) -> int:
     """Bytes of the tensors in a nested structure (what a checkpoint of it needs, give or take metadata)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, Mapping):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
+    return sum(v.numel() * v.element_size() for v in tree.leaves(obj) if isinstance(v, torch.Tensor))
 
 
 def os_error_in(exc: BaseException) -> OSError | None:

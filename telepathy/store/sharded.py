@@ -27,9 +27,10 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.optim import Optimizer
 
-from telepathy.store.checkpoint_store import UnsafeCheckpointError
+from telepathy.disk.contents import SHARD_METADATA, shard_pattern
+from telepathy.errors import UnsafeCheckpointError
 
-METADATA_NAME = "sharded.metadata"
+METADATA_NAME = SHARD_METADATA
 _DCP_METADATA = ".metadata"
 _SAFE_MODULE = "torch.distributed.checkpoint.metadata"  # DCP's metadata dataclasses and enums
 _SAFE_GLOBALS = {
@@ -50,7 +51,7 @@ def save(state_dict: dict[str, Any], directory: Path, rank: int) -> list[Path]:
     dcp.save(state_dict, storage_writer=FileSystemWriter(directory, sync_files=True))
     if rank == 0:
         os.rename(directory / _DCP_METADATA, directory / METADATA_NAME)
-    files = sorted(directory.glob(f"__{rank}_*.distcp"))
+    files = sorted(directory.glob(shard_pattern(rank)))
     return files + ([directory / METADATA_NAME] if rank == 0 else [])
 
 

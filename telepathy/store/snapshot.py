@@ -8,10 +8,11 @@ allocation per save). CUDA tensors go to pinned buffers with non-blocking copies
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from telepathy import tree
 
 
 class HostBuffers:
@@ -27,20 +28,14 @@ class HostBuffers:
 
     def snapshot(self, state: Any) -> Any:
         devices: set[torch.device] = set()
-        copy = self._copy(state, "", devices)
+
+        def leaf(value: Any, path: str) -> Any:
+            return self._copy_tensor(value, path, devices) if isinstance(value, torch.Tensor) else tree.KEEP
+
+        copy = tree.transform(state, leaf)  # numbers, strings, None: immutable, kept as they are
         for device in devices:  # every device's non-blocking device-to-host copies must land before writing
             torch.cuda.synchronize(device)
         return copy
-
-    def _copy(self, obj: Any, key: str, devices: set[torch.device]) -> Any:
-        if isinstance(obj, torch.Tensor):
-            return self._copy_tensor(obj, key, devices)
-        if isinstance(obj, Mapping):
-            return {k: self._copy(v, f"{key}/{k}", devices) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            items = [self._copy(v, f"{key}[{i}]", devices) for i, v in enumerate(obj)]
-            return items if isinstance(obj, list) else tuple(items)
-        return obj  # numbers, strings, None: immutable
 
     def _copy_tensor(self, tensor: torch.Tensor, key: str, devices: set[torch.device]) -> torch.Tensor:
         tensor = tensor.detach()

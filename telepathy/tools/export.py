@@ -8,29 +8,26 @@ from pathlib import Path
 
 import torch
 
-from telepathy.disk.manifest import read_manifest, verify_directory
-from telepathy.store.checkpoint_store import CheckpointStore
-
-NOT_PARTS = ("optimizer.pt", "state.pt")
+from telepathy.disk.catalog import verify_checkpoint
+from telepathy.disk.contents import model_parts
+from telepathy.store.formats import load_part
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> list[Path]:
     """Write each part of a verified checkpoint to ``out/<part>.safetensors``; refuse to overwrite."""
     from safetensors.torch import save_file  # noqa: PLC0415 (optional dependency)
 
-    manifest = verify_directory(checkpoint)
+    manifest = verify_checkpoint(checkpoint)
     if manifest.get("sharded"):
         raise ValueError(f"{checkpoint} holds sharded (DCP) state; export supports replicated checkpoints only — "
                          "load it in a run with sharded=True and save the full state dict instead")  # fmt: skip
-    parts = [n[: -len(".pt")] for n in read_manifest(checkpoint)["files"]
-             if n.endswith(".pt") and n not in NOT_PARTS and not n.startswith("rank_")]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for part in parts:
+    for part in model_parts(manifest["files"]):
         target = out / f"{part}.safetensors"
         if target.exists():
             raise FileExistsError(f"{target} exists; choose another --out (nothing was overwritten)")
-        state = CheckpointStore.load_part(checkpoint, part)
+        state = load_part(checkpoint, part)
         tensors = {k: v.detach().clone().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
         skipped = sorted(set(state) - set(tensors))
         meta = {"telepathy_checkpoint": str(checkpoint), "step": str(manifest.get("step"))}

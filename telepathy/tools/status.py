@@ -11,10 +11,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from telepathy.disk.catalog import Catalog
+from telepathy.disk.contents import MANIFEST
 from telepathy.disk.events import read_events
-from telepathy.disk.lock import SaveDirBusy, SaveDirLock, describe_holder
-from telepathy.disk.manifest import CheckpointInvalid, read_manifest, verify_directory
-from telepathy.disk.save_dir import committed_checkpoints, emergency_checkpoints, latest_pointer
+from telepathy.disk.lock import describe_holder
+from telepathy.disk.manifest import read_manifest
+from telepathy.disk.save_dir import SaveDir
+from telepathy.errors import CheckpointInvalid
 
 EXIT_MEANING = {0: "complete", 99: "preempted", 130: "interrupted"}
 
@@ -33,7 +36,8 @@ class CheckpointRow:
 
 def list_checkpoints(save_dir: Path, verify: bool = True) -> list[CheckpointRow]:
     """Committed and emergency checkpoints, oldest first."""
-    directories = [ref.path for ref in committed_checkpoints(save_dir)] + emergency_checkpoints(save_dir)
+    directories = SaveDir(save_dir).all_checkpoints()
+    catalog = Catalog(SaveDir(save_dir))
     rows = []
     for directory in directories:
         try:
@@ -48,11 +52,11 @@ def list_checkpoints(save_dir: Path, verify: bool = True) -> list[CheckpointRow]
         problem = None
         if verify:
             try:
-                verify_directory(directory)
+                catalog.verify(directory)
             except CheckpointInvalid as exc:
                 problem = f"{exc.file}: {exc.reason}"
         rows.append(CheckpointRow(str(directory), int(manifest.get("step", -1)), manifest.get("epoch"),
-                                  (directory / "manifest.json").stat().st_mtime, size, str(manifest.get("reason")),
+                                  (directory / MANIFEST).stat().st_mtime, size, str(manifest.get("reason")),
                                   problem is None if verify else None, problem))  # fmt: skip
     return sorted(rows, key=lambda r: (r.step, r.time))
 
@@ -61,7 +65,7 @@ def run_status(save_dir: Path) -> dict[str, Any]:
     """The run's state (running/preempted/complete/failed/not started), position, latest checkpoint,
     preemptions, restarts, time lost to preemption and the last exit code."""
     events = read_events(save_dir)
-    latest = latest_pointer(save_dir)
+    latest = SaveDir(save_dir).latest_target()
     checkpoint = None
     if latest is not None and latest.is_dir():
         rows = [r for r in list_checkpoints(save_dir, verify=False) if Path(r.path).resolve() == latest]
@@ -82,7 +86,7 @@ def run_status(save_dir: Path) -> dict[str, Any]:
         "last_event": events[-1]["event"] if events else None,
         "last_event_age_s": round(time.time() - events[-1]["time"], 1) if events else None,
         "latest_checkpoint": checkpoint,
-        "checkpoints": len(committed_checkpoints(save_dir)),
+        "checkpoints": len(SaveDir(save_dir).committed()),
         "preemptions": len(preempts) or sum(e["exit_code"] == 99 for e in exits),
         "restarts": sum(e["event"] == "resume" for e in events),
         "time_lost_s": round(time_lost(events), 1),
@@ -92,14 +96,10 @@ def run_status(save_dir: Path) -> dict[str, Any]:
 
 
 def _state(save_dir: Path, events: list[dict[str, Any]], last_exit: int | None) -> str:
-    probe = SaveDirLock(save_dir)
-    try:
-        probe.acquire()
-        probe.release()
-    except SaveDirBusy:
+    if SaveDir(save_dir).live_writer():  # read-only: never takes the lock a starting run needs
         return f"running ({describe_holder(save_dir)})"
     if not events:
-        return "not started" if not committed_checkpoints(save_dir) else "unknown (no events.jsonl)"
+        return "not started" if not SaveDir(save_dir).committed() else "unknown (no events.jsonl)"
     if last_exit is None:
         return "failed (ended without an exit record: killed?)"
     return EXIT_MEANING.get(last_exit, f"failed (exit code {last_exit})")

@@ -1,5 +1,6 @@
 """``python -m telepathy verify PATH``: check one checkpoint, or every checkpoint of a save dir, against its
-manifest (sizes and xxh3-128 hashes; names, symlinks and sizes that would escape or lie are failures).
+manifest (sizes and xxh3-128 hashes, and the shared blobs it references; names, symlinks and sizes that would
+escape or lie are failures).
 
 Prints one line per checkpoint and exits 1 when anything failed, 0 when all verified, 2 when PATH is not a
 telepathy checkpoint or save dir. ``--load`` also loads every file with ``weights_only=True`` (slower;
@@ -11,28 +12,31 @@ import os
 import pickle
 from pathlib import Path
 
-from telepathy.disk.manifest import MANIFEST_NAME, CheckpointInvalid, verify_directory
-from telepathy.store.checkpoint_store import CHECKPOINTS, EMERGENCY, CheckpointStore, UnsafeCheckpointError
+from telepathy.disk.catalog import verify_checkpoint as verify_files
+from telepathy.disk.contents import SHARD_METADATA, part_name
+from telepathy.disk.manifest import MANIFEST_NAME
+from telepathy.disk.save_dir import SaveDir
+from telepathy.errors import CheckpointInvalid
 
 
 def verify_checkpoint(directory: Path, load: bool = False) -> str | None:
     """None when ``directory`` verifies, else why not (file: reason)."""
     try:
-        manifest = verify_directory(directory)
+        manifest = verify_files(directory)
         if load:
+            from telepathy.store.formats import load_part  # noqa: PLC0415 (torch: only --load needs it)
+
             for name in manifest["files"]:
-                if name.endswith(".pt"):
-                    CheckpointStore.load_part(directory, name[: -len(".pt")])
-                elif name == "sharded.metadata":  # DCP's pickled metadata, through the allow-list
+                if part_name(name) is not None:
+                    load_part(directory, part_name(name))
+                elif name == SHARD_METADATA:  # DCP's pickled metadata, through the allow-list
                     from telepathy.store import sharded  # noqa: PLC0415 (DCP is slow to import)
 
                     sharded.read_metadata(directory)
-    except CheckpointInvalid as exc:
-        return f"{exc.file}: {exc.reason}"
-    except UnsafeCheckpointError as exc:
-        return str(exc)
+    except CheckpointInvalid as exc:  # UnsafeCheckpointError too
+        return f"{exc.file}: {exc.reason}" if exc.file else exc.reason
     except pickle.UnpicklingError as exc:
-        return f"sharded.metadata is not a safe checkpoint file: {exc}"
+        return f"{SHARD_METADATA} is not a safe checkpoint file: {exc}"
     except Exception as exc:  # a file that verifies but does not load (e.g. written by a foreign tool)
         return f"does not load: {exc!r}"
     return None
@@ -43,27 +47,22 @@ def verify_path(path: Path, load: bool = False) -> tuple[list[str], int]:
     if (path / MANIFEST_NAME).exists():
         problem = verify_checkpoint(path, load)
         return [f"OK     {path}" if problem is None else f"FAILED {path}: {problem}"], 0 if problem is None else 1
-    store = CheckpointStore(path)
-    if not path.is_dir() or not ((path / CHECKPOINTS).is_dir() or (path / "latest").is_symlink()):
-        return [f"{path} is neither a telepathy checkpoint (no {MANIFEST_NAME}) nor a save dir (no {CHECKPOINTS}/)"], 2
+    save_dir = SaveDir(path)
+    if not path.is_dir() or not (save_dir.checkpoints.is_dir() or save_dir.latest.is_symlink()):
+        return [f"{path} is neither a telepathy checkpoint (no {MANIFEST_NAME}) nor a save dir (no checkpoints/)"], 2
     lines, failed = [], 0
-    candidates = [ref.path for ref in store.committed()]
-    if (path / EMERGENCY).is_dir():
-        candidates += sorted(p for p in (path / EMERGENCY).iterdir() if p.is_dir() and not p.name.startswith("."))
+    candidates = save_dir.all_checkpoints()
     for directory in candidates:
         problem = verify_checkpoint(directory, load)
         failed += problem is not None
         lines.append(f"OK     {directory}" if problem is None else f"FAILED {directory}: {problem}")
-    pointer = store.latest_pointer()
+    pointer = save_dir.latest_target()
     if pointer is not None and pointer not in [p.resolve() for p in candidates]:
         failed += 1
-        lines.append(f"FAILED {path}/latest -> {os.readlink(path / 'latest')}: not a committed checkpoint")
-    checkpoints_dir = path / CHECKPOINTS
-    stale = [p for p in checkpoints_dir.iterdir() if p.name.startswith((".tmp-", ".trash-"))] if (
-        checkpoints_dir.is_dir()
-    ) else []  # fmt: skip
-    if stale:
-        lines.append(f"note   {len(stale)} temporary dir(s) of an interrupted save or prune; the next run removes them")
+        lines.append(f"FAILED {save_dir.latest} -> {os.readlink(save_dir.latest)}: not a committed checkpoint")
+    if save_dir.temporaries():
+        lines.append(f"note   {len(save_dir.temporaries())} temporary dir(s) of an interrupted save or prune; "
+                     "the next run removes them")  # fmt: skip
     if not candidates:
         lines.append("no checkpoints yet")
     else:

@@ -13,7 +13,8 @@ import pytest
 from torch import nn
 
 from telepathy.checkpointer import Checkpointer
-from telepathy.disk.lock import HOLDER_NAME, SaveDirBusy, SaveDirLock
+from telepathy.disk.lock import SaveDirBusy, SaveDirLock
+from telepathy.disk.save_dir import HOLDER as HOLDER_NAME
 
 pytestmark = pytest.mark.slow  # real processes
 HOLD = "import sys, time; from telepathy.disk.lock import SaveDirLock; lock = SaveDirLock(sys.argv[1]); " \

@@ -24,7 +24,8 @@ from torch import nn  # noqa: E402
 
 from telepathy.checkpointer import Checkpointer  # noqa: E402
 from telepathy.data import ResumableBatchSampler  # noqa: E402
-from telepathy.distributed import agree_on_signals, init_from_environment  # noqa: E402
+from telepathy.distributed import agree, init_from_environment  # noqa: E402
+from telepathy.save_policy import Requests  # noqa: E402
 
 GLOBAL_BATCH = 8
 
@@ -66,10 +67,10 @@ def main() -> int:
                         signature=signature)  # fmt: skip
     if args.time_agreement:
         for _ in range(20):  # warm up the connections, then time the per-step agreement
-            agree_on_signals(step=0)
+            agree(Requests())
         started = time.perf_counter()
         for _ in range(200):
-            agree_on_signals(step=0)
+            agree(Requests())
         print(f"rank {rank} agree_us {(time.perf_counter() - started) / 200 * 1e6:.0f}", flush=True)
     data = torch.Generator().manual_seed(7)
     inputs, targets = torch.randn(args.samples, 8, generator=data), torch.randn(args.samples, 2, generator=data)

@@ -35,12 +35,11 @@ from torch import nn
 
 from telepathy.checkpointer import Checkpointer
 from telepathy.data import resumable_loader
-from telepathy.disk import durable
+from telepathy.disk import catalog, durable
 from telepathy.disk.manifest import CheckpointInvalid, read_manifest, verify_directory
 from telepathy.disk.retention import RetentionPolicy
-from telepathy.exit_codes import EXIT_CANNOT_RESUME
+from telepathy.errors import EXIT_CANNOT_RESUME
 from telepathy.store import blobs as blob_store
-from telepathy.store import checkpoint_store
 from telepathy.store.checkpoint_store import CheckpointStore
 
 EPOCHS, SAMPLES, BATCH = 3, 64, 8  # 24 steps
@@ -73,7 +72,7 @@ def train(save_dir: Path, keep_last: int, strict: bool = False, stop_after: int 
     durable.pause_point = set_phase  # record each save step reached (the module calls it by this name)
     if NEGATIVE_CONTROL["on"]:
         durable.publish_directory = unsafe_publish  # kills can now tear a committed checkpoint
-        checkpoint_store.verify_directory = read_manifest  # loading no longer checks the files' bytes
+        catalog.verify_directory = read_manifest  # loading no longer checks the files' bytes
     set_phase("resume")
     for seed_rng in (random.seed, np.random.seed, torch.manual_seed):
         seed_rng(0)

@@ -13,6 +13,8 @@ import torch
 
 from telepathy import training_signals as ts
 from telepathy.data import resumable_loader
+from telepathy.errors import UsageError
+from telepathy.save_policy import Decision, Requests, SavePolicy
 
 
 def send(sig: int) -> None:
@@ -166,13 +168,31 @@ def test_agreed_decisions_win_over_a_signal_that_arrives_after_the_agreement():
     """Distributed mode: a SIGTERM on this rank just after the all-reduce must wait for the next agreement,
     or this rank would stop while the others go on into the next collective."""
     ts.install_signal_handlers()
-    ts.adopt_requests(False, False, 0)  # all ranks agreed: nothing to do at this boundary
+    policy = SavePolicy(interval=None)
+    agreed = Requests()  # all ranks agreed: nothing to do at this boundary
     send(signal.SIGTERM)  # arrives after the agreement
-    assert ts.should_save_checkpoint() is False and ts.should_exit_training() is False
-    assert ts.pending_requests() == (True, False, signal.SIGTERM)  # goes into the next agreement
-    ts.adopt_requests(*ts.pending_requests())
-    assert ts.should_save_checkpoint() is True and ts.should_exit_training() is True
-    assert ts.exit_code() == 99
+    assert policy.decide(agreed) == Decision(save=False, stop=False, reason="none")
+    assert policy.requests(step=2) == Requests(save=True, due=False, exit_signum=signal.SIGTERM)  # the next one
+    decision = policy.decide(policy.requests(step=2))
+    assert decision == Decision(save=True, stop=True, reason="signal:SIGTERM") and ts.exit_code() == 99
+
+
+def test_a_rank_without_the_signal_adopts_the_agreed_stop_and_its_exit_code():
+    ts.install_signal_handlers()
+    decision = SavePolicy(interval=None).decide(Requests(exit_signum=signal.SIGTERM))  # another rank got it
+    assert decision.save and decision.stop and ts.should_exit_training() and ts.exit_code() == 99
+
+
+def test_every_n_steps_and_bad_values_fail_at_construction():
+    ts.install_signal_handlers()
+    policy = SavePolicy(interval=None, every_steps=3)
+    assert [policy.requests(step).due for step in range(1, 7)] == [False, False, True, False, False, True]
+    assert policy.decide(policy.requests(3)).reason == "steps"
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(UsageError, match="interval"):
+            SavePolicy(interval=bad)
+    with pytest.raises(UsageError, match="every_steps"):
+        SavePolicy(every_steps=0)
 
 
 def test_steps_between_agreements_fits_the_grace_period():

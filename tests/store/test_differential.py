@@ -50,7 +50,7 @@ def test_unchanged_tensors_are_not_written_again(tmp_path):
     # keep_last=1: the old checkpoint is pruned and its blobs collected, but the shared frozen blob stays.
     (kept,) = ckpt.store.committed()
     on_disk = {p.name.split(".")[0] for p in (tmp_path / BLOBS).rglob("*") if p.is_file()}
-    assert on_disk == set(ckpt.store._referenced_blobs())
+    assert on_disk == set(ckpt.store.catalog.referenced_blobs())
     # Resume: exactly the saved tensors.
     frozen2, trained2, optimizer2 = frozen_and_trained()
     trained2.weight.data.zero_()

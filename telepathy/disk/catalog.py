@@ -1,0 +1,176 @@
+"""The catalog of one save dir: which checkpoints are committed, which verify (files and blobs), which one a run
+resumes from, and which may go (retention, unreferenced blobs, stale temporaries). No torch: ``telepathy status``,
+``list``, ``verify`` and ``prune`` and the Hugging Face integration use it as it is.
+
+Deleting is the writer's job (the caller holds the lock) and reaches only what telepathy made: committed
+``step_N`` directories with a telepathy manifest, blobs in ``blobs/``, and temporaries of other processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+from telepathy.disk import durable
+from telepathy.disk.commit import is_own_temporary
+from telepathy.disk.manifest import CheckpointInvalid, read_manifest, verify_directory
+from telepathy.disk.retention import RetentionPolicy
+from telepathy.disk.save_dir import BLOBS, LATEST, TEMP_PREFIX, TRASH_PREFIX, CheckpointRef, SaveDir, is_blob_name
+
+log = logging.getLogger("telepathy")
+
+
+class Catalog:
+    def __init__(self, save_dir: SaveDir) -> None:
+        self.dir = save_dir
+
+    # --------------------------------------------------------------------------------- verification
+    def verify(self, directory: Path) -> dict[str, Any]:
+        """Every file against the manifest, and every blob it references; returns the manifest or raises
+        :class:`CheckpointInvalid` naming the file and the failed check."""
+        doc = verify_directory(directory)
+        problem = self.verify_blobs(doc.get("blobs") or {})
+        if problem is not None:
+            file, _, reason = problem.partition(": ")
+            raise CheckpointInvalid(directory, file, reason)
+        return doc
+
+    def verify_blobs(self, refs: dict[str, dict[str, Any]]) -> str | None:
+        """None when every referenced blob has its recorded size and hash, else which one does not and why."""
+        for name, entry in refs.items():
+            path = self.dir.blob_path(name, entry["codec"])
+            shown = f"{BLOBS}/{name[:2]}/{path.name}"
+            if path.is_symlink() or path.parent.is_symlink() or not path.is_file():
+                return f"{shown}: missing or not a regular file"
+            if path.stat().st_size != entry["bytes"]:
+                return f"{shown}: size {path.stat().st_size}, manifest says {entry['bytes']}"
+            if durable.hash_file(path) != entry["stored_xxh3_128"]:
+                return f"{shown}: xxh3_128 does not match the manifest (corrupted)"
+        return None
+
+    # ---------------------------------------------------------------------------------- choosing one
+    def newest_valid(self) -> tuple[CheckpointRef, dict[str, Any]] | None:
+        """The newest committed checkpoint that verifies; invalid ones are skipped with a warning naming the file
+        and the failed check."""
+        pointer = self.dir.latest_target()
+        if pointer is not None and not pointer.is_dir():
+            log.warning("%s points at %s, which does not exist; scanning checkpoints/", LATEST, pointer)
+        for ref in reversed(self.dir.committed()):
+            try:
+                return ref, self.verify(ref.path)
+            except CheckpointInvalid as exc:
+                log.warning("skipping checkpoint %s: %s: %s; trying the next older one", ref.path, exc.file, exc.reason)
+        return None
+
+    def resume_point(self, resume_from: str | os.PathLike | None = None, strict: bool = False) -> Path | None:
+        """The verified checkpoint to resume from (``resume_from`` if given, else the newest that verifies; with
+        ``strict`` the newest or an error); None when there is none; CheckpointInvalid when none verifies."""
+        committed = self.dir.committed()
+        if resume_from is not None:
+            self.verify(Path(resume_from))
+            return Path(resume_from)
+        if strict and committed:
+            try:
+                self.verify(committed[-1].path)
+            except CheckpointInvalid as exc:
+                raise CheckpointInvalid(exc.directory, exc.file, f"{exc.reason}; strict resume refuses to fall back "
+                                        "to an older checkpoint (check the disk, then resume without "
+                                        "--strict_resume to replay from the previous one)") from None  # fmt: skip
+            return committed[-1].path
+        found = self.newest_valid()
+        if found is None and committed:
+            newest = committed[-1].path
+            raise CheckpointInvalid(newest.parent, newest.name, f"none of the {len(committed)} checkpoints "
+                                    "verifies (see the warnings above); starting from scratch would hide that: "
+                                    "move them away or use a new --save_dir")  # fmt: skip
+        return None if found is None else found[0].path
+
+    # ------------------------------------------------------------------------------------- clean-up
+    def remove_stale_temporaries(self) -> None:
+        """Temporary directories of other processes' unfinished saves and prunes (the caller is the writer)."""
+        for entry in self.dir.temporaries():
+            if not is_own_temporary(entry) and entry.is_dir() and not entry.is_symlink():
+                log.info("removing stale %s from an interrupted save or prune", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def referenced_blobs(self) -> dict[str, dict[str, Any]] | None:
+        """Every blob a committed or emergency checkpoint references, with its manifest entry; None when some
+        manifest cannot be read (then nothing may be deleted: it might reference any blob)."""
+        live: dict[str, dict[str, Any]] = {}
+        for directory in self.dir.all_checkpoints():
+            try:
+                live.update(read_manifest(directory).get("blobs", {}))
+            except CheckpointInvalid:
+                return None
+        return live
+
+    def collect_blobs(self) -> dict[str, dict[str, Any]] | None:
+        """Delete blobs no kept checkpoint references, and stale blob temporaries; returns the live blobs (None
+        when a manifest is unreadable: then nothing is deleted)."""
+        live = self.referenced_blobs()
+        if live is None:
+            log.error("a checkpoint manifest in %s is unreadable, so no blob can be deleted safely and blobs/ will "
+                      "grow; run `python -m telepathy verify %s` and move the damaged checkpoint away",
+                      self.dir, self.dir)  # fmt: skip
+            return None
+        if self.dir.blobs.is_symlink() or not self.dir.blobs.is_dir():
+            return live
+        own = f"-{os.getpid()}"
+        for shard in self.dir.blobs.iterdir():
+            if shard.is_symlink() or not shard.is_dir():  # never follow a link out of the save dir
+                continue
+            for path in shard.iterdir():
+                stem = path.name.split(".")[0]
+                stale_tmp = path.name.startswith(TEMP_PREFIX) and not path.name.endswith(own)
+                if (stale_tmp or (is_blob_name(stem) and stem not in live)) and not path.is_dir():
+                    path.unlink(missing_ok=True)
+        return live
+
+    def prune(self, retention: RetentionPolicy, dry_run: bool = False) -> list[Path]:
+        """Apply ``retention``. Deletes only committed ``step_N`` directories with a telepathy manifest, never
+        the newest one or the one ``latest`` points at. ``dry_run``: only say which."""
+        refs = self.dir.committed()
+        if not refs:
+            return []
+        metrics: dict[int, float | None] = {}
+        ours: dict[int, Path] = {}
+        for ref in refs:
+            try:
+                manifest = read_manifest(ref.path)
+            except CheckpointInvalid:
+                continue  # not provably ours (or damaged): never delete it
+            metric = manifest.get("metric")
+            metrics[ref.step] = float(metric) if isinstance(metric, (int, float)) and _finite(metric) else None
+            ours[ref.step] = ref.path
+        keep = retention.steps_to_keep(metrics) | {refs[-1].step}
+        pointer = self.dir.latest_target()
+        removed = []
+        for step, path in ours.items():
+            if step in keep or path.resolve() == pointer:
+                continue
+            if not dry_run:
+                trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}")
+                os.rename(path, trash)  # no longer a candidate for loading, even if the delete is interrupted
+                durable.pause_point("pruned directory renamed aside, before its removal")
+                durable.fsync_dir(path.parent)
+                shutil.rmtree(trash)
+            removed.append(path)
+        return removed
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer too large for a float (a hostile manifest)
+        return False
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
+    """Verify one checkpoint directory, its blobs included, wherever it is given from (``SAVE_DIR/latest`` too)."""
+    directory = Path(directory)
+    return Catalog(SaveDir.of_checkpoint(directory.resolve())).verify(directory)

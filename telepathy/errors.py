@@ -1,0 +1,111 @@
+"""Every error telepathy raises on purpose, and the exit code each one means (no imports: the supervisor and the
+operator CLI read this without torch).
+
+    TelepathyError                       exit 1 unless a subclass says otherwise
+      UsageError (also ValueError)       2   a bad flag or value; a rerun would fail the same way
+      CannotResume                       3   the checkpoint does not fit this run, or strict resume refused it
+        ResumeMismatchError              3   saved with other settings (batch size, seed, shapes, ...)
+        CheckpointInvalid                3   a checkpoint failed verification (file, reason)
+          UnsafeCheckpointError          3   a file would run code or is not plain tensors and data
+      SaveDirBusy                        75  another live run writes to the save dir
+      CheckpointWriteError               1   a save failed with an I/O error; nothing of it was committed
+
+0, 99 and 130 are the spec's codes for a complete run, a preemption with a durable checkpoint and Ctrl+C. The
+refusals (2, 3, 75) are codes a restart or a requeue would repeat, so the supervisor does not restart them and the
+submit script does not requeue them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+EXIT_COMPLETE = 0  # training complete
+EXIT_FAILED = 1  # an unexpected failure (traceback above)
+EXIT_USAGE = 2  # bad flags or values (argparse)
+EXIT_CANNOT_RESUME = 3  # the checkpoint does not fit this run, or strict resume found it invalid
+EXIT_SAVE_DIR_BUSY = 75  # another live run writes to the save dir (EX_TEMPFAIL)
+EXIT_REQUEUE = 99  # preempted with a durable checkpoint: requeue
+EXIT_INTERRUPTED = 130  # SIGINT: saved, stopped by a person
+
+NOT_RESTARTED = (EXIT_USAGE, EXIT_CANNOT_RESUME, EXIT_SAVE_DIR_BUSY)
+
+
+class TelepathyError(Exception):
+    """Base of the errors telepathy raises on purpose; ``exit_code`` is what a program ending with it exits."""
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(TelepathyError, ValueError):
+    """A bad argument or option value, named with what to do instead."""
+
+    exit_code = EXIT_USAGE
+
+
+class CannotResume(TelepathyError):
+    """This run cannot resume from what the save dir holds; restarting would fail the same way."""
+
+    exit_code = EXIT_CANNOT_RESUME
+
+
+class ResumeMismatchError(CannotResume, RuntimeError):
+    """The checkpoint was made with settings that this run does not share; resuming would silently diverge."""
+
+
+class CheckpointInvalid(CannotResume):
+    """A checkpoint directory failed verification; ``file`` and ``reason`` say where and why."""
+
+    def __init__(self, directory: Path, file: str, reason: str) -> None:
+        super().__init__(f"{directory}/{file}: {reason}")
+        self.directory = directory
+        self.file = file
+        self.reason = reason
+
+    def __reduce__(self):  # picklable with its three fields (it crosses process boundaries in tests and ranks)
+        return (type(self), (self.directory, self.file, self.reason))
+
+
+class UnsafeCheckpointError(CheckpointInvalid, RuntimeError):
+    """A checkpoint file asks to run code (or is otherwise not plain tensors and primitives)."""
+
+    def __init__(self, message: str, directory: Path | None = None, file: str = "") -> None:
+        Exception.__init__(self, message)
+        self.directory, self.file, self.reason = directory or Path("."), file, message
+
+    def __str__(self) -> str:
+        return self.reason
+
+    def __reduce__(self):
+        return (type(self), (self.reason, self.directory, self.file))
+
+
+class SaveDirBusy(TelepathyError, RuntimeError):
+    """Another live process is the writer of this save directory."""
+
+    exit_code = EXIT_SAVE_DIR_BUSY
+
+
+class CheckpointWriteError(TelepathyError, RuntimeError):
+    """A save failed with an I/O error (disk full, EIO, EACCES); nothing of it was committed."""
+
+    def __init__(self, message: str, error: OSError) -> None:
+        super().__init__(message)
+        self.errno = error.errno
+
+
+def exit_code_for(error: BaseException) -> int:
+    """The exit code a program ending with ``error`` uses: the error's own for telepathy's errors, else 1."""
+    if isinstance(error, TelepathyError):
+        return error.exit_code
+    if isinstance(error, SystemExit):
+        return error.code if isinstance(error.code, int) else EXIT_FAILED
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED
+
+
+def describe(error: BaseException) -> str:
+    """One line for the console: what went wrong, prefixed by what it means for the run."""
+    if isinstance(error, CannotResume):
+        return f"cannot resume: {error}"
+    return str(error)

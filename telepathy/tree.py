@@ -1,0 +1,40 @@
+"""One walker over nested state (dicts, lists, tuples of tensors and plain values): snapshots, blob references,
+size estimates and the conversion to plain types all go through :func:`transform`, so "what counts as a
+container" is decided once. No torch import: callers decide what a leaf is."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+KEEP = object()  # returned by a leaf function: "not a leaf for me, walk into it or keep it as it is"
+
+
+def transform(obj: Any, leaf: Callable[[Any, str], Any], *, key: Callable[[Any], Any] | None = None,
+              path: str = "") -> Any:  # fmt: skip
+    """A copy of ``obj`` with every value for which ``leaf(value, path)`` returns something other than
+    :data:`KEEP` replaced by that. Mappings become dicts (their keys passed through ``key`` when given), lists
+    stay lists, tuples stay tuples (sets become lists). ``path`` names a value's position (``/a/b[2]``), stable
+    across calls on same-shaped state: reusable buffers are keyed by it."""
+    replacement = leaf(obj, path)
+    if replacement is not KEEP:
+        return replacement
+    if isinstance(obj, Mapping):
+        return {(key(k) if key else k): transform(v, leaf, key=key, path=f"{path}/{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = [transform(v, leaf, key=key, path=f"{path}[{i}]") for i, v in enumerate(obj)]
+        return tuple(items) if isinstance(obj, tuple) else items
+    return obj
+
+
+def leaves(obj: Any) -> list[Any]:
+    """Every non-container value of ``obj``, in walking order."""
+    found: list[Any] = []
+
+    def collect(value: Any, path: str) -> Any:
+        if not isinstance(value, (Mapping, list, tuple, set, frozenset)):
+            found.append(value)
+        return KEEP
+
+    transform(obj, collect)
+    return found
