@@ -112,7 +112,7 @@ class Checkpointer:
         clash = RESERVED_PARTS & set(parts)
         if clash:
             raise UsageError(f"part names {sorted(clash)} are reserved for the optimizer and training state")
-        self.options = options = resolve_options(options, option_fields)
+        self.options = options = CheckpointOptions.resolve(options, option_fields)
         self.rank, self.world_size = distributed.rank_and_world_size()
         self.sharded = options.format == "sharded"
         self.collective = distributed.is_distributed() or self.sharded
@@ -391,25 +391,3 @@ class Checkpointer:
         if self.recorder is not None:
             self.recorder.start(state.global_step, state.epoch, resumed_from=str(directory))
         return state
-
-
-def resolve_options(options: CheckpointOptions | None, fields: Mapping[str, Any]) -> CheckpointOptions:
-    """``options`` with ``fields`` applied; also the older keyword forms: ``retention=RetentionPolicy(...)``,
-    ``differential=``/``compress=``/``sharded=`` booleans (each a format)."""
-    fields = dict(fields)
-    options = options or CheckpointOptions()
-    retention = fields.pop("retention", None)
-    if retention is not None:
-        fields.update(keep_last=retention.keep_last, keep_best=retention.keep_best, keep_every=retention.keep_every,
-                      higher_is_better=retention.higher_is_better)  # fmt: skip
-    formats = [name for name, flag in (("sharded", fields.pop("sharded", False)),
-                                       ("compressed", fields.pop("compress", False)),
-                                       ("differential", fields.pop("differential", False))) if flag]  # fmt: skip
-    if formats:
-        fields.setdefault("format", formats[0])
-    unknown = set(fields) - set(CheckpointOptions.__dataclass_fields__)
-    if unknown:
-        raise TypeError(
-            f"Checkpointer got unknown option(s) {sorted(unknown)}; see telepathy.options.CheckpointOptions"
-        )
-    return options.replace(**fields) if fields else options

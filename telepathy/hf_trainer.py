@@ -22,7 +22,9 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from telepathy import training_signals
 from telepathy.disk import durable
-from telepathy.disk.manifest import MANIFEST_NAME, CheckpointInvalid, build_manifest, entry_for, verify_directory
+from telepathy.disk.catalog import first_valid
+from telepathy.disk.manifest import MANIFEST_NAME, build_manifest, entry_for
+from telepathy.disk.save_dir import CheckpointRef
 
 log = logging.getLogger("telepathy")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -67,15 +69,10 @@ def last_sealed_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest ``checkpoint-N`` that is sealed and verifies; unsealed or damaged ones are skipped with a
     warning (a save interrupted by a kill)."""
     root = Path(output_dir)
-    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()),
-                   reverse=True) if root.is_dir() else []  # fmt: skip
-    for _, path in found:
-        try:
-            verify_directory(path)
-            return path
-        except CheckpointInvalid as exc:
-            log.warning("skipping %s: %s: %s", path, exc.file, exc.reason)
-    return None
+    found = [CheckpointRef(int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
+             if (m := _CHECKPOINT.match(p.name)) and p.is_dir() and not p.is_symlink()]  # fmt: skip
+    newest = first_valid(sorted(found, key=lambda r: r.step, reverse=True))
+    return None if newest is None else newest[0].path
 
 
 def train_preemptible(trainer: Trainer) -> int:

@@ -25,20 +25,24 @@ from torch.utils.data import Dataset
 from telepathy import training_signals
 from telepathy.checkpointer import Checkpointer, Stateful
 from telepathy.data import ResumableBatchSampler, resumable_loader
+from telepathy.save_policy import check_interval
 from telepathy.train_state import TrainState
 
 
 class PreemptibleRun:
     """A training run over ``dataset`` for ``epochs`` epochs that survives preemption (see the module doc).
-    ``checkpointer_options`` go to :class:`Checkpointer` (scheduler, retention, async_save, ...)."""
+    ``interval``: seconds between periodic saves (None: signals only); ``checkpointer_options`` go to
+    :class:`Checkpointer` (scheduler, options=CheckpointOptions(...) or its fields such as every_steps=1, ...)."""
 
     def __init__(self, save_dir: str | os.PathLike, dataset: Dataset, *, batch_size: int, epochs: int,
                  parts: Mapping[str, Stateful], optimizer: torch.optim.Optimizer | None = None, seed: int = 0,
-                 interval: float = 300.0, num_workers: int = 0, **checkpointer_options: Any) -> None:  # fmt: skip
+                 interval: float | None = 300.0, num_workers: int = 0,
+                 **checkpointer_options: Any) -> None:  # fmt: skip
         self.save_dir, self.dataset, self.parts, self.optimizer = save_dir, dataset, parts, optimizer
         self.batch_size, self.epochs, self.seed, self.interval = batch_size, epochs, seed, interval
         self.num_workers = num_workers
-        self.options = checkpointer_options
+        self.options = dict(checkpointer_options)
+        self.options.setdefault("interval", check_interval(interval))  # a bad value fails here, not at a step
         self.batches_per_epoch = ResumableBatchSampler(len(dataset), batch_size, seed=seed).batches_per_epoch  # type: ignore[arg-type]
         self.state = TrainState()
         self.ckpt: Checkpointer | None = None
@@ -75,7 +79,7 @@ class PreemptibleRun:
         self.state.advance(self.batches_per_epoch)
         if metric is not None:
             self.state.best_loss = min(self.state.best_loss, float(metric))
-        if self.ckpt.step_boundary(self.state, self.interval, metric=metric):
+        if self.ckpt.step_boundary(self.state, metric=metric):
             self.ckpt.close()
             sys.exit(training_signals.exit_code())
 

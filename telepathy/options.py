@@ -67,6 +67,24 @@ class CheckpointOptions:
         return dataclasses.replace(self, **changes)
 
     @classmethod
+    def resolve(cls, options: CheckpointOptions | None, fields: dict[str, Any]) -> CheckpointOptions:
+        """``options`` (or the defaults) with ``fields`` applied; also the older keyword forms:
+        ``retention=RetentionPolicy(...)`` and the ``differential``/``compress``/``sharded`` booleans (formats)."""
+        fields = dict(fields)
+        retention = fields.pop("retention", None)
+        if retention is not None:
+            fields.update(keep_last=retention.keep_last, keep_best=retention.keep_best,
+                          keep_every=retention.keep_every, higher_is_better=retention.higher_is_better)  # fmt: skip
+        flagged = [name for name, key in (("sharded", "sharded"), ("compressed", "compress"),
+                                          ("differential", "differential")) if fields.pop(key, False)]  # fmt: skip
+        if flagged:
+            fields.setdefault("format", flagged[0])
+        unknown = set(fields) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown checkpoint option(s) {sorted(unknown)}; see telepathy.options.CheckpointOptions")
+        return (options or cls()).replace(**fields)
+
+    @classmethod
     def from_args(cls, args: argparse.Namespace) -> CheckpointOptions:
         """The options the flags of :func:`add_checkpoint_flags` describe."""
         fmt = args.format

@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     restart = command if wrapped or args.auto_resume else [*command, "--auto_resume"]  # a restart continues
     code = supervise(command, args.save_dir, args.grace_period, args.max_restarts, restart_command=restart)
     if wrapped is None and code == 0:
-        latest, events = os.path.join(args.save_dir, "latest"), os.path.join(args.save_dir, "events.jsonl")
+        from telepathy.disk.save_dir import SaveDir  # noqa: PLC0415
+
+        latest, events = SaveDir(args.save_dir).latest, SaveDir(args.save_dir).events
         print(f"[telepathy] done: trained model parts (encoder.pt, adapter_*.pt) are in {latest}/, "
               f"the run's events in {events}", flush=True)  # fmt: skip
     return code

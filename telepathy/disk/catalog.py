@@ -13,6 +13,7 @@ import math
 import os
 import secrets
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +61,7 @@ class Catalog:
         pointer = self.dir.latest_target()
         if pointer is not None and not pointer.is_dir():
             log.warning("%s points at %s, which does not exist; scanning checkpoints/", LATEST, pointer)
-        for ref in reversed(self.dir.committed()):
-            try:
-                return ref, self.verify(ref.path)
-            except CheckpointInvalid as exc:
-                log.warning("skipping checkpoint %s: %s: %s; trying the next older one", ref.path, exc.file, exc.reason)
-        return None
+        return first_valid(reversed(self.dir.committed()), self.verify)
 
     def resume_point(self, resume_from: str | os.PathLike | None = None, strict: bool = False) -> Path | None:
         """The verified checkpoint to resume from (``resume_from`` if given, else the newest that verifies; with
@@ -168,6 +164,18 @@ def _finite(value: float) -> bool:
         return math.isfinite(float(value))
     except OverflowError:  # an integer too large for a float (a hostile manifest)
         return False
+
+
+def first_valid(refs: Iterable[CheckpointRef], verify: Callable[[Path], dict[str, Any]] = verify_directory,
+                ) -> tuple[CheckpointRef, dict[str, Any]] | None:  # fmt: skip
+    """The first of ``refs`` (newest first) that verifies, with its manifest; the others are skipped with a
+    warning naming the file and the failed check (a save interrupted by a kill, a damaged disk)."""
+    for ref in refs:
+        try:
+            return ref, verify(ref.path)
+        except CheckpointInvalid as exc:
+            log.warning("skipping checkpoint %s: %s: %s; trying the next older one", ref.path, exc.file, exc.reason)
+    return None
 
 
 def verify_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:

@@ -95,8 +95,10 @@ def test_runs_as_a_file_path_and_rejects_bad_values(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("[telepathy] no checkpoint") and "\nPID " in done.stdout
-    bad = subprocess.run([*TRAINER, "--interval", "-1"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "--interval and --duration must be > 0" in bad.stderr
+    for value in ("-1", "nan", "0"):
+        bad = subprocess.run([*TRAINER, "--interval", value], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "--interval/--checkpoint_interval: must be a finite number > 0" in bad.stderr
+        assert "Traceback" not in bad.stderr
 
 
 def test_duration_ends_the_invocation_and_rerun_continues(tmp_path):
