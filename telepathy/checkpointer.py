@@ -18,6 +18,7 @@ GradScaler -> ``optimizer.pt``, position + RNG + run signature + metadata -> ``s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -37,7 +38,7 @@ from telepathy.disk.manifest import read_manifest
 from telepathy.errors import CheckpointWriteError, ResumeMismatchError, UsageError
 from telepathy.options import CheckpointOptions
 from telepathy.save_policy import SavePolicy, check_interval
-from telepathy.store import collective
+from telepathy.store import collective, step_snapshots
 from telepathy.store.checkpoint_store import CheckpointStore
 from telepathy.store.snapshot import HostBuffers
 from telepathy.train_state import (
@@ -139,6 +140,7 @@ class Checkpointer:
         self._writer: threading.Thread | None = None
         self._writer_error: BaseException | None = None
         self._prepare_store()
+        self._snapshots = step_snapshots.from_environment(options.snapshot_every_step, self.collective)
 
     def _prepare_store(self) -> None:
         """Rank 0 takes the save dir (lock, clean-up); the other ranks learn whether it could."""
@@ -187,14 +189,7 @@ class Checkpointer:
         """Commit a checkpoint of the current training state and return its directory. ``blocking=False``
         (what ``step_boundary`` uses with ``async_save``) returns None once the state is copied to host
         buffers; the commit, and ``latest``, follow in the background. Never two saves at once."""
-        info = {
-            "reason": reason,
-            "epoch": state.epoch,
-            "batch_idx": state.batch_idx,
-            "metric": None if metric is None else float(metric),  # a 0-d tensor or numpy scalar is fine too
-            "telepathy_version": self.metadata["telepathy_version"],
-            "hostname": self.metadata["hostname"],
-        }
+        info = self._info(state, reason, metric)
         self.wait()
         started = time.monotonic()
         if self.collective:  # every rank: its RNG file, its shards; rank 0 commits once all are durable
@@ -217,6 +212,13 @@ class Checkpointer:
                                         args=(state.global_step, snapshot, info, reason, started, blocked))  # fmt: skip
         self._writer.start()  # not a daemon: an exiting interpreter waits for the commit
         return None
+
+    def _info(self, state: TrainState, reason: str, metric: float | None) -> dict[str, Any]:
+        """What the manifest says about a checkpoint besides its files."""
+        meta = self.metadata
+        return {"reason": reason, "epoch": state.epoch, "batch_idx": state.batch_idx,
+                "metric": None if metric is None else float(metric),  # a 0-d tensor or numpy scalar is fine too
+                "telepathy_version": meta["telepathy_version"], "hostname": meta["hostname"]}  # fmt: skip
 
     def _write_shards(self, tmp: Path) -> list[Path]:
         from telepathy.store import sharded  # noqa: PLC0415 (DCP takes ~1.5 s to import; only sharded runs pay)
@@ -272,6 +274,9 @@ class Checkpointer:
         agree first and act together. ``interval`` (seconds) replaces the options' interval from now on."""
         if self.recorder is not None:
             self.recorder.step(state.global_step, state.epoch, None if metric is None else float(metric))
+        if self._snapshots is not None:  # what the supervisor commits if this process dies before the next step
+            info = self._info(state, "rescue", metric)
+            self._snapshots.capture(state.global_step, self._files(state), info, dataclasses.asdict(self.options))
         if interval is not None and interval != self.policy.interval:
             self.policy.interval = check_interval(interval)
         if not self.policy.decides_at(state.global_step):

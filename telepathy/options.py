@@ -38,6 +38,8 @@ class CheckpointOptions:
     format: str = "full"  # one of FORMATS
     async_save: bool = False  # periodic/SIGUSR1 saves block only for a copy to host memory
     agree_every: int = 1  # several ranks: agree on signals every k steps (telepathy.distributed)
+    snapshot_every_step: bool = False  # copy each step's state to shared memory; the supervisor commits it if the
+    # trainer dies without warning (SIGKILL, OOM, segfault): at most the step in flight is lost
 
     def __post_init__(self) -> None:
         from telepathy.save_policy import check_every_steps, check_interval  # noqa: PLC0415
@@ -95,7 +97,7 @@ class CheckpointOptions:
             fmt = wanted
         return cls(interval=args.checkpoint_interval, every_steps=args.save_every_steps, keep_last=args.keep_last,
                    keep_every=args.keep_every, format=fmt, async_save=args.async_save,
-                   agree_every=args.agree_every)  # fmt: skip
+                   agree_every=args.agree_every, snapshot_every_step=args.snapshot_every_step)  # fmt: skip
 
 
 def _positive_float(text: str) -> float:
@@ -127,6 +129,9 @@ def add_checkpoint_flags(group: Any, *, interval_flags: tuple[str, ...] = ("--ch
     group.add_argument("--differential", action="store_true", help="same as --format differential")
     group.add_argument("--compress", action="store_true", help="same as --format compressed")
     group.add_argument("--async_save", action="store_true", help="periodic/SIGUSR1 saves commit in the background")
+    group.add_argument("--snapshot_every_step", action="store_true",
+                       help="copy each step's state to shared memory; if the trainer is killed without warning "
+                       "(SIGKILL, OOM) the supervisor commits it: at most the step in flight is lost")  # fmt: skip
     group.add_argument("--agree_every", type=_positive_int, default=d.agree_every,
                        help="several ranks: agree on signals every K steps")  # fmt: skip
     group.add_argument("--resume_from", default=None, help="resume from this checkpoint directory (e.g. emergency)")

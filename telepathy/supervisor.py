@@ -23,9 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from telepathy import training_signals
+from telepathy.disk import slots
 from telepathy.disk.events import REPORT_FD_ENV, EventLog
-from telepathy.disk.lock import SaveDirBusy, SaveDirLock
+from telepathy.disk.lock import busy_message
+from telepathy.disk.save_dir import SaveDir
 from telepathy.errors import EXIT_SAVE_DIR_BUSY, NOT_RESTARTED
+from telepathy.rescue import how_it_ended, rescue
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 KNOWN_EXITS = (training_signals.EXIT_COMPLETE, training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED)
@@ -56,25 +59,25 @@ class Supervisor:
         self.events = EventLog(save_dir, "supervisor")
         self.pending: list[int] = []  # signals to forward; appended by the handler
         self.last_commit: dict | None = None
+        self.slot_dir = Path()  # shared-memory snapshots of a trainer with snapshot_every_step (made by run)
+        self.grace_killed = False  # the running child was killed at the end of the grace period
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.pending.append(signum)  # flag only; forwarded from the main loop
 
     def run(self) -> int:
         previous = {s: signal.signal(s, self._on_signal) for s in FORWARDED}
+        self.slot_dir = slots.make_slot_dir()
         try:
             return self._run()
         finally:
+            slots.remove_slot_dir(self.slot_dir)
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
     def _run(self) -> int:
-        probe = SaveDirLock(self.save_dir)
-        try:  # refuse at once, before a slow trainer start-up, when another run writes there
-            probe.acquire()
-            probe.release()
-        except SaveDirBusy as exc:
-            print(f"[telepathy] {exc}", flush=True)
+        if SaveDir(self.save_dir).live_writer():  # refuse at once, before a slow trainer start-up (read-only probe)
+            print(f"[telepathy] {busy_message(self.save_dir)}", flush=True)
             return EXIT_SAVE_DIR_BUSY
         slurm = {k: os.environ[k] for k in SLURM_IDS if k in os.environ}
         if slurm:
@@ -83,6 +86,8 @@ class Supervisor:
         restarts = 0
         while True:
             code, exit_signal = self._run_child()
+            if code not in KNOWN_EXITS + NOT_RESTARTED or self.grace_killed:
+                self._rescue(code)
             if exit_signal is not None and code != 0:  # preempted: the newest commit is the resume point
                 code = (
                     training_signals.EXIT_INTERRUPTED if exit_signal == signal.SIGINT else training_signals.EXIT_REQUEUE
@@ -105,7 +110,9 @@ class Supervisor:
     def _run_child(self) -> tuple[int, int | None]:
         """Run the child once; returns (exit code, the ending signal received by the supervisor or None)."""
         read_fd, write_fd = os.pipe()
-        env = {**os.environ, REPORT_FD_ENV: str(write_fd)}
+        slots.clear_slots(self.slot_dir)  # a new trainer's snapshots only
+        env = {**os.environ, REPORT_FD_ENV: str(write_fd), slots.SLOT_DIR_ENV: str(self.slot_dir)}
+        self.grace_killed = False
         child = subprocess.Popen(
             self.command, env=env, pass_fds=(write_fd,), preexec_fn=functools.partial(_die_with_parent, os.getpid())
         )
@@ -128,6 +135,7 @@ class Supervisor:
                 print(f"[telepathy] trainer did not exit within the {self.grace_period}s grace period; killing it. "
                       f"Resume point: {self.last_commit and self.last_commit.get('path')}", flush=True)  # fmt: skip
                 self.events.emit("grace_expired", last_commit=self.last_commit)
+                self.grace_killed = True
                 child.kill()
                 child.wait()
                 break
@@ -137,6 +145,22 @@ class Supervisor:
         if ending is None and code in (training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED):
             ending = signal.SIGTERM if code == training_signals.EXIT_REQUEUE else signal.SIGINT  # signalled directly
         return code, ending
+
+    def _rescue(self, code: int) -> None:
+        """The trainer ended without committing its last steps: commit its newest shared-memory snapshot."""
+        how = "grace period overrun" if self.grace_killed else how_it_ended(code)
+        try:
+            rescued = rescue(self.slot_dir, self.save_dir, how)
+        except Exception as exc:  # the rescue is a bonus; the committed checkpoints stand
+            print(f"[telepathy] could not commit the trainer's last snapshot: {exc}", flush=True)
+            self.events.emit("rescue_failed", error=str(exc))
+            return
+        if rescued is not None:
+            step, path = rescued
+            print(f"[telepathy] trainer ended ({how}); committed its step-{step} snapshot from shared memory: "
+                  f"{path}", flush=True)  # fmt: skip
+            self.events.emit("rescue", step=step, path=str(path), how=how)
+            self.last_commit = {"event": "save", "step": step, "path": str(path), "reason": f"rescue:{how}"}
 
     def _read_reports(self, read_fd: int) -> None:
         with os.fdopen(read_fd, "rb") as pipe:

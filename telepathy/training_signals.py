@@ -14,6 +14,7 @@ Signal table (the defaults; callers may add or remap signals, e.g. SIGUSR2 when 
 
 from __future__ import annotations
 
+import atexit
 import enum
 import signal
 import threading
@@ -88,6 +89,22 @@ def install_signal_handlers(extra: Mapping[int, Action] | None = None) -> None:
     _state.exit_signals = frozenset(s for s, a in actions.items() if a is not Action.SAVE_AND_CONTINUE)
     for signum in actions:
         _state.previous_handlers[signum] = signal.signal(signum, _on_signal)
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_ignore_at_exit)
+        _exit_hook_registered = True
+
+
+_exit_hook_registered = False
+
+
+def _ignore_at_exit() -> None:
+    """At interpreter exit Python resets signals that have Python handlers to their default action, so a SIGUSR1
+    (default: terminate) arriving during teardown would kill a run that already finished and saved (exit -10 instead
+    of 0). The run's outcome is decided by then: ignore the table's signals for the last moments."""
+    if _state.previous_handlers and threading.current_thread() is threading.main_thread():
+        for signum in _state.actions:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def installed() -> bool:

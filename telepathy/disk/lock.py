@@ -43,10 +43,7 @@ class SaveDirLock:
         try:
             self._lock.acquire()
         except Timeout:
-            raise SaveDirBusy(
-                f"{self.save_dir} is in use by another run ({describe_holder(self.save_dir)}). Two writers would "
-                f"delete each other's checkpoints: wait for that run to end, stop it, or use another --save_dir."
-            ) from None
+            raise SaveDirBusy(busy_message(self.save_dir)) from None
         if self._lock.lock_counter == 1:  # first acquisition in this process: say who holds it
             holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": round(time.time(), 3),
                       "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
@@ -56,6 +53,11 @@ class SaveDirLock:
     def release(self) -> None:
         if self._lock.is_locked:
             self._lock.release()
+
+
+def busy_message(save_dir: str | os.PathLike) -> str:
+    return (f"{save_dir} is in use by another run ({describe_holder(save_dir)}). Two writers would delete each "
+            "other's checkpoints: wait for that run to end, stop it, or use another --save_dir.")  # fmt: skip
 
 
 def describe_holder(save_dir: str | os.PathLike) -> str:

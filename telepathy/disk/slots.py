@@ -1,0 +1,145 @@
+"""Shared-memory snapshot slots: the trainer copies each step's state into one of two files in ``/dev/shm`` (a
+double buffer), its supervisor reads the newest complete one after the trainer died (SIGKILL, OOM, segfault) and
+commits it. No torch here: the supervisor reads raw bytes; :mod:`telepathy.store.step_snapshots` turns state into
+slots and back.
+
+A slot file::
+
+    [0:64)   header: magic, seq_begin, seq_end, meta_len, data_len (little-endian u64)
+    [64:…)   meta: JSON (step, checkpoint info, the structure of the state with tensors as references)
+    […:…)    data: the tensors' bytes, each at a 64-byte aligned offset
+
+Writing stores ``seq_begin = n`` first and ``seq_end = n`` last, so a copy torn by a kill (or caught half-way by a
+reader) has ``seq_begin != seq_end`` and is never used; the other slot then holds the previous complete step.
+The directory is made by the supervisor, private to the user (0700), and removed when it exits.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import secrets
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SLOT_DIR_ENV = "TELEPATHY_SNAPSHOT_DIR"
+MAGIC = b"TPSLOT1\0"
+HEADER = struct.Struct("<8sQQQQ")  # magic, seq_begin, seq_end, meta_len, data_len
+HEADER_BYTES = 64
+ALIGN = 64
+SLOTS = 2
+
+
+def align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def make_slot_dir() -> Path:
+    """A fresh private directory for one supervisor's slots, in shared memory when the machine has it."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else None
+    path = Path(tempfile.mkdtemp(prefix=f"telepathy-{os.getpid()}-{secrets.token_hex(3)}-", dir=base))
+    os.chmod(path, 0o700)
+    return path
+
+
+def remove_slot_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def clear_slots(path: Path) -> None:
+    """Forget the snapshots of an earlier trainer (a restarted one counts its sequence from 1 again)."""
+    for slot in range(SLOTS):
+        (path / f"slot{slot}").unlink(missing_ok=True)
+
+
+class SlotWriter:
+    """The trainer's side: alternate between the two slots, growing a slot file when the state grows."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.dir = Path(directory)
+        self._maps: dict[int, tuple[mmap.mmap, int]] = {}  # slot -> (mapping, capacity)
+        self.seq = 0
+
+    def write(self, step: int, meta: dict[str, Any], data_len: int, fill: Callable[[memoryview], None]) -> None:
+        """Write one snapshot: ``fill`` copies ``data_len`` bytes of tensors into the view it is given."""
+        self.seq += 1
+        slot = self.seq % SLOTS
+        meta_bytes = json.dumps({**meta, "step": step}, separators=(",", ":")).encode()
+        data_at = align(HEADER_BYTES + len(meta_bytes))
+        mapping = self._mapping(slot, data_at + data_len)
+        HEADER.pack_into(mapping, 0, MAGIC, self.seq, 0, len(meta_bytes), data_len)  # seq_end 0: being written
+        mapping[HEADER_BYTES : HEADER_BYTES + len(meta_bytes)] = meta_bytes
+        view = memoryview(mapping)[data_at : data_at + data_len]
+        try:
+            fill(view)
+        finally:
+            view.release()
+        HEADER.pack_into(mapping, 0, MAGIC, self.seq, self.seq, len(meta_bytes), data_len)
+
+    def _mapping(self, slot: int, size: int) -> mmap.mmap:
+        current = self._maps.get(slot)
+        if current is not None and current[1] >= size:
+            return current[0]
+        if current is not None:
+            current[0].close()
+        capacity = max(size, int(size * 1.25))  # room for a state that grows a little (optimizer state appears)
+        path = self.dir / f"slot{slot}"
+        tmp = self.dir / f".slot{slot}.new"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.ftruncate(fd, capacity)
+            mapping = mmap.mmap(fd, capacity)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # a reader never sees a half-sized file under the slot's name
+        self._maps[slot] = (mapping, capacity)
+        return mapping
+
+    def close(self) -> None:
+        for mapping, _ in self._maps.values():
+            mapping.close()
+        self._maps.clear()
+
+
+def read_newest(directory: str | os.PathLike) -> tuple[dict[str, Any], bytes] | None:
+    """The newest complete snapshot (meta, tensor bytes) in the slots, or None. A slot whose copy was torn
+    (``seq_begin != seq_end``), whose header is damaged or whose size lies is skipped."""
+    found: list[tuple[int, dict[str, Any], bytes]] = []
+    for slot in range(SLOTS):
+        read = _read_slot(Path(directory) / f"slot{slot}")
+        if read is not None:
+            found.append(read)
+    if not found:
+        return None
+    _, meta, data = max(found, key=lambda f: f[0])
+    return meta, data
+
+
+def _read_slot(path: Path) -> tuple[int, dict[str, Any], bytes] | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size < HEADER_BYTES:
+            return None
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapping:
+            magic, begin, end, meta_len, data_len = HEADER.unpack_from(mapping, 0)
+            data_at = align(HEADER_BYTES + meta_len)
+            if magic != MAGIC or begin == 0 or begin != end or data_at + data_len > size:
+                return None
+            meta_bytes, data = mapping[HEADER_BYTES : HEADER_BYTES + meta_len], mapping[data_at : data_at + data_len]
+            if HEADER.unpack_from(mapping, 0)[1:3] != (begin, end):  # rewritten while we copied it out
+                return None
+        meta = json.loads(meta_bytes)
+        return (begin, meta, data) if isinstance(meta, dict) and isinstance(meta.get("step"), int) else None
+    except (OSError, ValueError, struct.error):
+        return None
+    finally:
+        os.close(fd)
