@@ -145,7 +145,14 @@ def add_supervisor_flags(group: Any) -> None:
     group.add_argument("--grace_period", type=_positive_float, default=120.0,
                        help="seconds the trainer gets after SIGTERM")  # fmt: skip
     group.add_argument("--auto_resume", action="store_true", help="resume from SAVE_DIR/latest when present")
-    group.add_argument("--max_restarts", type=int, default=2, help="restarts after a trainer crash")
+    group.add_argument(
+        "--max_restarts",
+        type=int,
+        default=2,
+        help="restarts after trainer failures in a row (one that made progress resets the count)",
+    )
+    group.add_argument("--restart_backoff", type=_positive_float, default=2.0,
+                       help="seconds before the first restart (doubled for each failure in a row)")  # fmt: skip
 
 
 def save_dir_problem(save_dir: Path) -> str | None:

@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.save_dir, exist_ok=True)
     command = wrapped or [sys.executable, "-m", "telepathy.latentwire.train", *config.normalize(argv)]
     restart = command if wrapped or args.auto_resume else [*command, "--auto_resume"]  # a restart continues
-    code = supervise(command, args.save_dir, args.grace_period, args.max_restarts, restart_command=restart)
+    code = supervise(command, args.save_dir, args.grace_period, args.max_restarts, restart_command=restart,
+                     restart_backoff=args.restart_backoff)  # fmt: skip
     if wrapped is None and code == 0:
         from telepathy.disk.save_dir import SaveDir  # noqa: PLC0415
 

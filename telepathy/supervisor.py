@@ -85,9 +85,12 @@ class Supervisor:
         self.events.emit("supervisor_start", command=self.command, **slurm)
         restarts = 0
         while True:
+            before = self._newest_step()
             code, exit_signal = self._run_child()
             if code not in KNOWN_EXITS + NOT_RESTARTED or self.grace_killed:
                 self._rescue(code)
+            if self._newest_step() > before:
+                restarts = 0  # it made progress: max_restarts counts failures in a row, not a long run's kills
             if exit_signal is not None and code != 0:  # preempted: the newest commit is the resume point
                 code = (
                     training_signals.EXIT_INTERRUPTED if exit_signal == signal.SIGINT else training_signals.EXIT_REQUEUE
@@ -146,6 +149,10 @@ class Supervisor:
             ending = signal.SIGTERM if code == training_signals.EXIT_REQUEUE else signal.SIGINT  # signalled directly
         return code, ending
 
+    def _newest_step(self) -> int:
+        committed = SaveDir(self.save_dir).committed()
+        return committed[-1].step if committed else -1
+
     def _rescue(self, code: int) -> None:
         """The trainer ended without committing its last steps: commit its newest shared-memory snapshot."""
         how = "grace period overrun" if self.grace_killed else how_it_ended(code)
@@ -181,7 +188,7 @@ def _send(child: subprocess.Popen, signum: int) -> None:
 
 
 def supervise(command: Sequence[str], save_dir: str | os.PathLike, grace_period: float, max_restarts: int = 0,
-              restart_command: Sequence[str] | None = None) -> int:  # fmt: skip
+              restart_command: Sequence[str] | None = None, restart_backoff: float = 2.0) -> int:  # fmt: skip
     """Run ``command`` under a :class:`Supervisor`; returns the exit code to use."""
     sys.stdout.flush()
-    return Supervisor(command, save_dir, grace_period, max_restarts, restart_command=restart_command).run()
+    return Supervisor(command, save_dir, grace_period, max_restarts, restart_backoff, restart_command).run()
