@@ -236,6 +236,9 @@ class Checkpointer:
         else:
             self._report(SaveReport(path, step, reason, time.monotonic() - started, blocked, info.get("epoch")))
 
+    def _writing(self) -> bool:
+        return self._writer is not None and self._writer.is_alive()
+
     def wait(self) -> None:
         """Block until a background save is committed (re-raising what went wrong in it, other than I/O)."""
         if self._writer is not None:
@@ -283,9 +286,12 @@ class Checkpointer:
             return False
         requests = self.policy.requests(state.global_step)
         decision = self.policy.decide(distributed.agree(requests) if self.collective else requests)
-        if decision.save:
+        blocking = not self.async_save or decision.stop
+        if decision.save and not blocking and decision.reason in ("interval", "steps") and self._writing():
+            pass  # latest wins: the loop never waits for the disk; the next step boundary takes a newer state
+        elif decision.save:
             try:
-                self.save(state, decision.reason, metric, blocking=not self.async_save or decision.stop)
+                self.save(state, decision.reason, metric, blocking=blocking)
             except CheckpointWriteError as exc:  # disk full, I/O error: the previous checkpoint stands
                 self._save_failed(decision.reason, exc)
         if decision.stop:

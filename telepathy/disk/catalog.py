@@ -11,14 +11,17 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from telepathy.disk import durable
 from telepathy.disk.commit import is_own_temporary
+from telepathy.disk.contents import MANIFEST
 from telepathy.disk.manifest import CheckpointInvalid, read_manifest, verify_directory
 from telepathy.disk.retention import RetentionPolicy
 from telepathy.disk.save_dir import BLOBS, LATEST, TEMP_PREFIX, TRASH_PREFIX, CheckpointRef, SaveDir, is_blob_name
@@ -29,6 +32,20 @@ log = logging.getLogger("telepathy")
 class Catalog:
     def __init__(self, save_dir: SaveDir) -> None:
         self.dir = save_dir
+        self._manifests: dict[Path, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+        self.delete: Callable[[Path], None] = _remove_tree  # how a pruned directory, renamed aside, is deleted
+
+    def manifest(self, directory: Path) -> dict[str, Any]:
+        """``read_manifest`` of a committed directory, remembered while its manifest file is unchanged (committed
+        checkpoints never change; a save reads the kept ones' manifests at every prune)."""
+        st = os.stat(directory / MANIFEST, follow_symlinks=False) if (directory / MANIFEST).is_file() else None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else (0, 0, 0)
+        cached = self._manifests.get(directory)
+        if cached is not None and cached[0] == key and st is not None:
+            return cached[1]
+        doc = read_manifest(directory)
+        self._manifests[directory] = (key, doc)
+        return doc
 
     # --------------------------------------------------------------------------------- verification
     def verify(self, directory: Path) -> dict[str, Any]:
@@ -100,7 +117,7 @@ class Catalog:
         live: dict[str, dict[str, Any]] = {}
         for directory in self.dir.all_checkpoints():
             try:
-                live.update(read_manifest(directory).get("blobs", {}))
+                live.update(self.manifest(directory).get("blobs", {}))
             except CheckpointInvalid:
                 return None
         return live
@@ -137,7 +154,7 @@ class Catalog:
         ours: dict[int, Path] = {}
         for ref in refs:
             try:
-                manifest = read_manifest(ref.path)
+                manifest = self.manifest(ref.path)
             except CheckpointInvalid:
                 continue  # not provably ours (or damaged): never delete it
             metric = manifest.get("metric")
@@ -153,10 +170,42 @@ class Catalog:
                 trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}")
                 os.rename(path, trash)  # no longer a candidate for loading, even if the delete is interrupted
                 durable.pause_point("pruned directory renamed aside, before its removal")
-                durable.fsync_dir(path.parent)
-                shutil.rmtree(trash)
+                self.delete(trash)  # no fsync: a prune lost in a crash only keeps an old checkpoint a while longer
+                self._manifests.pop(path, None)
             removed.append(path)
         return removed
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)  # a leftover .trash- directory is removed by the next writer
+
+
+class BackgroundDeleter:
+    """Deletes pruned directories in a background thread, off the save's critical path (unlinking freshly written
+    files costs about as much as writing a small checkpoint). :meth:`drain` waits for what is queued."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Path] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, path: Path) -> None:
+        self._queue.put(path)
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="telepathy-prune", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                path = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                return
+            _remove_tree(path)
+            self._queue.task_done()
+
+    def drain(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.join()
 
 
 def _finite(value: float) -> bool:

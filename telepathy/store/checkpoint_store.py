@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from telepathy.disk import durable
-from telepathy.disk.catalog import Catalog
+from telepathy.disk.catalog import BackgroundDeleter, Catalog
 from telepathy.disk.commit import PendingCheckpoint
 from telepathy.disk.lock import SaveDirLock
 from telepathy.disk.manifest import FileEntry
@@ -41,6 +41,8 @@ class CheckpointStore:
         self.save_dir = self.dir.root
         self.checkpoints_dir = self.dir.checkpoints
         self.catalog = Catalog(self.dir)
+        self._deleter = BackgroundDeleter()
+        self.catalog.delete = self._deleter  # pruned checkpoints are deleted off the save's critical path
         self.retention = retention or RetentionPolicy()
         self.lock = SaveDirLock(self.dir.root)
         self.blobs = None
@@ -50,7 +52,9 @@ class CheckpointStore:
             self.blobs = BlobStore(self.dir, compress=compress)
 
     def close(self) -> None:
-        """Stop being this save dir's writer (also happens when the process exits)."""
+        """Finish deleting pruned checkpoints, then stop being this save dir's writer (a process's lock also ends
+        when it exits)."""
+        self._deleter.drain()
         self.lock.release()
 
     def prepare(self) -> None:
