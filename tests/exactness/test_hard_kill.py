@@ -164,3 +164,37 @@ def test_a_supervisor_killed_during_its_rescue_leaves_the_previous_checkpoint(tm
     rescued.resume()
     assert torch.equal(rescued.parts["model"].weight, model.weight)
     rescued.close()
+
+
+@pytest.mark.slow
+def test_the_whole_tree_killed_at_once_loses_at_most_one_commit(tmp_path, reference):
+    """Node loss: supervisor and trainer SIGKILLed together, nothing in memory survives. With a durable save at
+    every step, written in the background and coalesced (latest wins), the rerun replays at most the steps of one
+    commit plus the one in flight, and finishes bit-identically."""
+    command = supervised(tmp_path, "--step_delay", "0.05", "--save_every_steps", "1", "--async_save")
+    rng, result, replayed = random.Random(5), RunResult(), []
+    for kill_after in (4, 13, 27, None):
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # fmt: skip
+        printed, lines = 0, []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            result.record(line)
+            if line.startswith("PID ") and replayed and replayed[-1][1] is None:
+                replayed[-1] = (replayed[-1][0], int(RESUMED.search(line).group(1)))
+            match = STEP_LINE.match(line)
+            if match:
+                printed = int(match.group("step"))
+                if kill_after is not None and printed >= kill_after:
+                    time.sleep(rng.uniform(0, 0.08))
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    replayed.append((printed, None))
+                    kill_after = None
+        code = proc.wait(timeout=60)
+        result.outputs.append("".join(lines))
+    assert code == 0, result.outputs[-1][-3000:]
+    losses = [last - resumed for last, resumed in replayed]
+    assert len(losses) == 3 and all(0 <= n <= 3 for n in losses), replayed
+    assert result.replay_mismatches == [] and result.losses == reference[0]
+    assert deep_equal(load_checkpoint_files(final_checkpoint(tmp_path)), reference[1]) == []
