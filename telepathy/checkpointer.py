@@ -31,11 +31,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from telepathy import distributed, rng, training_signals
-from telepathy.disk.contents import OPTIMIZER, RESERVED_PARTS, STATE, part_file, rank_part
+from telepathy import distributed, restore, rng, training_signals
+from telepathy.disk.contents import OPTIMIZER, RESERVED_PARTS, STATE
 from telepathy.disk.events import RunRecorder
-from telepathy.disk.manifest import read_manifest
-from telepathy.errors import CheckpointWriteError, ResumeMismatchError, UsageError
+from telepathy.errors import CheckpointInvalid, CheckpointWriteError, UsageError
 from telepathy.options import CheckpointOptions
 from telepathy.save_policy import SavePolicy, check_interval
 from telepathy.store import collective, step_snapshots
@@ -43,10 +42,7 @@ from telepathy.store.checkpoint_store import CheckpointStore
 from telepathy.store.snapshot import HostBuffers
 from telepathy.train_state import (
     TrainState,
-    check_shapes,
-    check_signature,
     run_metadata,
-    state_from_dict,
     state_to_dict,
 )
 
@@ -342,63 +338,39 @@ class Checkpointer:
             raise
 
     # ---------------------------------------------------------------------------------------- resume
-    def resume(self, resume_from: str | os.PathLike | None = None, *, strict: bool = False) -> TrainState:
-        """Restore the newest valid checkpoint (or ``resume_from``) into the parts, optimizer, scheduler,
-        scaler and RNGs; return its TrainState, or a fresh one when there is nothing to resume.
+    def resume(self, resume_from: str | os.PathLike | None = None, *, strict: bool = False,
+               check: Callable[[TrainState], None] | None = None) -> TrainState:  # fmt: skip
+        """Restore the newest usable checkpoint (or ``resume_from``) into the parts, optimizer, scheduler, scaler
+        and RNGs; return its TrainState, or a fresh one when there is nothing to resume.
 
-        ``strict``: when the newest committed checkpoint fails verification, raise instead of falling back to
-        an older one (an operator who would rather look than silently replay)."""
+        A checkpoint that verifies but cannot be used (a file that does not load safely, a position ``check``
+        rejects, a damaged blob) is skipped like a corrupt one and the next older one is tried. ``strict`` (and
+        ``resume_from``): use that checkpoint or raise instead of falling back (an operator who would rather look
+        than silently replay). A checkpoint made with other settings raises :class:`ResumeMismatchError`."""
         if self.collective:  # rank 0 verifies and decides; every rank loads the same checkpoint
-            directory = collective.choose_on_rank0(lambda: self.store.resume_point(resume_from, strict))
+            chosen = collective.choose_on_rank0(lambda: self.store.resume_point(resume_from, strict))
+            candidates = iter([] if chosen is None else [chosen])
+        elif resume_from is not None or strict:
+            chosen = self.store.resume_point(resume_from, strict)
+            candidates = iter([] if chosen is None else [chosen])
         else:
-            directory = self.store.resume_point(resume_from, strict)
-        if directory is None:
-            log.info("no checkpoint in %s; starting from scratch", self.store.save_dir)
-            if self.recorder is not None:
-                self.recorder.start(0, 0)
-            return TrainState()
-        saved_state = self.store.load_part(directory, STATE)
-        check_signature(saved_state.get("signature", {}), self.signature, str(directory))
-        state = state_from_dict(saved_state)
-        manifest = read_manifest(directory)
-        was_sharded = bool(manifest.get("sharded"))
-        if was_sharded != self.sharded:
-            raise ResumeMismatchError(f"cannot resume from {directory}: it was saved with sharded={was_sharded}, "
-                                      f"this run has sharded={self.sharded}")  # fmt: skip
-        saved_world = int(manifest.get("world_size", 1))
-        if saved_world != self.world_size and self.rank == 0:
-            log.warning("resuming a checkpoint written by %d rank(s) with %d: training continues at the same "
-                        "global position (epoch %d, batch %d) in the same data order, but not bit-identically to an "
-                        "uninterrupted run (per-rank random streams and reduction order change); keep the global "
-                        "batch size fixed so that a batch index means the same samples", saved_world,
-                        self.world_size, state.epoch, state.batch_idx)  # fmt: skip
-        if self.sharded:
-            from telepathy.store import sharded  # noqa: PLC0415 (DCP takes ~1.5 s to import; only sharded runs pay)
-
-            sharded.load_parts(self.parts, self.optimizer, directory)
-        loaded = {} if self.sharded else {name: self.store.load_part(directory, name) for name in self.parts}
-        for name, saved in loaded.items():
-            check_shapes(name, self.parts[name].state_dict(), saved, directory)
-        opt = self.store.load_part(directory, OPTIMIZER)
-        # Order matters: weights, then optimizer (its state is cast to the parameters' devices), then the
-        # scheduler (which reads optimizer param groups), then the scaler, and the RNGs last, after any
-        # construction work that could have drawn random numbers.
-        for name, saved in loaded.items():
-            self.parts[name].load_state_dict(saved)
-        for obj, key in ((self.optimizer, "optimizer"), (self.scheduler, "scheduler"), (self.scaler, "scaler")):
-            if obj is not None and not (key == "optimizer" and self.sharded):
-                if opt.get(key) is None:
-                    raise ResumeMismatchError(f"{directory}/{part_file(OPTIMIZER)} has no {key} state but this run "
-                                              f"has a {key}")  # fmt: skip
-                obj.load_state_dict(opt[key])
-        own = rank_part(self.rank)
-        if saved_world > 1 and part_file(own) in manifest["files"]:  # this rank's own random streams
-            rng.restore_rng_state(self.store.load_part(directory, own)["rng"], self.generators)
-        elif self.rank == 0:  # a rank that did not exist keeps its own seeding
-            rng.restore_rng_state(saved_state["rng"], self.generators)
-        self.policy.saved()
-        log.info("resumed from %s: epoch %d, batch %d, global step %d", directory, state.epoch, state.batch_idx,
-                 state.global_step)  # fmt: skip
+            candidates = self.store.catalog.valid_newest_first()
+        for directory in candidates:
+            try:
+                read = restore.read_checkpoint(self, directory, check)
+            except CheckpointInvalid as exc:
+                if self.collective or resume_from is not None or strict:
+                    raise
+                log.warning("skipping checkpoint %s: %s: %s; trying the next older one", directory, exc.file,
+                            exc.reason)  # fmt: skip
+                continue
+            return restore.apply_checkpoint(self, directory, read)
+        if self.store.committed() and not self.collective:
+            newest = self.store.committed()[-1].path
+            raise CheckpointInvalid(newest.parent, newest.name, f"none of the {len(self.store.committed())} "
+                                    "checkpoints verifies and loads (see the warnings above); starting from scratch "
+                                    "would hide that: move them away or use a new --save_dir")  # fmt: skip
+        log.info("no checkpoint in %s; starting from scratch", self.store.save_dir)
         if self.recorder is not None:
-            self.recorder.start(state.global_step, state.epoch, resumed_from=str(directory))
-        return state
+            self.recorder.start(0, 0)
+        return TrainState()

@@ -38,3 +38,25 @@ def leaves(obj: Any) -> list[Any]:
 
     transform(obj, collect)
     return found
+
+
+class TooLarge(ValueError):
+    """A structure has more values than a walk may visit."""
+
+
+def visit(obj: Any, fn: Callable[[Any], None], *, limit: int | None = None) -> int:
+    """Call ``fn`` on every value of ``obj`` (containers included), without copying anything; a value reached
+    twice through shared references is visited twice, so ``limit`` bounds the work on hostile input (raises
+    :class:`TooLarge`). Returns the number of visits."""
+    stack, visits = [obj], 0
+    while stack:
+        value = stack.pop()
+        visits += 1
+        if limit is not None and visits > limit:
+            raise TooLarge(f"more than {limit:,} values")
+        fn(value)
+        if isinstance(value, Mapping):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend(value)
+    return visits

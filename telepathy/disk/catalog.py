@@ -15,7 +15,7 @@ import queue
 import secrets
 import shutil
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,17 @@ class Catalog:
         if pointer is not None and not pointer.is_dir():
             log.warning("%s points at %s, which does not exist; scanning checkpoints/", LATEST, pointer)
         return first_valid(reversed(self.dir.committed()), self.verify)
+
+    def valid_newest_first(self) -> Iterator[Path]:
+        """Committed checkpoints that verify, newest first (the others skipped with a warning), read lazily: a
+        resume that can use the newest never hashes the older ones."""
+        pointer = self.dir.latest_target()
+        if pointer is not None and not pointer.is_dir():
+            log.warning("%s points at %s, which does not exist; scanning checkpoints/", LATEST, pointer)
+        for ref in reversed(self.dir.committed()):
+            found = first_valid([ref], self.verify)
+            if found is not None:
+                yield ref.path
 
     def resume_point(self, resume_from: str | os.PathLike | None = None, strict: bool = False) -> Path | None:
         """The verified checkpoint to resume from (``resume_from`` if given, else the newest that verifies; with

@@ -8,17 +8,20 @@ their references.
 
 from __future__ import annotations
 
+import os
 import pickle
+import stat
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from telepathy import tree
 from telepathy.disk.commit import PendingCheckpoint
 from telepathy.disk.contents import part_file
 from telepathy.disk.manifest import FileEntry, read_manifest
 from telepathy.disk.save_dir import SaveDir
-from telepathy.errors import UnsafeCheckpointError
+from telepathy.errors import CheckpointInvalid, UnsafeCheckpointError
 
 
 def write_part(pending: PendingCheckpoint, name: str, obj: Any) -> FileEntry:
@@ -28,20 +31,56 @@ def write_part(pending: PendingCheckpoint, name: str, obj: Any) -> FileEntry:
 
 def load_part(directory: Path, name: str) -> Any:
     """Load ``<name>.pt`` from a verified checkpoint directory without executing code from it (tensors kept in
-    blobs by a differential or compressed save are read back in place of their references)."""
-    path = directory / part_file(name)
+    blobs by a differential or compressed save are read back in place of their references). Only a regular file
+    the manifest lists is read, and what it holds must be a plausible state: a bounded structure whose tensors lie
+    inside their storage."""
+    file = part_file(name)
+    manifest = read_manifest(directory)
+    path = directory / file
+    if file not in manifest["files"]:
+        raise CheckpointInvalid(directory, file, "not listed in the manifest; only listed files are read")
     try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise CheckpointInvalid(directory, file, "not a regular file (symlink or special file)")
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             f"{path} is not a safe checkpoint file: it contains objects other than tensors and plain data, which "
             f"could run code when loaded; refusing to load it ({str(exc).splitlines()[0]})",
             directory,
-            part_file(name),
+            file,
         ) from None
-    refs = read_manifest(directory).get("blobs")
+    except OSError as exc:
+        raise CheckpointInvalid(directory, file, f"unreadable: {exc}") from None
+    check_plausible(obj, directory, file)
+    refs = manifest.get("blobs")
     if not refs:
         return obj
     from telepathy.store.blobs import BlobStore  # noqa: PLC0415 (only differential checkpoints need it)
 
     return BlobStore(SaveDir.of_checkpoint(directory.resolve())).internalize(obj, refs)
+
+
+MAX_NODES = 2_000_000  # containers and values in one part file: far above any real state dict
+
+
+def check_plausible(obj: Any, directory: Path, file: str) -> None:
+    """Refuse a loaded structure that is too large to walk (a few kilobytes of shared lists can describe 2**40
+    values) or a tensor that claims more bytes than its storage holds (a view that would read past it)."""
+
+    def check(value: Any) -> None:
+        if isinstance(value, torch.Tensor) and value.numel():
+            extent = value.storage_offset() + sum((n - 1) * st for n, st in zip(value.shape, value.stride())) + 1
+            if min(value.stride(), default=0) < 0 or extent * value.element_size() > value.untyped_storage().nbytes():
+                message = (
+                    f"{directory}/{file}: a tensor of shape {tuple(value.shape)} claims more bytes than its storage"
+                )
+                raise UnsafeCheckpointError(f"{message} holds; refusing it", directory, file)
+
+    try:
+        tree.visit(obj, check, limit=MAX_NODES)
+    except tree.TooLarge:
+        message = f"{directory}/{file} holds a structure of more than {MAX_NODES:,} values"
+        raise UnsafeCheckpointError(
+            f"{message} (shared references that expand?); refusing it", directory, file
+        ) from None

@@ -85,7 +85,7 @@ exec {python} "$@"
 
 
 def test_preemption_the_preempting_job_starts_within_seconds_of_the_trainers_exit(
-    kill_wait, jobs, slow_launcher, tmp_path, record_property
+    kill_wait, jobs, slow_launcher, tmp_path
 ):
     jobs.append(submit(tmp_path, 0.5, slow_launcher))
     wait_for_step(jobs[0], 3)
@@ -95,35 +95,33 @@ def test_preemption_the_preempting_job_starts_within_seconds_of_the_trainers_exi
     started = wait_for(lambda: (f := fields(high)).get("JobState") in ("RUNNING", "COMPLETING", "COMPLETED") and f,
                        120, f"the preempting job {high} to start")  # fmt: skip
     stall = seconds(started["StartTime"]) - trainer_exit(tmp_path / "save")
-    record_property("preempting_job_started_after_s", round(stall, 2))
+    print(f"preempting job started {stall:.2f} s after the trainer's exit")
     assert "was preempted and saved; requeuing it (restart 1" in log_of(jobs[0])  # requeued by the script
     assert stall < RELEASED_WITHIN, f"the preempting job started {stall:.1f} s after the trainer's exit"
     released = released_after(jobs[0], tmp_path / "save")
-    record_property("node_released_after_s", round(released, 2))
+    print(f"node free {released:.2f} s after the trainer's exit")
     assert released < RELEASED_WITHIN, f"job {jobs[0]} ended {released:.1f} s after the trainer (KillWait {kill_wait})"
 
 
 def test_time_limit_warning_the_node_is_free_within_seconds_of_the_trainers_exit(
-    kill_wait, jobs, slow_launcher, tmp_path, record_property
+    kill_wait, jobs, slow_launcher, tmp_path
 ):
     jobs.append(submit(tmp_path, 1.5, "--time=10", "--signal=TERM@60", slow_launcher))
     wait_for_step(jobs[0], 2)
     subprocess.run(["scontrol", "update", f"JobId={jobs[0]}", "TimeLimit=1"], check=True)  # the warning is due
     released = released_after(jobs[0], tmp_path / "save")
-    record_property("node_released_after_s", round(released, 2))
+    print(f"node free {released:.2f} s after the trainer's exit")
     assert "signalled (time limit or by hand) and saved; requeuing it (restart 1" in log_of(jobs[0])
     assert released < RELEASED_WITHIN, f"job {jobs[0]} ended {released:.1f} s after the trainer (KillWait {kill_wait})"
 
 
-def test_operator_requeue_the_node_is_free_within_seconds_of_the_trainers_exit(
-    kill_wait, jobs, tmp_path, record_property
-):
+def test_operator_requeue_the_node_is_free_within_seconds_of_the_trainers_exit(kill_wait, jobs, tmp_path):
     """SLURM's SIGTERM reaches the shell while the trainer is still saving: forwarding it must not keep the shell
     from seeing the trainer exit."""
     jobs.append(submit(tmp_path, 0.5))
     wait_for_step(jobs[0], 3)
     subprocess.run(["scontrol", "requeue", jobs[0]], check=True)
     released = released_after(jobs[0], tmp_path / "save")
-    record_property("node_released_after_s", round(released, 2))
+    print(f"node free {released:.2f} s after the trainer's exit")
     assert "requeuing it (restart" not in log_of(jobs[0])  # SLURM's requeue only
     assert released < RELEASED_WITHIN, f"job {jobs[0]} ended {released:.1f} s after the trainer (KillWait {kill_wait})"

@@ -1,0 +1,685 @@
+"""Hard kills, measured side by side in one run: what per-step protection costs a training loop, and how many steps
+a SIGKILL at a random instant makes a run replay, with and without it. Prints medians and ratios.
+
+    python benchmarks/hard_kill_bench.py                  # full size (about 10-15 minutes on 2 cores)
+    python benchmarks/hard_kill_bench.py --dir /scratch/bench --sections 2,3
+    python benchmarks/hard_kill_bench.py --smoke          # every section at a tiny size (a test runs this)
+
+1. Per-step overhead on the main job's default LatentWire workload (``python -m telepathy.preemptible_training
+   --samples S --epochs 1 --log_every 1``), as real processes: wall time per step after start-up (from the arrival
+   of the line for step k0 to the arrival of the last step line, timestamped as lines arrive), median over
+   repeats alternated A B C C B A ..., for no per-step protection (``--checkpoint_interval 600``),
+   ``--snapshot_every_step`` and ``--save_every_steps 1 --async_save``; ratios against the first.
+2. A 100 MiB state (an nn.Linear stack of 8.66M parameters + its AdamW moments) with a ~40 ms step of real compute
+   (forward, backward and AdamW step of that model on a batch sized at start to take ~40 ms), in this process:
+   per-step time without protection (a Checkpointer with a 600 s interval), with per-step snapshots into
+   shared-memory slots and with ``every_steps=1, async_save=True``, in blocks of steps alternated between the three;
+   the floor is a copy of every tensor of the model and optimizer state into preallocated buffers.
+3. Steps replayed after a SIGKILL at a random instant of a step (``telepathy.test_preemption`` with
+   ``--step_delay``): (a) ``--interval 600``, no per-step protection, the trainer killed under its supervisor;
+   (b) ``--snapshot_every_step``, the trainer killed, the supervisor alive (it commits the newest snapshot and
+   restarts the trainer); (c) ``--save_every_steps 1 --async_save``, the whole process tree killed at once, then
+   the same command run again. Replayed = the last step printed before the kill - the global step resumed at.
+   (b) and (c) run to the end and every step's loss (float.hex, replayed steps too) is compared with an
+   uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LW_STEP = re.compile(r"^step (?P<step>\d+)/(?P<total>\d+) epoch \d+ loss (?P<loss>\S+) ")
+TP_STEP = re.compile(r"^step (?P<step>\d+) epoch \d+ batch \d+ loss (?P<loss>\S+) ")
+TP_START = re.compile(r"^PID (?P<pid>\d+) training in .* \(global step (?P<step>\d+)\)")
+MAIN_JOB = [sys.executable, "-m", "telepathy.preemptible_training"]
+TEST_TOOL = [sys.executable, "-m", "telepathy.test_preemption"]
+SAMPLES_PER_EPOCH, BATCH = 96, 8  # section 3: 12 steps per epoch
+STEPS_PER_EPOCH = SAMPLES_PER_EPOCH // BATCH
+
+
+def say(message: str) -> None:
+    """Progress, on stderr (the tables go to stdout)."""
+    print(f"hard_kill_bench: {message}", file=sys.stderr, flush=True)
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def child_env() -> dict[str, str]:
+    """The children import this checkout's telepathy even when it is not installed."""
+    repo = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": repo if not path else f"{repo}{os.pathsep}{path}", "PYTHONUNBUFFERED": "1"}
+
+
+class Tree:
+    """A supervisor (or any command) in a session of its own, its merged output read line by line with the time
+    each line arrived; :meth:`kill_all` SIGKILLs the whole session at once."""
+
+    def __init__(self, command: list[str], cwd: Path, timeout: float) -> None:
+        self.proc = subprocess.Popen(command, cwd=cwd, env=child_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+        self.lines: list[tuple[float, str]] = []
+        self.killed_all = False
+        self.timed_out = False
+        self._watchdog = threading.Timer(timeout, self._on_timeout)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _on_timeout(self) -> None:
+        self.timed_out = True
+        self.kill_all()
+
+    def kill_all(self) -> bool:
+        """SIGKILL every process of the session; False when it had already ended."""
+        if self.proc.poll() is not None:
+            return False
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        self.killed_all = True
+        return True
+
+    def __iter__(self):
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            now = time.perf_counter()
+            self.lines.append((now, line))
+            yield now, line
+
+    def finish(self, what: str) -> int:
+        """Read to the end, wait; a run past its timeout is an error. Cleans up the shared-memory slot directory
+        of a supervisor that was SIGKILLed (it cannot remove it itself)."""
+        for _ in self:
+            pass
+        code = self.proc.wait()
+        self._watchdog.cancel()
+        if self.killed_all:
+            remove_leaked_slot_dirs(self.proc.pid)
+        if self.timed_out:
+            tail = "".join(line for _, line in self.lines[-25:])
+            raise RuntimeError(f"{what} ran past its timeout; last output:\n{tail}")
+        return code
+
+    def output(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+
+def remove_leaked_slot_dirs(pid: int) -> None:
+    """``telepathy.disk.slots.make_slot_dir`` names its directory after the supervisor's pid; a supervisor killed
+    with SIGKILL leaves it behind (with snapshots in it, up to twice the state in shared memory)."""
+    for base in {Path("/dev/shm"), Path(tempfile.gettempdir())}:
+        if base.is_dir():
+            for leaked in base.glob(f"telepathy-{pid}-*"):
+                shutil.rmtree(leaked, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------- section 1
+def section1(root: Path, smoke: bool) -> None:
+    samples, k0, rounds = (96, 3, 1) if smoke else (1760, 20, 4)
+    variants = [
+        ("no per-step protection (`--checkpoint_interval 600`)", []),
+        ("`--snapshot_every_step`", ["--snapshot_every_step"]),
+        ("`--save_every_steps 1 --async_save`", ["--save_every_steps", "1", "--async_save"]),
+    ]
+    spans: dict[int, list[float]] = {i: [] for i in range(len(variants))}
+    gaps: dict[int, list[float]] = {i: [] for i in range(len(variants))}
+    say(f"section 1: LatentWire main job, {samples // 8} steps per run, {rounds} round(s) of {len(variants)} runs")
+    run_no = 0
+    for r in range(rounds):
+        order = list(range(len(variants)))
+        for i in order if r % 2 == 0 else order[::-1]:
+            run_no += 1
+            save_dir = root / f"s1-{run_no}"
+            command = [*MAIN_JOB, "--save_dir", str(save_dir), "--samples", str(samples), "--epochs", "1",
+                       "--log_every", "1", "--checkpoint_interval", "600", *variants[i][1]]  # fmt: skip
+            tree = Tree(command, root, timeout=120 if smoke else 600)
+            times: dict[int, float] = {}
+            for now, line in tree:
+                match = LW_STEP.match(line)
+                if match:
+                    times[int(match.group("step"))] = now
+            code = tree.finish("the main job")
+            if code != 0:
+                raise RuntimeError(f"the main job exited {code}:\n{tree.output()[-3000:]}")
+            shutil.rmtree(save_dir, ignore_errors=True)
+            last = max(times)
+            spans[i].append((times[last] - times[k0]) / (last - k0))
+            steps = sorted(s for s in times if s >= k0)
+            gaps[i].append(med([times[b] - times[a] for a, b in zip(steps, steps[1:])]))
+    base_span, base_gap = med(spans[0]), med(gaps[0])
+    print(f"## 1. Per-step overhead, main job on its default LatentWire workload ({samples // 8} steps of batch 8; "
+          f"steps {k0}..{samples // 8} timed; median of {rounds} run(s) each, alternated)\n")  # fmt: skip
+    print("| main job (LatentWire default) | ms/step after start-up | x no protection | median step gap ms "
+          "| x no protection |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for i, (label, _) in enumerate(variants):
+        span, gap = med(spans[i]), med(gaps[i])
+        print(f"| {label} | {span * 1e3:.1f} | {span / base_span:.3f} | {gap * 1e3:.1f} | {gap / base_gap:.3f} |")
+    runs = ", ".join(f"{label.split(' (')[0]}: " + " ".join(f"{s * 1e3:.1f}" for s in spans[i])
+                     for i, (label, _) in enumerate(variants))  # fmt: skip
+    print(f"\nms/step of each run, in order: {runs}. Target: `--snapshot_every_step` <= 1.02x.\n")
+
+
+# ------------------------------------------------------------------------------------------------------- section 2
+def section2(root: Path, smoke: bool) -> None:
+    import mmap
+
+    import torch
+    from torch import nn
+
+    from telepathy import Checkpointer, TrainState
+    from telepathy.disk import slots
+
+    width, depth, tail = (256, 2, 64) if smoke else (1024, 8, 256)
+    rounds, steps_per_block, target_ms = (2, 3, 40.0) if smoke else (12, 15, 40.0)
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(width, tail))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    params = sum(p.numel() for p in model.parameters())
+
+    def make_step(batch: int) -> Callable[[], None]:
+        x = torch.randn(batch, width)
+
+        def step() -> None:
+            loss = model(x).square().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return step
+
+    def timed(step: Callable[[], None], n: int) -> float:
+        took = []
+        for _ in range(n):
+            started = time.perf_counter()
+            step()
+            took.append(time.perf_counter() - started)
+        return med(took)
+
+    timed(make_step(1), 5)  # warm-up; the AdamW moments exist from here on
+    batch, took = 16, {}  # --smoke: a fixed batch (the numbers mean little)
+    if not smoke:  # the power-of-two batch whose step is nearest to ~40 ms (median of 9 steps each)
+        batch = 1
+        while batch <= 4096:
+            took[batch] = timed(make_step(batch), 9) * 1e3
+            if took[batch] >= target_ms:
+                break
+            batch *= 2
+        batch = min(took, key=lambda b: abs(math.log(took[b] / target_ms)))
+    step = make_step(batch)
+    tensors = [t for t in model.state_dict().values()]
+    tensors += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    state_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    buffers = [torch.empty_like(t) for t in tensors]
+    shm_dir = slots.make_slot_dir()  # the same kind of memory the snapshots go to, for the second floor
+    slot_dir = slots.make_slot_dir()
+    old_env = os.environ.get(slots.SLOT_DIR_ENV)
+    os.environ[slots.SLOT_DIR_ENV] = str(slot_dir)  # read when the Checkpointer is constructed
+    ckpts: dict[str, Any] = {}
+    shm_file, whole, shm_views = None, None, []
+    try:
+        with open(shm_dir / "floor", "w+b") as f:
+            f.truncate(slots.align(state_bytes) + 64 * len(tensors))
+            shm_file = mmap.mmap(f.fileno(), 0)
+        whole = torch.frombuffer(shm_file, dtype=torch.uint8)
+        at = 0
+        for t in tensors:
+            n = t.numel() * t.element_size()
+            shm_views.append(whole[at : at + n].view(t.dtype).view(t.shape))
+            at = slots.align(at + n)
+
+        def copy_floor(targets: list[Any]) -> float:
+            started = time.perf_counter()
+            for b, t in zip(targets, tensors):
+                b.copy_(t)
+            return time.perf_counter() - started
+
+        parts = {"model": model}
+        ckpts = {
+            "none": Checkpointer(root / "s2-none", parts=parts, optimizer=optimizer, interval=600),
+            "snapshot": Checkpointer(
+                root / "s2-snapshot", parts=parts, optimizer=optimizer, snapshot_every_step=True, interval=None
+            ),  # fmt: skip
+            "async": Checkpointer(
+                root / "s2-async", parts=parts, optimizer=optimizer, every_steps=1, async_save=True, interval=None
+            ),  # fmt: skip
+        }
+        states = {name: TrainState() for name in ckpts}
+        waits: list[float] = []  # every ckpt.wait() of the async Checkpointer while a step was timed
+        saves: list[float] = []  # seconds the loop was blocked per async save (the copy to host buffers)
+        commits: list[float] = []
+        in_flight = [False]
+
+        async_ckpt = ckpts["async"]
+        real_wait, real_save = async_ckpt.wait, async_ckpt.save
+
+        def wait_timed() -> None:
+            started = time.perf_counter()
+            real_wait()
+            if in_flight[0]:
+                waits.append(time.perf_counter() - started)
+
+        def save_timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return real_save(*args, **kwargs)
+            finally:
+                if in_flight[0]:
+                    saves.append(time.perf_counter() - started)
+
+        async_ckpt.wait, async_ckpt.save = wait_timed, save_timed
+        async_ckpt.on_save = lambda report: commits.append(report.seconds)
+
+        per_step: dict[str, list[float]] = {name: [] for name in ckpts}  # block means
+        in_boundary: dict[str, list[float]] = {name: [] for name in ckpts}  # every step
+        floors: dict[str, list[float]] = {"anon": [], "shm": []}
+
+        def block(name: str, n: int, record: bool) -> None:
+            ckpt, state = ckpts[name], states[name]
+            in_flight[0] = record
+            started = time.perf_counter()
+            for _ in range(n):
+                step()
+                state.advance(batches_per_epoch=10**9)
+                b0 = time.perf_counter()
+                ckpt.step_boundary(state)
+                if record:
+                    in_boundary[name].append(time.perf_counter() - b0)
+            took = time.perf_counter() - started
+            in_flight[0] = False
+            if record:
+                per_step[name].append(took / n)
+            ckpt.wait()  # untimed: the next block starts without a commit in flight
+
+        say(f"section 2: {state_bytes / 2**20:.1f} MiB state, batch {batch}, {rounds} rounds of "
+            f"{steps_per_block} steps per variant")  # fmt: skip
+        for name in ckpts:  # warm-up: slot files mapped and touched, host buffers allocated
+            block(name, 3, record=False)
+        if slots.read_newest(slot_dir) is None:
+            raise RuntimeError(f"the snapshot Checkpointer wrote no snapshot into {slot_dir}")
+        for _ in range(3):
+            copy_floor(buffers)
+            copy_floor(shm_views)
+        names = list(ckpts)
+        paired: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                block(name, steps_per_block, record=True)
+            for name in names:
+                paired[name].append(per_step[name][-1] - per_step["none"][-1])
+            for _ in range(3):
+                floors["anon"].append(copy_floor(buffers))
+                floors["shm"].append(copy_floor(shm_views))
+    finally:
+        for ckpt in ckpts.values():
+            ckpt.close()
+        if shm_file is not None:
+            whole, shm_views = None, []  # the views must go before the mapping can be closed
+            shm_file.close()
+        slots.remove_slot_dir(shm_dir)
+        slots.remove_slot_dir(slot_dir)
+        if old_env is None:
+            os.environ.pop(slots.SLOT_DIR_ENV, None)
+        else:
+            os.environ[slots.SLOT_DIR_ENV] = old_env
+    floor = med(floors["anon"])
+    measured = len(in_boundary["async"])
+    long_waits = [w for w in waits if w > 1e-3]
+    waited = (f"never ({len(waits)} waits, max {max(waits, default=0) * 1e3:.2f} ms)" if not long_waits
+              else f"{len(long_waits)} times > 1 ms, max {max(long_waits) * 1e3:.1f} ms")  # fmt: skip
+    rows = [
+        ("no per-step protection (interval 600 s)", "none", "-"),
+        ("per-step snapshot to shared memory", "snapshot", "no (copies only)"),
+        ("every_steps=1, async_save=True", "async", waited),
+    ]
+    print(f"## 2. {state_bytes / 2**20:.1f} MiB state ({params / 1e6:.2f}M parameters + AdamW), a "
+          f"{med(per_step['none']) * 1e3:.0f} ms step of real compute (forward, backward, AdamW step; batch {batch}), "
+          f"in-process; {rounds} rounds x {steps_per_block} steps per variant, alternated; medians\n")  # fmt: skip
+    print("| in-process loop, state of model + AdamW | ms/step | overhead ms/step | overhead / copy floor "
+          "| in step_boundary ms | boundary / copy floor | loop waited on disk |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for label, name, wait_text in rows:
+        over = med(paired[name]) if name != "none" else 0.0
+        boundary = med(in_boundary[name])
+        print(f"| {label} | {med(per_step[name]) * 1e3:.2f} | {over * 1e3:+.2f} | {over / floor:.2f} | "
+              f"{boundary * 1e3:.2f} | {boundary / floor:.2f} | {wait_text} |")  # fmt: skip
+    print(f"| copy floor: every tensor into preallocated buffers | {floor * 1e3:.2f} | | 1.00 | | | |")
+    shm = med(floors["shm"])
+    print(f"| copy of the same tensors into a /dev/shm mapping | {shm * 1e3:.2f} | | {shm / floor:.2f} | | | |")
+    mean_boundary = statistics.fmean(in_boundary["async"]) if in_boundary["async"] else math.nan
+    print(f"\nOverhead = median over rounds of (the variant's block mean - the no-protection block mean of the same "
+          f"round). Async: {len(saves)} saves started in {measured} timed steps (the others skipped: latest wins), "
+          f"loop blocked {med(saves) * 1e3:.1f} ms per save started (median), {mean_boundary * 1e3:.2f} ms per step "
+          f"on average in step_boundary; commits took {med(commits) * 1e3:.0f} ms (median). "
+          f"Target: snapshot overhead / copy floor <= 1.1.\n")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------- section 3
+@dataclass
+class KillRecord:
+    printed: int = -1  # the last step the killed process printed
+    resumed: int | None = None  # the global step the next trainer started from
+    killed_at: float = 0.0
+    resumed_after: float | None = None  # seconds from the kill to the next trainer's start line
+
+
+@dataclass
+class Losses:
+    first: dict[int, str] = field(default_factory=dict)
+    mismatches: list[str] = field(default_factory=list)
+
+    def record(self, step: int, loss: str) -> None:
+        if step in self.first and self.first[step] != loss:
+            self.mismatches.append(f"step {step}: {self.first[step]} then {loss}")
+        self.first.setdefault(step, loss)
+
+
+def tool_args(save_dir: Path, epochs: int, step_delay: float, *extra: str) -> list[str]:
+    return ["--save_dir", str(save_dir), "--epochs", str(epochs), "--samples", str(SAMPLES_PER_EPOCH),
+            "--batch_size", str(BATCH), "--log_every", "1", "--interval", "600", "--duration", "3600",
+            "--step_delay", str(step_delay), *extra]  # fmt: skip
+
+
+def supervised(save_dir: Path, max_restarts: int, backoff: float, trainer_args: list[str]) -> list[str]:
+    return [*MAIN_JOB, "--save_dir", str(save_dir), "--grace_period", "60", "--max_restarts", str(max_restarts),
+            "--restart_backoff", str(backoff), "--", *TEST_TOOL, *trainer_args]  # fmt: skip
+
+
+class Killer:
+    """Kill targets: ``pick()`` draws the step after a resume point at which to kill, and the kill lands a random
+    fraction of a step (from the step gaps seen so far) after that step's line arrived."""
+
+    def __init__(self, rng: random.Random, k_range: tuple[int, int], step_delay: float) -> None:
+        self.rng, self.k_range, self.gaps, self.default_gap = rng, k_range, [], step_delay + 0.005
+
+    def pick(self, resumed: int) -> int:
+        return resumed + self.rng.randint(*self.k_range)
+
+    def saw_gap(self, gap: float) -> None:
+        if 0 < gap < 1:
+            self.gaps.append(gap)
+
+    def later(self, action: Callable[[], Any]) -> None:
+        gap = med(self.gaps[-20:]) if len(self.gaps) >= 3 else self.default_gap
+        timer = threading.Timer(self.rng.uniform(0, gap), action)
+        timer.daemon = True
+        timer.start()
+
+
+def kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def trainer_kills(root: Path, name: str, tool: list[str], kills: int, killer: Killer, *, finish: bool,
+                  backoff: float, losses: Losses, timeout: float) -> tuple[list[KillRecord], str]:  # fmt: skip
+    """One supervisor: SIGKILL its trainer (only the trainer) ``kills`` times; after the last restart either let the
+    run finish (``finish``) or SIGKILL the whole tree. Returns the kills and the output."""
+    tree = Tree(supervised(root / name, kills + 2, backoff, tool), root, timeout)
+    records: list[KillRecord] = []
+    pid, target, printed, last_line = None, None, 0, None
+    for now, line in tree:
+        start = TP_START.match(line)
+        if start:
+            resumed = int(start.group("step"))
+            if records:
+                records[-1].printed, records[-1].resumed = printed, resumed
+                records[-1].resumed_after = now - records[-1].killed_at
+            if len(records) == kills and not finish:
+                tree.kill_all()
+                continue
+            pid, printed, last_line = int(start.group("pid")), resumed, None
+            target = killer.pick(resumed) if len(records) < kills else None
+            continue
+        match = TP_STEP.match(line)
+        if not match:
+            continue
+        step = int(match.group("step"))
+        losses.record(step, match.group("loss"))
+        printed = max(printed, step)
+        if last_line is not None:
+            killer.saw_gap(now - last_line)
+        last_line = now
+        if target is not None and step >= target and pid is not None:
+            record = KillRecord()
+            records.append(record)
+
+            def kill(victim: int = pid, record: KillRecord = record) -> None:
+                record.killed_at = time.perf_counter()
+                kill_pid(victim)
+
+            killer.later(kill)
+            pid = target = None
+    code = tree.finish(f"supervisor {name}")
+    if finish and code != 0:
+        raise RuntimeError(f"supervisor {name} exited {code}:\n{tree.output()[-3000:]}")
+    return [r for r in records if r.resumed is not None], tree.output()
+
+
+def tree_kills(root: Path, name: str, tool: list[str], kills: int, killer: Killer, *, losses: Losses,
+               timeout: float) -> tuple[list[KillRecord], list[str]]:  # fmt: skip
+    """SIGKILL the whole process tree (supervisor and trainer at once) ``kills`` times, each time running the same
+    command again, then let the last one finish."""
+    command = supervised(root / name, 2, 0.1, tool)
+    records: list[KillRecord] = []
+    outputs = []
+    while True:
+        tree = Tree(command, root, timeout)
+        target, printed, last_line = None, 0, None
+        for now, line in tree:
+            start = TP_START.match(line)
+            if start:
+                resumed = int(start.group("step"))
+                if records and records[-1].resumed is None:
+                    records[-1].resumed, records[-1].resumed_after = resumed, now - records[-1].killed_at
+                printed = resumed
+                target = killer.pick(resumed) if len(records) < kills else None
+                continue
+            match = TP_STEP.match(line)
+            if not match:
+                continue
+            step = int(match.group("step"))
+            losses.record(step, match.group("loss"))
+            printed = max(printed, step)
+            if last_line is not None:
+                killer.saw_gap(now - last_line)
+            last_line = now
+            if target is not None and step >= target:
+                record = KillRecord()
+                records.append(record)
+
+                def kill(tree: Tree = tree, record: KillRecord = record) -> None:
+                    record.killed_at = time.perf_counter()
+                    tree.kill_all()
+
+                killer.later(kill)
+                target = None
+        code = tree.finish(f"supervisor {name}")
+        outputs.append(tree.output())
+        if records and records[-1].printed < 0:  # this invocation was the one killed
+            if not tree.killed_all:
+                records.pop()  # it finished before the kill landed
+            else:
+                records[-1].printed = printed
+                continue
+        if code != 0:
+            raise RuntimeError(f"supervisor {name} exited {code}:\n{outputs[-1][-3000:]}")
+        return [r for r in records if r.resumed is not None], outputs
+
+
+def section3(root: Path, smoke: bool, seed: int) -> None:
+    from telepathy.disk.events import read_events
+
+    kills = 3 if smoke else 20
+    k_range = (2, 4) if smoke else (2, 10)
+    step_delay = 0.05
+    epochs = math.ceil((kills * k_range[1] + 6) / STEPS_PER_EPOCH)
+    total = epochs * STEPS_PER_EPOCH
+    rng = random.Random(seed)
+    timeout = 300 if smoke else 900
+    say(f"section 3: {kills} kills per case, runs of {total} steps, --step_delay {step_delay}")
+
+    ref_dir = root / "s3-reference"
+    tree = Tree([*TEST_TOOL, *tool_args(ref_dir, epochs, 0.0)], root, timeout)
+    reference = Losses()
+    for _, line in tree:
+        match = TP_STEP.match(line)
+        if match:
+            reference.record(int(match.group("step")), match.group("loss"))
+    if tree.finish("the reference run") != 0 or len(reference.first) != total:
+        raise RuntimeError(f"the reference run failed:\n{tree.output()[-3000:]}")
+
+    results: list[tuple[str, list[KillRecord], str, str]] = []  # label, kills, bit-identical, note
+
+    # (a) today: a 600 s interval, no per-step protection; the supervisor restarts the killed trainer
+    say("section 3 (a): --interval 600, trainer killed")
+    killer = Killer(rng, k_range, step_delay)
+    records_a: list[KillRecord] = []
+    group = 0
+    while len(records_a) < kills:  # restarts without progress back off exponentially: at most 8 per supervisor
+        group += 1
+        want = min(8, kills - len(records_a))
+        got, _ = trainer_kills(root, f"s3a-{group}", tool_args(root / f"s3a-{group}", epochs, step_delay), want,
+                               killer, finish=False, backoff=0.002, losses=Losses(), timeout=timeout)  # fmt: skip
+        records_a += got
+        if not got:
+            raise RuntimeError("case (a): no kill landed")
+    gap_a = med(killer.gaps)
+    results.append(("(a) `--interval 600`, no per-step protection; trainer killed, supervisor restarts it",
+                    records_a, "n/a (nothing committed: restarts from step 0)",
+                    f"bound: the interval, 600 s = {600 / gap_a:.0f} steps of {gap_a * 1e3:.0f} ms"))  # fmt: skip
+
+    # (b) per-step snapshots; the trainer killed, the supervisor commits the newest snapshot and restarts it
+    say("section 3 (b): --snapshot_every_step, trainer killed")
+    losses_b = Losses()
+    killer = Killer(rng, k_range, step_delay)
+    records_b, output_b = trainer_kills(root, "s3b", tool_args(root / "s3b", epochs, step_delay,
+                                        "--snapshot_every_step"), kills, killer, finish=True, backoff=0.1,
+                                        losses=losses_b, timeout=timeout)  # fmt: skip
+    same_b = losses_b.first == reference.first and not losses_b.mismatches
+    rescues = output_b.count("snapshot from shared memory")
+    results.append(("(b) `--snapshot_every_step`; trainer killed, supervisor alive", records_b,
+                    yes_no(same_b, losses_b, reference), f"{rescues} rescue commits from shared memory"))  # fmt: skip
+
+    # (c) the whole tree killed at once; durable saves every step in the background; the same command run again
+    say("section 3 (c): --save_every_steps 1 --async_save, whole tree killed")
+    losses_c = Losses()
+    killer = Killer(rng, k_range, step_delay)
+    records_c, _ = tree_kills(root, "s3c", tool_args(root / "s3c", epochs, step_delay, "--save_every_steps", "1",
+                              "--async_save"), kills, killer, losses=losses_c, timeout=timeout)  # fmt: skip
+    same_c = losses_c.first == reference.first and not losses_c.mismatches
+    saves = [e for e in read_events(root / "s3c") if e.get("event") == "save" and e.get("reason") == "steps"]
+    commit = med([float(e["seconds"]) for e in saves])
+    slowest = max((float(e["seconds"]) for e in saves), default=math.nan)
+    gap_c = med(killer.gaps)
+    results.append(("(c) `--save_every_steps 1 --async_save`; whole tree killed (killpg), same command rerun",
+                    records_c, yes_no(same_c, losses_c, reference),
+                    f"one commit ({commit * 1e3:.0f} ms, median of {len(saves)}; max {slowest * 1e3:.0f} ms) + the "
+                    f"step in flight ({gap_c * 1e3:.0f} ms): <= 1 + ceil(commit / step) = "
+                    f"{1 + math.ceil(commit / gap_c)} steps (with the slowest commit: "
+                    f"{1 + math.ceil(slowest / gap_c)})"))  # fmt: skip
+
+    print(f"## 3. Steps replayed after a SIGKILL at a random instant (`telepathy.test_preemption`, {total} steps, "
+          f"`--step_delay {step_delay}`; killed a uniform fraction of a step after step k's line arrived, k drawn "
+          f"{k_range[0]}..{k_range[1]} steps after each resume)\n")  # fmt: skip
+    print("| SIGKILL at a random instant | kills | steps replayed, median | max | bit-identical to an uninterrupted "
+          "run | kill to restarted trainer, s | loss bound |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for label, records, same, note in results:
+        replayed = [r.printed - r.resumed for r in records]
+        downtime = [r.resumed_after for r in records if r.resumed_after is not None]
+        print(f"| {label} | {len(records)} | {med(replayed):g} | {max(replayed, default=math.nan):g} | {same} | "
+              f"{med(downtime):.2f} | {note} |")  # fmt: skip
+    for label, records, _, _ in results:
+        print(f"\n{label.split(' ')[0]} replayed per kill: " + " ".join(str(r.printed - r.resumed) for r in records))
+    print("\nReplayed = last step the killed trainer printed - the global step its successor resumed at; a step "
+          "line is printed before that step's boundary (snapshot, save), so a kill after the line and before the "
+          "boundary replays that step.\n")  # fmt: skip
+
+
+def yes_no(same: bool, losses: Losses, reference: Losses) -> str:
+    if same:
+        return f"yes ({len(reference.first)} steps, replays included)"
+    missing = len(set(reference.first) - set(losses.first))
+    differ = sum(1 for s, v in losses.first.items() if reference.first.get(s) != v)
+    return f"NO: {differ} steps differ, {missing} missing, {len(losses.mismatches)} replays differ"
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def usable_dir(path: Path | None) -> Path | None:
+    """``--dir`` if it is a writable directory; otherwise one line on stderr and exit 2 (it is not created: a
+    typo would otherwise measure whatever disk holds the new directory)."""
+    if path is None:
+        return None
+    problem = None
+    if not path.is_dir():
+        problem = "is not a directory" if path.exists() else "does not exist; create it first (on the disk to measure)"
+    elif not os.access(path, os.W_OK | os.X_OK):
+        problem = "is not writable by this user"
+    if problem:
+        print(f"hard_kill_bench: --dir {path} {problem}", file=sys.stderr)
+        sys.exit(2)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", type=Path, default=None, help="an existing directory to write in (default: /tmp)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every section at a tiny size (one run per variant, a 1.5 MiB state, 3 kills per case): "
+                        "checks that the script runs; the numbers mean little")  # fmt: skip
+    parser.add_argument("--sections", default="1,2,3", help="which sections to run, comma-separated (default 1,2,3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill instants")
+    args = parser.parse_args()
+    base = usable_dir(args.dir)
+    try:
+        sections = {int(s) for s in args.sections.split(",")}
+    except ValueError:
+        sections = set()
+    if not sections or not sections <= {1, 2, 3}:
+        parser.error(f"--sections takes numbers from 1,2,3, got {args.sections!r}")
+    root = Path(tempfile.mkdtemp(prefix="telepathy-hard-kill-", dir=base))
+    started = time.monotonic()
+    try:
+        if args.smoke:
+            print("# --smoke: tiny sizes, so that the script cannot rot; the numbers mean little\n")
+        print(f"Measured in {base or tempfile.gettempdir()} on {os.cpu_count()} CPU(s).\n", flush=True)
+        if 1 in sections:
+            section1(root, args.smoke)
+            sys.stdout.flush()
+        if 2 in sections:
+            section2(root, args.smoke)
+            sys.stdout.flush()
+        if 3 in sections:
+            section3(root, args.smoke, args.seed)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    say(f"done in {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

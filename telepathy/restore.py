@@ -1,0 +1,108 @@
+"""Reading a checkpoint back into a run: load and check everything first, apply only a checkpoint that passed.
+
+A checkpoint can verify byte for byte and still be unusable (a file a hostile hand re-sealed, a position past the
+end of the data, a damaged blob). :func:`read_checkpoint` turns every such problem into :class:`CheckpointInvalid`
+before anything of the run is touched, so :meth:`Checkpointer.resume` can fall back to the next older checkpoint
+exactly as for a corrupt one; settings that differ (a mismatch) are the user's to fix and raise instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from telepathy import rng
+from telepathy.disk.contents import OPTIMIZER, STATE, part_file, rank_part
+from telepathy.disk.manifest import read_manifest
+from telepathy.errors import CheckpointInvalid, ResumeMismatchError
+from telepathy.train_state import TrainState, check_shapes, check_signature, state_from_dict
+
+if TYPE_CHECKING:
+    from telepathy.checkpointer import Checkpointer
+
+log = logging.getLogger("telepathy")
+
+
+@dataclass
+class Loaded:
+    state: TrainState
+    saved_state: dict[str, Any]
+    parts: dict[str, Any]
+    optimizer: dict[str, Any]
+    saved_world: int
+    own_rng: Any
+
+
+def read_checkpoint(ckpt: Checkpointer, directory: Path, check: Callable[[TrainState], None] | None) -> Loaded:
+    """Everything a resume needs from ``directory``, loaded and checked before anything is applied; a file
+    that does not load or does not make sense raises CheckpointInvalid (settings that differ: a mismatch)."""
+    manifest = read_manifest(directory)  # verified by the catalog
+    current = STATE
+    try:
+        saved_state = ckpt.store.load_part(directory, STATE)
+        check_signature(saved_state.get("signature", {}), ckpt.signature, str(directory))
+        state = state_from_dict(saved_state)
+        if check is not None:
+            check(state)
+        was_sharded = bool(manifest.get("sharded"))
+        if was_sharded != ckpt.sharded:
+            raise ResumeMismatchError(f"cannot resume from {directory}: it was saved with sharded={was_sharded}, "
+                                      f"this run has sharded={ckpt.sharded}")  # fmt: skip
+        loaded = {}
+        for current in [] if ckpt.sharded else list(ckpt.parts):
+            loaded[current] = ckpt.store.load_part(directory, current)
+            check_shapes(current, ckpt.parts[current].state_dict(), loaded[current], directory)
+        current = OPTIMIZER
+        opt = ckpt.store.load_part(directory, OPTIMIZER)
+        if not isinstance(opt, dict):
+            raise TypeError("optimizer.pt does not hold a dict")
+        saved_world = int(manifest.get("world_size", 1))
+        current = rank_part(ckpt.rank)
+        own_rng = None
+        if saved_world > 1 and part_file(current) in manifest["files"]:  # this rank's own random streams
+            own_rng = ckpt.store.load_part(directory, current)["rng"]
+    except (ResumeMismatchError, CheckpointInvalid):
+        raise
+    except Exception as exc:  # it verified byte for byte but cannot be used: treat it as corrupt
+        raise CheckpointInvalid(directory, part_file(current), f"cannot be used: {exc!r}"[:500]) from exc
+    return Loaded(state, saved_state, loaded, opt, saved_world, own_rng)
+
+
+def apply_checkpoint(ckpt: Checkpointer, directory: Path, read: Loaded) -> TrainState:
+    """Put a checkpoint that :func:`read_checkpoint` loaded and checked into the run."""
+    state, saved_state, loaded, opt = read.state, read.saved_state, read.parts, read.optimizer
+    saved_world, own_rng = read.saved_world, read.own_rng
+    if saved_world != ckpt.world_size and ckpt.rank == 0:
+        log.warning("resuming a checkpoint written by %d rank(s) with %d: training continues at the same "
+                    "global position (epoch %d, batch %d) in the same data order, but not bit-identically to an "
+                    "uninterrupted run (per-rank random streams and reduction order change); keep the global "
+                    "batch size fixed so that a batch index means the same samples", saved_world,
+                    ckpt.world_size, state.epoch, state.batch_idx)  # fmt: skip
+    if ckpt.sharded:
+        from telepathy.store import sharded  # noqa: PLC0415 (DCP takes ~1.5 s to import; only sharded runs pay)
+
+        sharded.load_parts(ckpt.parts, ckpt.optimizer, directory)
+    # Order matters: weights, then optimizer (its state is cast to the parameters' devices), then the
+    # scheduler (which reads optimizer param groups), then the scaler, and the RNGs last, after any
+    # construction work that could have drawn random numbers.
+    for name, saved in loaded.items():
+        ckpt.parts[name].load_state_dict(saved)
+    for obj, key in ((ckpt.optimizer, "optimizer"), (ckpt.scheduler, "scheduler"), (ckpt.scaler, "scaler")):
+        if obj is not None and not (key == "optimizer" and ckpt.sharded):
+            if opt.get(key) is None:
+                raise ResumeMismatchError(f"{directory}/{part_file(OPTIMIZER)} has no {key} state but this run "
+                                          f"has a {key}")  # fmt: skip
+            obj.load_state_dict(opt[key])
+    if own_rng is not None:
+        rng.restore_rng_state(own_rng, ckpt.generators)
+    elif ckpt.rank == 0:  # a rank that did not exist keeps its own seeding
+        rng.restore_rng_state(saved_state["rng"], ckpt.generators)
+    ckpt.policy.saved()
+    log.info("resumed from %s: epoch %d, batch %d, global step %d", directory, state.epoch, state.batch_idx,
+             state.global_step)  # fmt: skip
+    if ckpt.recorder is not None:
+        ckpt.recorder.start(state.global_step, state.epoch, resumed_from=str(directory))
+    return state
