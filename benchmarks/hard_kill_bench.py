@@ -134,7 +134,7 @@ def remove_leaked_slot_dirs(pid: int) -> None:
 
 # ------------------------------------------------------------------------------------------------------- section 1
 def section1(root: Path, smoke: bool) -> None:
-    samples, k0, rounds = (96, 3, 1) if smoke else (1760, 20, 4)
+    samples, k0, rounds = (64, 2, 1) if smoke else (1760, 20, 5)
     variants = [
         ("no per-step protection (`--checkpoint_interval 600`)", []),
         ("`--snapshot_every_step`", ["--snapshot_every_step"]),

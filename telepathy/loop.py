@@ -26,7 +26,7 @@ from telepathy import training_signals
 from telepathy.checkpointer import Checkpointer, Stateful
 from telepathy.data import ResumableBatchSampler, resumable_loader
 from telepathy.save_policy import check_interval
-from telepathy.train_state import TrainState
+from telepathy.train_state import TrainState, within_epoch
 
 
 class PreemptibleRun:
@@ -55,7 +55,7 @@ class PreemptibleRun:
         signature.update(self.options.pop("signature", {}))
         self.ckpt = Checkpointer(self.save_dir, parts=self.parts, optimizer=self.optimizer, signature=signature,
                                  **self.options)  # fmt: skip
-        self.state = self.ckpt.resume()
+        self.state = self.ckpt.resume(check=within_epoch(self.batches_per_epoch))
         self._guard = self.ckpt.emergency_guard(self.state)
         self._guard.__enter__()
         return self

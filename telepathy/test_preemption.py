@@ -31,7 +31,7 @@ from telepathy.checkpointer import Checkpointer  # noqa: E402
 from telepathy.data import ResumableBatchSampler, resumable_loader, sample_generator  # noqa: E402
 from telepathy.errors import TelepathyError, describe  # noqa: E402
 from telepathy.options import CheckpointOptions, add_checkpoint_flags  # noqa: E402
-from telepathy.train_state import TrainState  # noqa: E402
+from telepathy.train_state import TrainState, within_epoch  # noqa: E402
 
 log = logging.getLogger("telepathy")
 
@@ -123,7 +123,11 @@ def train(args: argparse.Namespace) -> int:
             f"error: --no_resume but {args.save_dir} already holds checkpoints; use a new --save_dir", file=sys.stderr
         )
         return 2
-    state = TrainState() if args.no_resume else ckpt.resume(args.resume_from, strict=args.strict_resume)
+    state = (
+        TrainState()
+        if args.no_resume
+        else ckpt.resume(args.resume_from, strict=args.strict_resume, check=within_epoch(batches))
+    )
     print(
         f"PID {os.getpid()} training in {args.save_dir} from epoch {state.epoch} batch {state.batch_idx} "
         f"(global step {state.global_step})",

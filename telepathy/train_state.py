@@ -13,7 +13,7 @@ import platform
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,13 +111,14 @@ def state_from_dict(data: Mapping[str, Any]) -> TrainState:
             f"state.pt has format_version={version!r}, this telepathy reads version {STATE_FORMAT_VERSION}; "
             "resume with the telepathy version that wrote it"
         )
-    return TrainState(
-        epoch=int(data["epoch"]),
-        global_step=int(data["global_step"]),
-        batch_idx=int(data["batch_idx"]),
-        best_loss=float(data["best_loss"]),
-        extra=dict(data.get("extra", {})),
-    )
+    counts = {key: data.get(key) for key in ("epoch", "global_step", "batch_idx")}
+    for key, value in counts.items():
+        if type(value) is not int or not 0 <= value < 1 << 62:
+            raise ValueError(f"state.pt: {key} {str(value)[:40]!r} is not a plausible count")
+    if type(data.get("best_loss")) is not float or not isinstance(data.get("extra", {}), Mapping):
+        raise ValueError("state.pt: best_loss or extra has the wrong type")
+    return TrainState(epoch=counts["epoch"], global_step=counts["global_step"], batch_idx=counts["batch_idx"],
+                      best_loss=data["best_loss"], extra=dict(data.get("extra", {})))  # fmt: skip
 
 
 def check_signature(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
@@ -150,3 +151,13 @@ def check_shapes(name: str, current: Mapping[str, Any], saved: Mapping[str, Any]
             + "\n  ".join(sorted(problems)[:20])
             + "\nResume with the same model configuration, or use a new --save_dir."
         )
+
+
+def within_epoch(batches_per_epoch: int) -> Callable[[TrainState], None]:
+    """A ``Checkpointer.resume(check=...)`` that refuses a saved position past the end of an epoch of this data."""
+
+    def check(state: TrainState) -> None:
+        if state.batch_idx >= batches_per_epoch:
+            raise ValueError(f"batch {state.batch_idx} is past the end of an epoch of {batches_per_epoch} batches")
+
+    return check

@@ -29,7 +29,7 @@ MANIFEST_VERSION = 2  # 2: the manifest hashes itself
 SELF_HASH = "manifest_xxh3_128"
 HASH_NAME = "xxh3_128"
 MAX_FILE_BYTES = 1 << 46  # 64 TiB: anything larger in a manifest is corruption or an attack
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}")  # the whole name (fullmatch: no trailing newline)
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def entry_for(path: Path) -> FileEntry:
 
 def is_safe_file_name(name: str) -> bool:
     """A plain file name inside a checkpoint directory: no separators, no '..', no leading dot."""
-    return bool(_SAFE_NAME.match(name)) and ".." not in name
+    return isinstance(name, str) and bool(_SAFE_NAME.fullmatch(name)) and ".." not in name
 
 
 class HashingWriter:
@@ -116,7 +116,17 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             raise CheckpointInvalid(directory, name, f"manifest size {size!r} is not a plausible byte count")
         if not isinstance(entry.get(HASH_NAME), str):
             raise CheckpointInvalid(directory, name, f"manifest has no {HASH_NAME} hash")
-    for name, entry in (doc.get("blobs") or {}).items():
+    for key in ("step", "epoch", "batch_idx"):
+        value = doc.get(key)
+        if value is not None and (type(value) is not int or not 0 <= value < 1 << 62):
+            raise CheckpointInvalid(directory, MANIFEST_NAME, f"{key} {str(value)[:40]!r} is not a plausible count")
+    metric = doc.get("metric")
+    if metric is not None and not (type(metric) in (int, float) and abs(metric) < 1e300):
+        raise CheckpointInvalid(directory, MANIFEST_NAME, f"metric {str(metric)[:40]!r} is not a finite number")
+    blobs = doc.get("blobs") or {}
+    if not isinstance(blobs, dict):
+        raise CheckpointInvalid(directory, MANIFEST_NAME, "blobs is not a mapping")
+    for name, entry in blobs.items():
         ok = is_blob_name(name) and isinstance(entry, dict) and entry.get("codec") in ("raw", "zst")
         size = entry.get("bytes") if isinstance(entry, dict) else None
         if not ok or not isinstance(size, int) or not 0 <= size <= MAX_FILE_BYTES:

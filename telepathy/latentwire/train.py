@@ -32,7 +32,7 @@ from telepathy.latentwire.llm import FrozenLM, load_frozen_lm
 from telepathy.latentwire.model import Adapter, ByteEncoder
 from telepathy.latentwire.qa_data import QADataset, collate, prompt_bytes, squad_qa, synthetic_qa
 from telepathy.options import CheckpointOptions
-from telepathy.train_state import TrainState
+from telepathy.train_state import TrainState, within_epoch
 
 log = logging.getLogger("telepathy")
 ANCHOR = "Answer: "
@@ -108,7 +108,11 @@ def train(args) -> int:
         options=CheckpointOptions.from_args(args),
     )
     resuming = args.auto_resume or args.resume_from
-    state = ckpt.resume(args.resume_from, strict=args.strict_resume) if resuming else TrainState()
+    state = (
+        ckpt.resume(args.resume_from, strict=args.strict_resume, check=within_epoch(batches))
+        if resuming
+        else TrainState()
+    )
     if not (args.auto_resume or args.resume_from) and ckpt.store.committed():
         log.error("%s already holds checkpoints; pass --auto_resume to continue it or use a new --save_dir",
                   args.save_dir)  # fmt: skip
