@@ -5,6 +5,7 @@ supervisor over a pipe (fd in ``TELEPATHY_REPORT_FD``): commits are reported wit
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -13,6 +14,7 @@ from typing import Any
 from telepathy.disk.save_dir import EVENTS as EVENTS_FILE  # noqa: F401 (re-exported)
 from telepathy.disk.save_dir import SaveDir
 
+log = logging.getLogger("telepathy")
 REPORT_FD_ENV = "TELEPATHY_REPORT_FD"
 PROGRESS_EVERY_ENV = "TELEPATHY_PROGRESS_EVERY"  # seconds between progress records [2]
 
@@ -21,18 +23,24 @@ class EventLog:
     def __init__(self, save_dir: str | os.PathLike, source: str) -> None:
         self.path = SaveDir(save_dir).events
         self.source = source
+        self.failed = False  # an append failed (warned once)
         fd = os.environ.get(REPORT_FD_ENV)
         self.report_fd = int(fd) if fd and fd.isdigit() else None
 
     def emit(self, kind: str, **fields: Any) -> None:
         record = {"time": round(time.time(), 3), "event": kind, "source": self.source, "pid": os.getpid(), **fields}
         line = (json.dumps(record, default=str) + "\n").encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)  # one write per line with O_APPEND: lines from two processes never interleave
-        finally:
-            os.close(fd)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, line)  # one write per line with O_APPEND: lines from two processes never interleave
+            finally:
+                os.close(fd)
+        except OSError as exc:  # best effort: a full disk or a hostile link never stops training
+            if not self.failed:
+                log.warning("could not append to %s (%s); training goes on without the event log", self.path, exc)
+            self.failed = True
         if self.report_fd is not None:
             try:
                 os.write(self.report_fd, line)
@@ -41,10 +49,27 @@ class EventLog:
 
 
 def read_events(save_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of ``events.jsonl``; a torn, binary or foreign line is skipped (the log is best effort)."""
     path = SaveDir(save_dir).events
-    if not path.exists():
+    try:
+        if path.is_symlink() or not path.is_file():
+            return []
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("event"), str) and _number(record.get("time")):
+            records.append(record)
+    return records
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
 
 
 class RunRecorder:

@@ -1,30 +1,33 @@
 """One writer per save directory.
 
-Two processes saving into one directory (a misconfigured job array, a requeued job overlapping a straggler)
-would prune and clean up each other's files. The writer holds an exclusive ``flock`` (via the ``filelock``
-package) on ``SAVE_DIR/.telepathy.lock`` for as long as it lives and records who it is in
-``SAVE_DIR/.telepathy.lock.json``; a second writer is refused at once with a message naming the holder.
+Two processes saving into one directory (a misconfigured job array, a requeued job overlapping a straggler) would
+prune and clean up each other's files. The writer holds an exclusive ``flock`` on ``SAVE_DIR/.telepathy.lock`` for
+as long as it lives and records who it is in ``SAVE_DIR/.telepathy.lock.json``; a second writer is refused at once
+with a message naming the holder. The kernel releases a ``flock`` when its holder dies (SIGKILL, OOM), so a dead
+holder's lock is taken over without any staleness guesswork. On NFS, Linux maps ``flock`` to NFS byte-range locks,
+which the server releases when the client's lease expires (about 90 s after a node is lost).
 
-The kernel releases a ``flock`` when its holder dies (SIGKILL, OOM), so a dead holder's lock is taken over
-without any staleness guesswork. On NFS, Linux maps ``flock`` to NFS byte-range locks, which the server
-releases when the client's lease expires (about 90 s after a node is lost); on filesystems without working
-locks ``filelock`` falls back to a lock file that does not detect dead holders.
+Written here rather than with a lock library because a save dir is untrusted ground: the lock file is opened
+without following a symlink and never truncated, and a lock whose file was deleted (``rm D/.telepathy.lock``,
+``rm -rf D``) is noticed — the holder stops committing (:meth:`SaveDirLock.check_still_held`) and a newcomer is
+refused while the recorded holder is alive.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import socket
 import time
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
 from telepathy.disk import durable
-from telepathy.disk.save_dir import LOCK as LOCK_NAME  # noqa: F401 (re-exported)
 from telepathy.disk.save_dir import SaveDir
-from telepathy.errors import SaveDirBusy  # noqa: F401 (re-exported: raised here)
+from telepathy.errors import SaveDirBusy, UsageError
+
+_HELD: dict[tuple[int, int], list[int]] = {}  # (dev, inode) of a lock file -> [fd, acquisitions] in this process
 
 
 class SaveDirLock:
@@ -32,27 +35,126 @@ class SaveDirLock:
 
     def __init__(self, save_dir: str | os.PathLike) -> None:
         self.save_dir = Path(save_dir)
-        self._lock = FileLock(SaveDir(save_dir).lock_file, timeout=0, thread_local=False, is_singleton=True)
+        self.dir = SaveDir(save_dir)
+        self._key: tuple[int, int] | None = None
 
     @property
     def held(self) -> bool:
-        return self._lock.is_locked
+        return self._key is not None
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`SaveDirBusy` naming the current holder."""
+        if self._key is not None:
+            return
+        path = self.dir.lock_file
         try:
-            self._lock.acquire()
-        except Timeout:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UsageError(f"{path} is a symbolic link; telepathy writes only regular files inside the save "
+                                 "dir: remove the link") from None  # fmt: skip
+            raise
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        if key in _HELD:  # this process holds it already (another Checkpointer, the supervisor's rescue)
+            os.close(fd)
+            _HELD[key][1] += 1
+            self._key = key
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
             raise SaveDirBusy(busy_message(self.save_dir)) from None
-        if self._lock.lock_counter == 1:  # first acquisition in this process: say who holds it
-            holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": round(time.time(), 3),
-                      "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                      "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID")}  # fmt: skip
-            durable.atomic_write_bytes(SaveDir(self.save_dir).holder_file, json.dumps(holder).encode())
+        holder = _read_holder(self.save_dir)
+        if holder is not None and _alive_elsewhere(holder):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise SaveDirBusy(busy_message(self.save_dir) + " (its lock file was removed while it ran; it still "
+                              "does)")  # fmt: skip
+        _HELD[key] = [fd, 1]
+        self._key = key
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()),
+                  "since": round(time.time(), 3), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                  "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID")}  # fmt: skip
+        try:
+            durable.atomic_write_bytes(self.dir.holder_file, json.dumps(record).encode())
+        except OSError:
+            pass  # who holds it is a courtesy for status; the flock is the lock
+
+    def check_still_held(self) -> None:
+        """Raise :class:`SaveDirBusy` when the lock file this process holds is no longer the save dir's (deleted or
+        replaced): another run may be writing there now, so nothing may be committed or pruned."""
+        if self._key is None:
+            return
+        try:
+            st = os.stat(self.dir.lock_file, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == self._key:
+                return
+        except OSError:
+            pass
+        raise SaveDirBusy(f"{self.save_dir} is no longer this run's: its lock file was removed or replaced while it "
+                          "ran, so another run may write there; stopping without committing or pruning")  # fmt: skip
 
     def release(self) -> None:
-        if self._lock.is_locked:
-            self._lock.release()
+        if self._key is None:
+            return
+        entry = _HELD.get(self._key)
+        self._key, key = None, self._key
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _HELD[key]
+            holder = _read_holder(self.save_dir)
+            if holder is not None and holder.get("pid") == os.getpid():  # say it is free (status, a newcomer)
+                try:
+                    record = json.dumps({**holder, "released": round(time.time(), 3)}).encode()
+                    durable.atomic_write_bytes(self.dir.holder_file, record)
+                except OSError:
+                    pass
+            fcntl.flock(entry[0], fcntl.LOCK_UN)
+            os.close(entry[0])
+
+
+def _read_holder(save_dir: str | os.PathLike) -> dict | None:
+    path = SaveDir(save_dir).holder_file
+    try:
+        if path.is_symlink():
+            return None
+        holder = json.loads(path.read_text(errors="replace"))
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells a live holder from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive_elsewhere(holder: dict) -> bool:
+    """Whether the recorded holder is another process, alive, on this host (its start time matches)."""
+    pid = holder.get("pid")
+    if (
+        holder.get("released") is not None
+        or holder.get("host") != socket.gethostname()
+        or not isinstance(pid, int)
+        or pid == os.getpid()
+        or pid <= 0
+    ):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    started = holder.get("started")
+    return started is None or started == _start_time(pid)
 
 
 def busy_message(save_dir: str | os.PathLike) -> str:
@@ -62,14 +164,13 @@ def busy_message(save_dir: str | os.PathLike) -> str:
 
 def describe_holder(save_dir: str | os.PathLike) -> str:
     """``host H, pid P, SLURM job J, since <time>`` from the holder record, as far as it is readable."""
-    try:
-        holder = json.loads(SaveDir(save_dir).holder_file.read_text())
-    except (OSError, ValueError):
+    holder = _read_holder(save_dir)
+    if holder is None:
         return "holder unknown"
     parts = [f"host {holder.get('host')}", f"pid {holder.get('pid')}"]
     if holder.get("slurm_job_id"):
         task = holder.get("slurm_array_task_id")
         parts.append(f"SLURM job {holder['slurm_job_id']}" + (f" (array task {task})" if task else ""))
-    if isinstance(holder.get("since"), (int, float)):
+    if isinstance(holder.get("since"), (int, float)) and 0 < holder["since"] < 1e11:
         parts.append("since " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"])))
-    return ", ".join(parts)
+    return ", ".join(str(p)[:200] for p in parts)

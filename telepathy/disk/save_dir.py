@@ -123,6 +123,25 @@ class SaveDir:
         except (OSError, RuntimeError):  # a loop of links
             return None
 
+    # ----------------------------------------------------------------------------------- containment
+    def layout_problems(self) -> list[str]:
+        """What in this save dir would make a writer reach outside it or act on something it did not make: a
+        symlinked ``checkpoints/``, ``emergency/``, ``blobs/``, event log or lock file, or one of the wrong kind."""
+        problems = []
+        for path, kind in ((self.checkpoints, "dir"), (self.emergency, "dir"), (self.blobs, "dir"),
+                           (self.events, "file"), (self.lock_file, "file"), (self.holder_file, "file")):  # fmt: skip
+            if path.is_symlink():
+                real = "directory" if kind == "dir" else "file"
+                problems.append(f"{path} is a symbolic link; telepathy reads, writes and deletes only inside the save "
+                                f"dir: replace it with a real {real}")  # fmt: skip
+            elif path.exists() and (path.is_dir() if kind == "file" else not path.is_dir()):
+                problems.append(f"{path} exists but is not a {'directory' if kind == 'dir' else 'regular file'}")
+        return problems
+
+    def latest_is_a_copy(self) -> bool:
+        """``latest`` is a real directory (a copy tool followed the link), not the symlink telepathy maintains."""
+        return self.latest.is_dir() and not self.latest.is_symlink()
+
     # ------------------------------------------------------------------------------------ lock probe
     def live_writer(self) -> bool | None:
         """Whether a live process holds the writer lock, found without taking it (so a probe never makes a

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from telepathy.disk.lock import SaveDirLock
 from telepathy.disk.manifest import FileEntry
 from telepathy.disk.retention import RetentionPolicy
 from telepathy.disk.save_dir import CheckpointRef, SaveDir
-from telepathy.errors import CheckpointWriteError, UnsafeCheckpointError  # noqa: F401 (re-exported)
+from telepathy.errors import CheckpointWriteError, UnsafeCheckpointError, UsageError  # noqa: F401 (re-exported)
 from telepathy.store import formats
 from telepathy.store.save_errors import describe_failure, os_error_in
 
@@ -62,11 +63,19 @@ class CheckpointStore:
         remove stale temporaries of earlier runs."""
         if self.save_dir.exists() and not self.save_dir.is_dir():
             raise NotADirectoryError(f"save dir {self.save_dir} exists and is not a directory; pick another path")
+        problems = self.dir.layout_problems()
+        if problems:
+            raise UsageError("; ".join(problems))
         durable.make_dirs(self.dir.checkpoints)
         if not os.access(self.dir.checkpoints, os.W_OK | os.X_OK):
             raise PermissionError(f"save dir {self.dir.checkpoints} is not writable by this user")
         self.lock.acquire()  # one writer per save dir; the clean-up below is safe only for the writer
         self.catalog.remove_stale_temporaries()
+        if self.dir.latest_is_a_copy():  # set aside, never deleted: it is someone's copy of a checkpoint
+            aside = self.dir.root / f"latest.copy-{int(time.time())}"
+            log.warning("%s is a directory, not the symlink telepathy keeps (copied by a tool that follows links?); "
+                        "moving it to %s", self.dir.latest, aside)  # fmt: skip
+            os.rename(self.dir.latest, aside)
 
     # ------------------------------------------------------------------------------------------- save
     def save(self, step: int, files: Mapping[str, Any], info: Mapping[str, Any], *, emergency: bool = False) -> Path:
@@ -98,6 +107,7 @@ class CheckpointStore:
 
     def commit(self, pending: PendingCheckpoint, info: Mapping[str, Any], more: Sequence[FileEntry] = ()) -> Path:
         """Publish the pending checkpoint (plus ``more`` files written by other ranks), then apply retention."""
+        self.lock.check_still_held()  # a deleted or replaced lock file: another run may write here now
         final = pending.finalize(info, more)
         if not pending.emergency:
             try:
