@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from telepathy.errors import EXIT_SAVE_DIR_BUSY, EXIT_USAGE
+from telepathy.options import positive_int
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,8 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--load", action="store_true", help="also load every file with weights_only=True")
     prune = verbs.add_parser("prune", help="apply a retention policy now")
     prune.add_argument("save_dir", type=Path)
-    prune.add_argument("--keep_last", "--keep-last", type=int, default=3)
-    prune.add_argument("--keep_every", "--keep-every", type=int, default=None)
+    prune.add_argument("--keep_last", "--keep-last", type=positive_int, default=3)
+    prune.add_argument("--keep_every", "--keep-every", type=positive_int, default=None)
     prune.add_argument("--no-keep_best", "--no-keep-best", dest="keep_best", action="store_false")
     prune.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="only say what would go")
     plot = verbs.add_parser("plot", help="PNG: loss vs step with preemptions and checkpoints; throughput")
@@ -127,9 +128,15 @@ def _plot(args: argparse.Namespace) -> int:
 
     try:
         out = plot_run(args.save_dir, args.out or args.save_dir / "run.png")
+    except ImportError:
+        print("telepathy plot: needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        return EXIT_USAGE
     except ValueError as exc:
         print(f"telepathy plot: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"telepathy plot: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"wrote {out}")
     return 0
 
@@ -150,6 +157,9 @@ def _export(args: argparse.Namespace) -> int:
     except (CheckpointInvalid, ValueError, FileExistsError) as exc:
         print(f"telepathy export: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # --out where nothing can be written (/proc, a read-only disk, a full one)
+        print(f"telepathy export: cannot write to {out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     for path in written:
         print(f"wrote {path}")
     return 0

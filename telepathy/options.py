@@ -100,6 +100,21 @@ class CheckpointOptions:
                    agree_every=args.agree_every, snapshot_every_step=args.snapshot_every_step)  # fmt: skip
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    return _positive_float(text)
+
+
+def positive_int(text: str) -> int:
+    return _positive_int(text)
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value <= 0:
@@ -141,18 +156,24 @@ def add_checkpoint_flags(group: Any, *, interval_flags: tuple[str, ...] = ("--ch
 
 def add_supervisor_flags(group: Any) -> None:
     """The flags of the supervising wrapper (any trainer): where, how long to wait after SIGTERM, restarts."""
-    group.add_argument("--save_dir", default="runs/preemptible_exp")
+    group.add_argument("--save_dir", type=_save_dir, default="runs/preemptible_exp")
     group.add_argument("--grace_period", type=_positive_float, default=120.0,
                        help="seconds the trainer gets after SIGTERM")  # fmt: skip
     group.add_argument("--auto_resume", action="store_true", help="resume from SAVE_DIR/latest when present")
     group.add_argument(
         "--max_restarts",
-        type=int,
+        type=non_negative_int,
         default=2,
         help="restarts after trainer failures in a row (one that made progress resets the count)",
     )
     group.add_argument("--restart_backoff", type=_positive_float, default=2.0,
                        help="seconds before the first restart (doubled for each failure in a row)")  # fmt: skip
+
+
+def _save_dir(text: str) -> str:
+    if not text.strip() or "\0" in text:
+        raise argparse.ArgumentTypeError(f"must name a directory, got {text!r}")
+    return text
 
 
 def save_dir_problem(save_dir: Path) -> str | None:

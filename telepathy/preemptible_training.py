@@ -12,6 +12,7 @@ after SIGINT, other codes are the trainer's failure.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 if __package__ in (None, ""):  # run as a file path: make the package importable without installing it
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     args = config.parse(argv[: argv.index("--")] if wrapped is not None else argv)
     if wrapped is not None and not wrapped:
         config.build_parser().error("nothing after '--': give the command to supervise")
+    if wrapped and shutil.which(wrapped[0]) is None:
+        config.build_parser().error(f"the command after '--' was not found: {wrapped[0]!r}")
     os.makedirs(args.save_dir, exist_ok=True)
     command = wrapped or [sys.executable, "-m", "telepathy.latentwire.train", *config.normalize(argv)]
     restart = command if wrapped or args.auto_resume else [*command, "--auto_resume"]  # a restart continues

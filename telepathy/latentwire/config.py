@@ -8,7 +8,14 @@ import argparse
 import difflib
 from pathlib import Path
 
-from telepathy.options import add_checkpoint_flags, add_supervisor_flags, save_dir_problem
+from telepathy.options import (
+    add_checkpoint_flags,
+    add_supervisor_flags,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    save_dir_problem,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,11 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--samples", type=int, default=4000)
     train.add_argument("--epochs", type=int, default=2)
     train.add_argument("--batch_size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--lr", type=positive_float, default=1e-3)
+    train.add_argument("--seed", type=non_negative_int, default=0)
     train.add_argument("--dataset", "--data_path", dest="data_path", default=None, help="SQuAD-format JSON file")
     train.add_argument("--num_workers", type=int, default=0)
-    train.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    train.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     train.add_argument("--log_every", type=int, default=10, help="plain progress line every N steps (non-TTY)")
     train.add_argument("--step_delay", type=float, default=0.0, help="pause after each step (tests, demos)")
     return p
