@@ -28,6 +28,17 @@ def export_checkpoint(checkpoint: Path, out: Path) -> list[Path]:
         if target.exists():
             raise FileExistsError(f"{target} exists; choose another --out (nothing was overwritten)")
         state = load_part(checkpoint, part)
+        if not isinstance(state, dict):
+            raise ValueError(f"{checkpoint}/{part}.pt does not hold a state dict; nothing to export")
+        stored = (checkpoint / f"{part}.pt").stat().st_size + sum(
+            b["bytes"] for b in (manifest.get("blobs") or {}).values()
+        )
+        wanted = sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+        if wanted > 2 * stored + (64 << 20):  # views of one storage would each be written out in full
+            raise ValueError(
+                f"{checkpoint}/{part}.pt would expand from {stored / 2**20:.1f} MiB stored to "
+                f"{wanted / 2**20:.1f} MiB of tensors (many views of the same storage?); refusing it"
+            )
         tensors = {k: v.detach().clone().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
         skipped = sorted(set(state) - set(tensors))
         meta = {"telepathy_checkpoint": str(checkpoint), "step": str(manifest.get("step"))}
