@@ -258,8 +258,10 @@ class Checkpointer:
 
     def _save_failed(self, reason: str, exc: CheckpointWriteError) -> None:
         stopping = training_signals.should_exit_training()
-        log.error("%s. %s", exc, "Exiting anyway; the run will resume from the previous checkpoint."
-                  if stopping else "Training continues; the next save is due in one interval.")  # fmt: skip
+        if stopping:
+            training_signals.mark_stop_unsaved()  # exit 98: nothing new saved for this stop
+        then = "Exiting with code 98 (nothing new saved): the next run resumes from the previous checkpoint."
+        log.error("%s. %s", exc, then if stopping else "Training continues; the next save is due in one interval.")
         self.policy.saved()  # retry after an interval, not at every step
         self._record("save_failed", reason=reason, error=str(exc))
         if self.on_save_error is not None:

@@ -10,7 +10,9 @@ operator CLI read this without torch).
       SaveDirBusy                        75  another live run writes to the save dir
       CheckpointWriteError               1   a save failed with an I/O error; nothing of it was committed
 
-0, 99 and 130 are the spec's codes for a complete run, a preemption with a durable checkpoint and Ctrl+C. The
+0, 99 and 130 are the spec's codes for a complete run, a preemption with a durable checkpoint and Ctrl+C; 129
+is SIGHUP's stop (saved), and 98 a stop by a signal for which nothing new could be saved (a failed save, a command
+that does not save: the next run resumes from the newest older checkpoint, or starts over). The
 refusals (2, 3, 75) are codes a restart or a requeue would repeat, so the supervisor does not restart them and the
 submit script does not requeue them.
 """
@@ -24,7 +26,9 @@ EXIT_FAILED = 1  # an unexpected failure (traceback above)
 EXIT_USAGE = 2  # bad flags or values (argparse)
 EXIT_CANNOT_RESUME = 3  # the checkpoint does not fit this run, or strict resume found it invalid
 EXIT_SAVE_DIR_BUSY = 75  # another live run writes to the save dir (EX_TEMPFAIL)
+EXIT_STOPPED_UNSAVED = 98  # stopped by a signal, but nothing new was saved: the next run resumes from an older point
 EXIT_REQUEUE = 99  # preempted with a durable checkpoint: requeue
+EXIT_HANGUP = 129  # SIGHUP (the terminal closed): saved, stopped
 EXIT_INTERRUPTED = 130  # SIGINT: saved, stopped by a person
 
 NOT_RESTARTED = (EXIT_USAGE, EXIT_CANNOT_RESUME, EXIT_SAVE_DIR_BUSY)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from telepathy.training_signals import EXIT_REQUEUE
+from telepathy.errors import EXIT_REQUEUE, EXIT_STOPPED_UNSAVED
 
 FIELD = re.compile(r"(?:^|\s)(JobState|Restarts|PreemptTime|Requeue)=(\S*)")
 RESUBMIT_HINT = "resubmit the same sbatch command with the same SAVE_DIR; it resumes from SAVE_DIR/latest"
@@ -51,7 +51,7 @@ def parse_job_fields(scontrol_output: str) -> dict[str, str]:
 
 def decide(exit_code: int, env: Mapping[str, str], fields: Mapping[str, str] | None, max_requeues: int) -> Decision:
     """Pure policy: whether to requeue, and the sentence that says why. ``fields`` None: no scontrol."""
-    if exit_code != EXIT_REQUEUE:
+    if exit_code not in (EXIT_REQUEUE, EXIT_STOPPED_UNSAVED):
         return Decision(False, f"exit code {exit_code}: nothing to requeue")
     ref = job_reference(env)
     if ref is None:
@@ -68,7 +68,8 @@ def decide(exit_code: int, env: Mapping[str, str], fields: Mapping[str, str] | N
     if state != "RUNNING":
         return Decision(False, f"SLURM is already requeuing job {ref} (JobState={state}): not requeuing it twice")
     cause = "preempted" if fields.get("PreemptTime", "None") != "None" else "signalled (time limit or by hand)"
-    return Decision(True, f"job {ref} was {cause} and saved; requeuing it (restart {restarts + 1}, "
+    saved = "saved" if exit_code == EXIT_REQUEUE else "nothing new was saved (it resumes from an older checkpoint)"
+    return Decision(True, f"job {ref} was {cause} and {saved}; requeuing it (restart {restarts + 1}, "
                           f"at most {max_requeues})")  # fmt: skip
 
 
@@ -77,7 +78,7 @@ def requeue_after_exit(exit_code: int, max_requeues: int, env: Mapping[str, str]
     env = os.environ if env is None else env
     ref = job_reference(env)
     fields = None
-    if shutil.which("scontrol") and ref is not None and exit_code == EXIT_REQUEUE:
+    if shutil.which("scontrol") and ref is not None and exit_code in (EXIT_REQUEUE, EXIT_STOPPED_UNSAVED):
         fields = {"JobState": "RUNNING"}  # unknown after retries (slurmctld busy): try the requeue anyway
         for attempt in range(3):
             shown = subprocess.run(["scontrol", "show", "job", "-o", ref], capture_output=True, text=True)

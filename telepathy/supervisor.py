@@ -4,33 +4,41 @@ The supervisor never blocks on the child: its main loop wakes every 50 ms (or at
 stays responsive even if the child hangs. The child reports events (commits among them) through a pipe
 (``telepathy.disk.events``), read by a background thread, so no log text is parsed.
 
-Exit codes: 0 training complete; 99 preempted (the newest committed checkpoint is the resume point; the
-child was killed if it overran the grace period); 130 after SIGINT; anything else is the child's failure.
+Exit codes: 0 training complete; 99 stopped by SIGTERM with a checkpoint committed for the stop (by the trainer,
+or by the supervisor's rescue of its last snapshot after a grace-period overrun); 130 and 129 the same after SIGINT
+and SIGHUP; 98 stopped by a signal with nothing new saved (the next run resumes from an older checkpoint or starts
+over); anything else is the child's failure.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import json
 import os
 import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from telepathy import training_signals
+from telepathy.child import ChildRun, Outcome
 from telepathy.disk import slots
-from telepathy.disk.events import REPORT_FD_ENV, EventLog
+from telepathy.disk.events import EventLog
 from telepathy.disk.lock import busy_message
 from telepathy.disk.save_dir import SaveDir
-from telepathy.errors import EXIT_SAVE_DIR_BUSY, NOT_RESTARTED
+from telepathy.errors import (
+    EXIT_HANGUP,
+    EXIT_INTERRUPTED,
+    EXIT_REQUEUE,
+    EXIT_SAVE_DIR_BUSY,
+    EXIT_STOPPED_UNSAVED,
+    NOT_RESTARTED,
+)
 from telepathy.rescue import how_it_ended, rescue
+from telepathy.training_signals import REPORT_FD_ENV
 
-FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 KNOWN_EXITS = (training_signals.EXIT_COMPLETE, training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED)
 SLURM_IDS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
 PR_SET_PDEATHSIG = 1
@@ -59,8 +67,8 @@ class Supervisor:
         self.events = EventLog(save_dir, "supervisor")
         self.pending: list[int] = []  # signals to forward; appended by the handler
         self.last_commit: dict | None = None
+        self.last_commit_at: float | None = None  # when the last commit was reported (time.time())
         self.slot_dir = Path()  # shared-memory snapshots of a trainer with snapshot_every_step (made by run)
-        self.grace_killed = False  # the running child was killed at the end of the grace period
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.pending.append(signum)  # flag only; forwarded from the main loop
@@ -86,15 +94,14 @@ class Supervisor:
         restarts = 0
         while True:
             before = self._newest_step()
-            code, exit_signal = self._run_child()
-            if code not in KNOWN_EXITS + NOT_RESTARTED or self.grace_killed:
-                self._rescue(code)
+            out = self._run_child()
+            code = out.code
+            if code not in KNOWN_EXITS + NOT_RESTARTED or out.grace_killed:
+                self._rescue(code, out.grace_killed)
             if self._newest_step() > before:
                 restarts = 0  # it made progress: max_restarts counts failures in a row, not a long run's kills
-            if exit_signal is not None and code != 0:  # preempted: the newest commit is the resume point
-                code = (
-                    training_signals.EXIT_INTERRUPTED if exit_signal == signal.SIGINT else training_signals.EXIT_REQUEUE
-                )
+            if out.ending is not None and code not in NOT_RESTARTED:  # stopped by a signal: was it saved?
+                code = self._stop_code(out)
             elif code not in KNOWN_EXITS + NOT_RESTARTED and restarts < self.max_restarts:
                 restarts += 1
                 delay = self.restart_backoff * 2 ** (restarts - 1)
@@ -105,57 +112,46 @@ class Supervisor:
                 self.command = self.restart_command
                 continue
             self.events.emit("exit", exit_code=code, last_commit=self.last_commit)
-            if code not in KNOWN_EXITS:
-                print(f"[telepathy] trainer failed (exit code {code}); see the log above and "
-                      f"{self.save_dir}/emergency/ for an emergency checkpoint", flush=True)  # fmt: skip
+            if code not in KNOWN_EXITS + (EXIT_STOPPED_UNSAVED, EXIT_HANGUP):
+                print(f"[telepathy] trainer failed (exit code {code}); see the log above. {self._next_run()}",
+                      flush=True)  # fmt: skip
             return code
 
-    def _run_child(self) -> tuple[int, int | None]:
-        """Run the child once; returns (exit code, the ending signal received by the supervisor or None)."""
+    def _stop_code(self, out: Outcome) -> int:
+        """99 (130 after SIGINT, 129 after SIGHUP) only when a checkpoint was committed for this stop; else 98."""
+        saved = self.last_commit_at is not None and (out.ending_at is None or self.last_commit_at >= out.ending_at)
+        if out.code == EXIT_STOPPED_UNSAVED or not saved:
+            print(f"[telepathy] stopped by {training_signals.signal_name(out.ending)} with nothing new saved "
+                  f"(exit {EXIT_STOPPED_UNSAVED}). {self._next_run()}", flush=True)  # fmt: skip
+            return EXIT_STOPPED_UNSAVED
+        return {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGHUP: EXIT_HANGUP}.get(out.ending, EXIT_REQUEUE)
+
+    def _next_run(self) -> str:
+        committed = SaveDir(self.save_dir).committed()
+        if not committed:
+            return "The next run starts from scratch: no checkpoint is committed."
+        return f"The next run resumes from the newest valid checkpoint ({committed[-1].path.name} or older)."
+
+    def _run_child(self) -> Outcome:
+        """Run the command once (see :mod:`telepathy.child`)."""
         read_fd, write_fd = os.pipe()
         slots.clear_slots(self.slot_dir)  # a new trainer's snapshots only
         env = {**os.environ, REPORT_FD_ENV: str(write_fd), slots.SLOT_DIR_ENV: str(self.slot_dir)}
-        self.grace_killed = False
-        child = subprocess.Popen(
-            self.command, env=env, pass_fds=(write_fd,), preexec_fn=functools.partial(_die_with_parent, os.getpid())
-        )
-        os.close(write_fd)
-        reader = threading.Thread(target=self._read_reports, args=(read_fd,), daemon=True)
-        reader.start()
-        ending: int | None = None
-        deadline: float | None = None
-        while child.poll() is None:
-            while self.pending:
-                signum = self.pending.pop(0)
-                if signum != signal.SIGUSR1 and ending is None:
-                    ending = signum
-                    deadline = time.monotonic() + self.grace_period
-                    self.events.emit(
-                        "signal", signal=training_signals.signal_name(signum), grace_period=self.grace_period
-                    )
-                _send(child, signum)
-            if deadline is not None and time.monotonic() > deadline:
-                print(f"[telepathy] trainer did not exit within the {self.grace_period}s grace period; killing it. "
-                      f"Resume point: {self.last_commit and self.last_commit.get('path')}", flush=True)  # fmt: skip
-                self.events.emit("grace_expired", last_commit=self.last_commit)
-                self.grace_killed = True
-                child.kill()
-                child.wait()
-                break
-            time.sleep(0.05)
-        reader.join(timeout=2)
-        code = child.returncode
-        if ending is None and code in (training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED):
-            ending = signal.SIGTERM if code == training_signals.EXIT_REQUEUE else signal.SIGINT  # signalled directly
-        return code, ending
+        run = ChildRun(self.command, env, write_fd, self.grace_period, self.pending, self.events, self._on_report,
+                       functools.partial(_die_with_parent, os.getpid()))  # fmt: skip
+        out = run.run(read_fd)
+        if out.usr1_dropped:
+            print(f"[telepathy] {out.usr1_dropped} SIGUSR1 not delivered: the command never installed telepathy's "
+                  "signal handlers (it would have been killed)", flush=True)  # fmt: skip
+        return out
 
     def _newest_step(self) -> int:
         committed = SaveDir(self.save_dir).committed()
         return committed[-1].step if committed else -1
 
-    def _rescue(self, code: int) -> None:
+    def _rescue(self, code: int, grace_killed: bool) -> None:
         """The trainer ended without committing its last steps: commit its newest shared-memory snapshot."""
-        how = "grace period overrun" if self.grace_killed else how_it_ended(code)
+        how = "grace period overrun" if grace_killed else how_it_ended(code)
         try:
             rescued = rescue(self.slot_dir, self.save_dir, how)
         except Exception as exc:  # the rescue is a bonus; the committed checkpoints stand
@@ -168,23 +164,11 @@ class Supervisor:
                   f"{path}", flush=True)  # fmt: skip
             self.events.emit("rescue", step=step, path=str(path), how=how)
             self.last_commit = {"event": "save", "step": step, "path": str(path), "reason": f"rescue:{how}"}
+            self.last_commit_at = time.time()
 
-    def _read_reports(self, read_fd: int) -> None:
-        with os.fdopen(read_fd, "rb") as pipe:
-            for line in pipe:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if record.get("event") == "save":
-                    self.last_commit = record
-
-
-def _send(child: subprocess.Popen, signum: int) -> None:
-    try:
-        child.send_signal(signum)
-    except ProcessLookupError:
-        pass
+    def _on_report(self, record: dict) -> None:
+        if record.get("event") == "save":
+            self.last_commit, self.last_commit_at = record, time.time()
 
 
 def supervise(command: Sequence[str], save_dir: str | os.PathLike, grace_period: float, max_restarts: int = 0,

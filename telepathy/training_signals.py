@@ -10,18 +10,29 @@ Signal table (the defaults; callers may add or remap signals, e.g. SIGUSR2 when 
     SIGTERM  scheduler preemption / time-limit warning  save, exit 99 (ready to requeue)
     SIGUSR1  manual save request                        save, continue training
     SIGINT   Ctrl+C                                      save, exit 130 (no traceback)
+    SIGHUP   the terminal closed                         save, exit 129
+
+A stop whose save failed (a full disk) exits 98 instead: the next run resumes from the previous checkpoint.
 """
 
 from __future__ import annotations
 
 import atexit
 import enum
+import json
+import os
 import signal
 import threading
 import time
 from collections.abc import Mapping
 
-from telepathy.errors import EXIT_COMPLETE, EXIT_INTERRUPTED, EXIT_REQUEUE  # noqa: F401 (public names)
+from telepathy.errors import (  # noqa: F401 (public names)
+    EXIT_COMPLETE,
+    EXIT_HANGUP,
+    EXIT_INTERRUPTED,
+    EXIT_REQUEUE,
+    EXIT_STOPPED_UNSAVED,
+)
 
 
 class Action(enum.Enum):
@@ -36,9 +47,12 @@ DEFAULT_ACTIONS: dict[int, Action] = {
     signal.SIGTERM: Action.SAVE_AND_REQUEUE,
     signal.SIGUSR1: Action.SAVE_AND_CONTINUE,
     signal.SIGINT: Action.SAVE_AND_STOP,
+    signal.SIGHUP: Action.SAVE_AND_STOP,
 }
 
 _EXIT_CODES = {Action.SAVE_AND_REQUEUE: EXIT_REQUEUE, Action.SAVE_AND_STOP: EXIT_INTERRUPTED}
+_STOP_CODES = {signal.SIGHUP: EXIT_HANGUP}  # stops whose code is the signal's own (128 + 1)
+REPORT_FD_ENV = "TELEPATHY_REPORT_FD"  # a supervisor's pipe: events of this process, the handshake first
 
 
 class _SignalState:
@@ -53,6 +67,7 @@ class _SignalState:
         self.signals_received = 0
         self.last_signum: int | None = None
         self.last_save_time = time.monotonic()  # the clock of should_save_checkpoint(interval) below
+        self.stop_unsaved = False  # the save for the stop failed: exit 98, not 99
 
 
 _state = _SignalState()
@@ -89,6 +104,7 @@ def install_signal_handlers(extra: Mapping[int, Action] | None = None) -> None:
     _state.exit_signals = frozenset(s for s, a in actions.items() if a is not Action.SAVE_AND_CONTINUE)
     for signum in actions:
         _state.previous_handlers[signum] = signal.signal(signum, _on_signal)
+    _tell_supervisor()
     global _exit_hook_registered
     if not _exit_hook_registered:
         atexit.register(_ignore_at_exit)
@@ -96,6 +112,19 @@ def install_signal_handlers(extra: Mapping[int, Action] | None = None) -> None:
 
 
 _exit_hook_registered = False
+
+
+def _tell_supervisor() -> None:
+    """The handshake: a supervising wrapper learns that this process saves on signals (so it may forward SIGUSR1,
+    and signals it held during start-up)."""
+    fd = os.environ.get(REPORT_FD_ENV, "")
+    if fd.isdigit():
+        try:
+            os.write(
+                int(fd), (json.dumps({"event": "handlers", "pid": os.getpid(), "time": time.time()}) + "\n").encode()
+            )
+        except OSError:
+            pass
 
 
 def _ignore_at_exit() -> None:
@@ -198,7 +227,16 @@ def exit_code() -> int:
     """Process exit code for the received signals: 99 (requeue) after SIGTERM, 130 after SIGINT, else 0."""
     if _state.exit_signum is None:
         return EXIT_COMPLETE
+    if _state.stop_unsaved:
+        return EXIT_STOPPED_UNSAVED
+    if _state.exit_signum in _STOP_CODES:
+        return _STOP_CODES[_state.exit_signum]
     return _EXIT_CODES[_state.actions.get(_state.exit_signum, Action.SAVE_AND_REQUEUE)]
+
+
+def mark_stop_unsaved() -> None:
+    """The save for this stop failed: ``exit_code`` becomes 98 (nothing new saved), never 99."""
+    _state.stop_unsaved = True
 
 
 def signal_name(signum: int | None) -> str:

@@ -13,9 +13,9 @@ from typing import Any
 
 from telepathy.disk.save_dir import EVENTS as EVENTS_FILE  # noqa: F401 (re-exported)
 from telepathy.disk.save_dir import SaveDir
+from telepathy.training_signals import REPORT_FD_ENV
 
 log = logging.getLogger("telepathy")
-REPORT_FD_ENV = "TELEPATHY_REPORT_FD"
 PROGRESS_EVERY_ENV = "TELEPATHY_PROGRESS_EVERY"  # seconds between progress records [2]
 
 

@@ -19,7 +19,8 @@ from telepathy.disk.manifest import read_manifest
 from telepathy.disk.save_dir import SaveDir
 from telepathy.errors import CheckpointInvalid
 
-EXIT_MEANING = {0: "complete", 99: "preempted", 130: "interrupted"}
+EXIT_MEANING = {0: "complete", 99: "preempted", 98: "preempted (nothing new saved)", 129: "hung up",
+                130: "interrupted"}  # fmt: skip
 
 
 @dataclass

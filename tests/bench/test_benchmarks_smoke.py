@@ -21,7 +21,7 @@ TABLE_HEADERS = {  # script -> the header of each table it prints
         "| same state, same loop | ms | whole save / this |",
     ],
     "hard_kill_bench.py": [
-        "| main job (LatentWire default) | ms/step after start-up | x no protection | median step gap ms |",
+        "| main job (LatentWire default) | ms/step after start-up | x no protection | x no protection, same round",
         "| in-process loop, state of model + AdamW | ms/step | overhead ms/step | overhead / copy floor |",
         "| SIGKILL at a random instant | kills | steps replayed, median | max | bit-identical to an uninterrupted",
     ],

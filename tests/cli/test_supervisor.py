@@ -104,7 +104,9 @@ HANGS_ON_TERM = textwrap.dedent("""
 """)
 
 
-def test_trainer_that_overruns_the_grace_period_is_killed_and_exit_is_99(tmp_path):
+def test_trainer_that_overruns_the_grace_period_is_killed_and_exit_is_98_nothing_new_saved(tmp_path):
+    """Issue 14: 99 promises a checkpoint committed for this stop; a command killed at the grace period saved
+    nothing, so it is 98 and the log says where the next run resumes."""
     store = CheckpointStore(tmp_path)
     store.prepare()
     committed = store.save(4, {"encoder": {"w": torch.ones(3)}, "state": {"step": 4}}, {"reason": "interval"})
@@ -113,8 +115,10 @@ def test_trainer_that_overruns_the_grace_period_is_killed_and_exit_is_99(tmp_pat
                              HANGS_ON_TERM], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 99
-    assert "grace period; killing it" in proc.stdout.read()
+    assert proc.wait(timeout=30) == 98
+    out = proc.stdout.read()
+    assert "grace period; killing it" in out and "with nothing new saved (exit 98)" in out
+    assert "resumes from the newest valid checkpoint (step_00000004 or older)" in out
     assert store.newest_valid()[0].path == committed and store.latest_pointer() == committed
     assert [e["event"] for e in read_events(tmp_path)][-2:] == ["grace_expired", "exit"]
 
