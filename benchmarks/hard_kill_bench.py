@@ -76,9 +76,12 @@ class Tree:
     """A supervisor (or any command) in a session of its own, its merged output read line by line with the time
     each line arrived; :meth:`kill_all` SIGKILLs the whole session at once."""
 
+    live: set[Tree] = set()  # killed when the benchmark stops early (Ctrl+C, an error)
+
     def __init__(self, command: list[str], cwd: Path, timeout: float) -> None:
         self.proc = subprocess.Popen(command, cwd=cwd, env=child_env(), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+        Tree.live.add(self)
         self.lines: list[tuple[float, str]] = []
         self.killed_all = False
         self.timed_out = False
@@ -115,6 +118,7 @@ class Tree:
             pass
         code = self.proc.wait()
         self._watchdog.cancel()
+        Tree.live.discard(self)
         if self.killed_all:
             remove_leaked_slot_dirs(self.proc.pid)
         if self.timed_out:
@@ -137,7 +141,7 @@ def remove_leaked_slot_dirs(pid: int) -> None:
 
 # ------------------------------------------------------------------------------------------------------- section 1
 def section1(root: Path, smoke: bool) -> None:
-    samples, k0, rounds = (64, 2, 1) if smoke else (1200, 20, 7)
+    samples, k0, min_rounds, max_rounds, budget = (64, 2, 1, 1, 0) if smoke else (1200, 20, 3, 7, 300)
     variants = [
         ("no per-step protection (`--checkpoint_interval 600`)", []),
         ("`--snapshot_every_step`", ["--snapshot_every_step"]),
@@ -145,9 +149,11 @@ def section1(root: Path, smoke: bool) -> None:
     ]
     spans: dict[int, list[float]] = {i: [] for i in range(len(variants))}
     gaps: dict[int, list[float]] = {i: [] for i in range(len(variants))}
-    say(f"section 1: LatentWire main job, {samples // 8} steps per run, {rounds} round(s) of {len(variants)} runs")
-    run_no = 0
-    for r in range(rounds):
+    say(f"section 1: LatentWire main job, {samples // 8} steps per run, {min_rounds}..{max_rounds} round(s) of "
+        f"{len(variants)} runs (no new round after {budget} s)")  # fmt: skip
+    run_no, started, rounds = 0, time.monotonic(), 0
+    while rounds < max_rounds and (rounds < min_rounds or time.monotonic() - started < budget):
+        r, rounds = rounds, rounds + 1
         order = list(range(len(variants)))
         for i in order if r % 2 == 0 else order[::-1]:
             run_no += 1
@@ -197,7 +203,7 @@ def section2(root: Path, smoke: bool, threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
     width, depth, tail = (256, 2, 64) if smoke else (1024, 8, 256)
-    rounds, steps_per_block, target_ms = (2, 3, 40.0) if smoke else (12, 15, 40.0)
+    min_rounds, max_rounds, budget, steps_per_block, target_ms = (2, 2, 0, 3, 40.0) if smoke else (6, 12, 100, 15, 40.0)
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for _ in range(depth):
@@ -318,8 +324,8 @@ def section2(root: Path, smoke: bool, threads: int | None) -> None:
                 per_step[name].append(took / n)
             ckpt.wait()  # untimed: the next block starts without a commit in flight
 
-        say(f"section 2: {state_bytes / 2**20:.1f} MiB state, batch {batch}, {rounds} rounds of "
-            f"{steps_per_block} steps per variant")  # fmt: skip
+        say(f"section 2: {state_bytes / 2**20:.1f} MiB state, batch {batch}, {min_rounds}..{max_rounds} rounds of "
+            f"{steps_per_block} steps per variant (no new round after {budget} s)")  # fmt: skip
         for name in ckpts:  # warm-up: slot files mapped and touched, host buffers allocated
             block(name, 3, record=False)
         if slots.read_newest(slot_dir) is None:
@@ -329,7 +335,9 @@ def section2(root: Path, smoke: bool, threads: int | None) -> None:
             copy_floor(shm_views)
         names = list(ckpts)
         paired: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(rounds):
+        started, rounds = time.monotonic(), 0
+        while rounds < max_rounds and (rounds < min_rounds or time.monotonic() - started < budget):
+            r, rounds = rounds, rounds + 1
             for name in names if r % 2 == 0 else names[::-1]:
                 block(name, steps_per_block, record=True)
             for name in names:
@@ -689,7 +697,14 @@ def main() -> None:
         if 3 in sections:
             section3(root, args.smoke, args.seed)
     finally:
+        for tree in list(Tree.live):
+            if tree.kill_all():
+                tree.proc.wait()
+                remove_leaked_slot_dirs(tree.proc.pid)
         shutil.rmtree(root, ignore_errors=True)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
+    print(f"Wall time {time.monotonic() - started:.0f} s; load average at the end (1, 5, 15 min): "
+          f"{load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} on {os.cpu_count()} CPU(s).")  # fmt: skip
     say(f"done in {time.monotonic() - started:.0f} s")
 
 
