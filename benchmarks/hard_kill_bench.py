@@ -687,7 +687,9 @@ def main() -> None:
     try:
         if args.smoke:
             print("# --smoke: tiny sizes, so that the script cannot rot; the numbers mean little\n")
-        print(f"Measured in {base or tempfile.gettempdir()} on {os.cpu_count()} CPU(s).\n", flush=True)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+        print(f"Measured in {base or tempfile.gettempdir()} on {os.cpu_count()} CPU(s); load average at the start "
+              f"{load:.2f}.\n", flush=True)  # fmt: skip
         if 1 in sections:
             section1(root, args.smoke)
             sys.stdout.flush()

@@ -87,7 +87,7 @@ def test_disk_full_during_a_preemption_save_exits_on_the_previous_checkpoint(sma
     with caplog.at_level(logging.ERROR, logger="telepathy"):
         assert ckpt.step_boundary(TrainState(global_step=2)) is True  # still exits
     assert training_signals.exit_code() == 98  # nothing new saved for this stop (issue 14): not 99
-    assert "Exiting anyway; the run will resume from the previous checkpoint" in caplog.text
+    assert "Exiting with code 98 (nothing new saved): the next run resumes from the previous checkpoint" in caplog.text
     assert ckpt.store.newest_valid()[0].path == first == ckpt.store.latest_pointer() and leftovers(save_dir) == []
 
 
