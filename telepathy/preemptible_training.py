@@ -5,15 +5,23 @@
     python -m telepathy.preemptible_training --save_dir D --grace_period 60 -- python my_train.py ...
 
 The first form trains LatentWire (``telepathy.latentwire.train``) in a child process; the second supervises
-any command that uses ``telepathy.training_signals``. Exit codes: 0 complete, 99 preempted (requeue), 130
-after SIGINT, other codes are the trainer's failure.
+any command (see :mod:`telepathy.child` for what the wrapper does for a command that does not use telepathy). Exit
+codes: 0 complete, 99 preempted and saved (requeue), 98 stopped with nothing new saved, 130 after SIGINT, 129
+after SIGHUP, 2/3/75 refusals, other codes are the trainer's failure.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
+import signal
+
+EARLY_SIGNALS: list[int] = []  # signals that arrive while the supervisor starts; it acts on them once it runs
+if __name__ == "__main__":  # first, before the imports: a signal now must not kill the job by its default action
+    for _signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(_signum, lambda signum, frame: EARLY_SIGNALS.append(signum))
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
 
 if __package__ in (None, ""):  # run as a file path: make the package importable without installing it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     command = wrapped or [sys.executable, "-m", "telepathy.latentwire.train", *config.normalize(argv)]
     restart = command if wrapped or args.auto_resume else [*command, "--auto_resume"]  # a restart continues
     code = supervise(command, args.save_dir, args.grace_period, args.max_restarts, restart_command=restart,
-                     restart_backoff=args.restart_backoff)  # fmt: skip
+                     restart_backoff=args.restart_backoff, early_signals=EARLY_SIGNALS)  # fmt: skip
     if wrapped is None and code == 0:
         from telepathy.disk.save_dir import SaveDir  # noqa: PLC0415
 

@@ -73,8 +73,9 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.pending.append(signum)  # flag only; forwarded from the main loop
 
-    def run(self) -> int:
+    def run(self, early_signals: list[int] | None = None) -> int:
         previous = {s: signal.signal(s, self._on_signal) for s in FORWARDED}
+        self.pending.extend(early_signals or [])
         self.slot_dir = slots.make_slot_dir()
         try:
             return self._run()
@@ -172,7 +173,10 @@ class Supervisor:
 
 
 def supervise(command: Sequence[str], save_dir: str | os.PathLike, grace_period: float, max_restarts: int = 0,
-              restart_command: Sequence[str] | None = None, restart_backoff: float = 2.0) -> int:  # fmt: skip
-    """Run ``command`` under a :class:`Supervisor`; returns the exit code to use."""
+              restart_command: Sequence[str] | None = None, restart_backoff: float = 2.0,
+              early_signals: list[int] | None = None) -> int:  # fmt: skip
+    """Run ``command`` under a :class:`Supervisor`; returns the exit code to use. ``early_signals``: signals the
+    program caught before the supervisor ran (they are acted on as if they arrived now)."""
     sys.stdout.flush()
-    return Supervisor(command, save_dir, grace_period, max_restarts, restart_backoff, restart_command).run()
+    supervisor = Supervisor(command, save_dir, grace_period, max_restarts, restart_backoff, restart_command)
+    return supervisor.run(early_signals)

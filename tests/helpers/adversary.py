@@ -62,10 +62,13 @@ def checkpointer(save_dir: Path, *, model: nn.Module | None = None, fmt: str = "
 
 def make_run(save_dir: Path, steps: Iterable[int] = (1, 2, 3), *, fmt: str = "full", metrics: bool = True,
              **options: Any) -> list[Path]:  # fmt: skip
-    """Commit one checkpoint per step (position: epoch 0, batch = step) and release the save dir."""
+    """Commit one checkpoint per step (position: epoch 0, batch = step) and release the save dir. The weights change
+    a little between steps, so that each checkpoint of a differential run has a weight blob of its own."""
     paths = []
     with checkpointer(save_dir, fmt=fmt, **options) as ckpt:
         for step in steps:
+            with torch.no_grad():
+                ckpt.parts["model"].weight.add_(0.001)
             state = TrainState(epoch=0, global_step=step, batch_idx=step % BATCHES_PER_EPOCH)
             paths.append(ckpt.save(state, "interval", metric=1.0 / step if metrics else None))
     return paths

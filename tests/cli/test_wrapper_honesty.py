@@ -1,0 +1,107 @@
+"""The wrapper around three kinds of command — a script that knows nothing of telepathy, a shell in front of an aware
+trainer, an aware trainer — under each signal: the exit code tells the truth (99/130/129 only with a checkpoint
+committed for the stop, 98 otherwise), SIGUSR1 never kills, a signal in the first 100 ms is not lost, and the
+trainer behind a shell gets the signal."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from telepathy.disk.save_dir import SaveDir
+
+pytestmark = pytest.mark.slow
+MAIN = [sys.executable, "-m", "telepathy.preemptible_training"]
+UNAWARE = textwrap.dedent("""
+    import sys, time
+    for i in range(100000):
+        print(f"iteration {i}", flush=True)
+        time.sleep(0.05)
+""")
+IGNORES_TERM = textwrap.dedent("""
+    import signal, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("iteration 0", flush=True)
+    time.sleep(3600)
+""")
+
+
+def aware(save_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "telepathy.test_preemption", "--save_dir", str(save_dir), "--duration", "600",
+            "--interval", "1000", "--step_delay", "0.02", "--log_every", "1"]  # fmt: skip
+
+
+def command(kind: str, save_dir: Path) -> list[str]:
+    if kind == "unaware":
+        return [sys.executable, "-c", UNAWARE]
+    if kind == "shell":  # no exec: bash stays the parent and would not pass a signal on
+        return ["bash", "-c", " ".join(aware(save_dir)) + "; echo shell-after-trainer"]
+    if kind == "ignores_term":
+        return [sys.executable, "-c", IGNORES_TERM]
+    return aware(save_dir)
+
+
+def run(kind: str, save_dir: Path, signals: list[int], *, wait_for: str | None = "step 3 ", delay_s: float = 0.0,
+        grace: float = 20) -> tuple[int, str]:  # fmt: skip
+    proc = subprocess.Popen([*MAIN, "--save_dir", str(save_dir), "--grace_period", str(grace), "--max_restarts", "0",
+                             "--", *command(kind, save_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while wait_for is not None and not any(wait_for in line or line.startswith(wait_for) for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.02)
+    time.sleep(delay_s)
+    for signum in signals:
+        proc.send_signal(signum)
+        time.sleep(1.0)
+    code = proc.wait(timeout=120)
+    reader.join(timeout=5)
+    return code, "".join(lines)
+
+
+@pytest.mark.parametrize(("signum", "expected"), [(signal.SIGTERM, 99), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_an_aware_trainer_saves_for_the_stop_and_says_so(tmp_path, signum, expected):
+    code, out = run("aware", tmp_path, [signum])
+    assert code == expected, out[-2000:]
+    assert SaveDir(tmp_path).committed(), "a checkpoint committed for the stop"
+
+
+def test_a_trainer_behind_a_shell_gets_the_signal_and_saves(tmp_path):
+    code, out = run("shell", tmp_path, [signal.SIGTERM])
+    assert code == 99 and SaveDir(tmp_path).committed(), out[-2000:]
+
+
+def test_sigusr1_saves_an_aware_trainer_and_never_kills_an_unaware_command(tmp_path):
+    code, out = run("aware", tmp_path / "aware", [signal.SIGUSR1, signal.SIGTERM])
+    assert code == 99 and "reason: signal:SIGUSR1" in out, out[-2000:]
+    code, out = run("unaware", tmp_path / "unaware", [signal.SIGUSR1, signal.SIGTERM], wait_for="iteration 3")
+    assert code == 98, out[-2000:]
+    assert "SIGUSR1 not delivered" in out and "nothing new saved" in out
+    assert "The next run starts from scratch: no checkpoint is committed." in out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_an_unaware_command_stopped_by_a_signal_exits_98_not_99(tmp_path, signum):
+    code, out = run("unaware", tmp_path, [signum], wait_for="iteration 3")
+    assert code == 98 and "with nothing new saved (exit 98)" in out, out[-2000:]
+
+
+def test_grace_expiry_without_a_save_is_98(tmp_path):
+    code, out = run("ignores_term", tmp_path, [signal.SIGTERM], wait_for="iteration 0", grace=2)
+    assert code == 98 and "grace period; killing it" in out, out[-2000:]
+
+
+def test_a_signal_in_the_first_100_ms_waits_for_the_handlers_and_is_acted_on(tmp_path):
+    code, out = run("aware", tmp_path, [signal.SIGTERM], wait_for=None, delay_s=0.1)
+    assert code == 99, out[-2000:]
+    assert SaveDir(tmp_path).committed() and "Traceback" not in out
