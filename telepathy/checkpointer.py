@@ -35,7 +35,7 @@ from telepathy import distributed, restore, rng, training_signals
 from telepathy.disk.contents import OPTIMIZER, RESERVED_PARTS, STATE
 from telepathy.disk.events import RunRecorder
 from telepathy.errors import CheckpointInvalid, CheckpointWriteError, UsageError
-from telepathy.options import CheckpointOptions
+from telepathy.options import SAVE_DIR_ENV, CheckpointOptions, wrapper_resume_flags
 from telepathy.save_policy import SavePolicy, check_interval
 from telepathy.store import collective, step_snapshots
 from telepathy.store.checkpoint_store import CheckpointStore
@@ -136,6 +136,11 @@ class Checkpointer:
         self._writer: threading.Thread | None = None
         self._writer_error: BaseException | None = None
         self._prepare_store()
+        watched = os.environ.get(SAVE_DIR_ENV)
+        if watched and Path(watched) != self.store.save_dir.resolve():
+            log.warning("the supervising wrapper watches %s but this Checkpointer writes to %s: give both the same "
+                        "directory, or the wrapper's status, lock check and rescue look in the wrong place",
+                        watched, self.store.save_dir)  # fmt: skip
         self._snapshots = step_snapshots.from_environment(options.snapshot_every_step, self.collective)
 
     def _prepare_store(self) -> None:
@@ -277,7 +282,8 @@ class Checkpointer:
             self.recorder.step(state.global_step, state.epoch, None if metric is None else float(metric))
         if self._snapshots is not None:  # what the supervisor commits if this process dies before the next step
             info = self._info(state, "rescue", metric)
-            self._snapshots.capture(state.global_step, self._files(state), info, dataclasses.asdict(self.options))
+            self._snapshots.capture(state.global_step, self._files(state), info, dataclasses.asdict(self.options),
+                                    str(self.store.save_dir.resolve()))  # fmt: skip
         if interval is not None and interval != self.policy.interval:
             self.policy.interval = check_interval(interval)
         if not self.policy.decides_at(state.global_step):
@@ -349,6 +355,8 @@ class Checkpointer:
         rejects, a damaged blob) is skipped like a corrupt one and the next older one is tried. ``strict`` (and
         ``resume_from``): use that checkpoint or raise instead of falling back (an operator who would rather look
         than silently replay). A checkpoint made with other settings raises :class:`ResumeMismatchError`."""
+        wrapper_from, wrapper_strict = wrapper_resume_flags()  # a supervising wrapper's --resume_from, --strict
+        resume_from, strict = resume_from or wrapper_from, strict or wrapper_strict
         if self.collective:  # rank 0 verifies and decides; every rank loads the same checkpoint
             chosen = collective.choose_on_rank0(lambda: self.store.resume_point(resume_from, strict))
             candidates = iter([] if chosen is None else [chosen])

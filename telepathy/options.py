@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -19,6 +21,13 @@ from typing import Any
 
 from telepathy.errors import UsageError
 
+log = logging.getLogger("telepathy")
+
+DEFAULTS_ENV = "TELEPATHY_CHECKPOINT_DEFAULTS"  # JSON: the wrapper's checkpoint flags for a command after '--'
+SAVE_DIR_ENV = "TELEPATHY_SAVE_DIR"  # the save dir the wrapper watches (its lock probe, status, rescue)
+_FLAG_FIELDS = {"checkpoint_interval": "interval", "save_every_steps": "every_steps", "keep_last": "keep_last",
+                "keep_every": "keep_every", "format": "format", "async_save": "async_save",
+                "agree_every": "agree_every", "snapshot_every_step": "snapshot_every_step"}  # fmt: skip
 FORMATS = ("full", "differential", "compressed", "sharded")
 FORMAT_HELP = ("full: each part one file; differential: tensors unchanged since a kept checkpoint are not written "
                "again (blobs/); compressed: differential + zstd; sharded: FSDP2/DTensor parts through "
@@ -84,7 +93,16 @@ class CheckpointOptions:
         unknown = set(fields) - set(cls.__dataclass_fields__)
         if unknown:
             raise TypeError(f"unknown checkpoint option(s) {sorted(unknown)}; see telepathy.options.CheckpointOptions")
-        return (options or cls()).replace(**fields)
+        wrapper = wrapper_defaults()
+        if options is None:  # the wrapper's flags are the defaults; what the script sets itself wins, said aloud
+            for name, value in wrapper.items():
+                if name in fields and fields[name] != value:
+                    log.warning("the wrapper asked for %s=%r but this script sets %s=%r; using the script's",
+                                name, value, name, fields[name])  # fmt: skip
+            return cls(**{**wrapper, **fields})
+        if wrapper and any(getattr(options, k) != v for k, v in wrapper.items()):
+            log.warning("the wrapper's checkpoint flags %s are overridden by the options this script passes", wrapper)
+        return options.replace(**fields)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> CheckpointOptions:
@@ -98,6 +116,29 @@ class CheckpointOptions:
         return cls(interval=args.checkpoint_interval, every_steps=args.save_every_steps, keep_last=args.keep_last,
                    keep_every=args.keep_every, format=fmt, async_save=args.async_save,
                    agree_every=args.agree_every, snapshot_every_step=args.snapshot_every_step)  # fmt: skip
+
+
+def _wrapper_flags() -> dict[str, Any]:
+    try:
+        flags = json.loads(os.environ.get(DEFAULTS_ENV) or "{}")
+    except ValueError:
+        return {}
+    return flags if isinstance(flags, dict) else {}
+
+
+def wrapper_resume_flags() -> tuple[str | None, bool]:
+    """``--resume_from`` and ``--strict_resume`` as given to a supervising wrapper (for its '--' command)."""
+    flags = _wrapper_flags()
+    return flags.get("resume_from"), bool(flags.get("strict_resume"))
+
+
+def wrapper_defaults() -> dict[str, Any]:
+    """The checkpoint options a supervising wrapper was given explicitly (for the command it runs after '--')."""
+    flags = _wrapper_flags()
+    merged = {_FLAG_FIELDS[k]: v for k, v in flags.items() if k in _FLAG_FIELDS}
+    if flags.get("differential") or flags.get("compress"):
+        merged.setdefault("format", "compressed" if flags.get("compress") else "differential")
+    return merged
 
 
 def non_negative_int(text: str) -> int:

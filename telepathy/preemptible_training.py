@@ -19,14 +19,18 @@ if __name__ == "__main__":  # first, before the imports: a signal now must not k
     for _signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(_signum, lambda signum, frame: EARLY_SIGNALS.append(signum))
 
+import argparse  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 if __package__ in (None, ""):  # run as a file path: make the package importable without installing it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from telepathy.latentwire import config  # noqa: E402
+from telepathy.options import DEFAULTS_ENV, SAVE_DIR_ENV  # noqa: E402
 from telepathy.supervisor import supervise  # noqa: E402
 
 
@@ -38,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         config.build_parser().error("nothing after '--': give the command to supervise")
     if wrapped and shutil.which(wrapped[0]) is None:
         config.build_parser().error(f"the command after '--' was not found: {wrapped[0]!r}")
+    env_defaults = wrapped_defaults(args, config.build_parser()) if wrapped else {}
+    os.environ.update(env_defaults)  # the command's Checkpointer takes the wrapper's flags as its defaults
     os.makedirs(args.save_dir, exist_ok=True)
     command = wrapped or [sys.executable, "-m", "telepathy.latentwire.train", *config.normalize(argv)]
     restart = command if wrapped or args.auto_resume else [*command, "--auto_resume"]  # a restart continues
@@ -50,6 +56,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[telepathy] done: trained model parts (encoder.pt, adapter_*.pt) are in {latest}/, "
               f"the run's events in {events}", flush=True)  # fmt: skip
     return code
+
+
+def wrapped_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, str]:
+    """What the wrapper's explicit flags mean for a ``--`` command: checkpoint options and resume flags travel to
+    its Checkpointer through the environment (:data:`telepathy.options.DEFAULTS_ENV`); flags of the LatentWire job
+    cannot apply to another program and are refused, never ignored."""
+    given = {a.dest for a in parser._actions if a.dest != "help" and getattr(args, a.dest) != a.default}
+    options = {a.dest for group in parser._action_groups if group.title == "checkpoints" for a in group._group_actions}
+    workload = {a.dest for group in parser._action_groups if group.title in ("LatentWire", "training")
+                for a in group._group_actions}  # fmt: skip
+    if given & workload:
+        flags = ", ".join(f"--{name}" for name in sorted(given & workload))
+        parser.error(f"{flags} configure the LatentWire job and do not reach a command after '--'; pass them to "
+                     "your command instead")  # fmt: skip
+    chosen = {name: getattr(args, name) for name in sorted(given & options)}
+    env = {SAVE_DIR_ENV: str(Path(args.save_dir).resolve())}
+    if chosen:
+        env[DEFAULTS_ENV] = json.dumps(chosen)
+    return env
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def rescue(slot_dir: Path, save_dir: Path, how: str, lock_wait: float = 30.0) ->
         return None
     meta, data = found
     step = int(meta["step"])
+    save_dir = Path(meta.get("save_dir") or save_dir)  # where the trainer's Checkpointer writes
     committed = SaveDir(save_dir).committed()
     if committed and committed[-1].step >= step:
         return None  # the trainer committed this step (or a later one) itself

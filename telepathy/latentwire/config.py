@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--latent_len", type=int, default=8)
     model.add_argument("--d_z", type=int, default=32)
     model.add_argument("--max_bytes", type=int, default=256)
-    train = p.add_argument_group("training")
+    train = p.add_argument_group("training")  # this group and "LatentWire" configure the workload only
     train.add_argument("--samples", type=int, default=4000)
     train.add_argument("--epochs", type=int, default=2)
     train.add_argument("--batch_size", type=int, default=8)

@@ -80,7 +80,8 @@ class StepSnapshots:
         self.writer = SlotWriter(directory)
         self.disabled: str | None = None
 
-    def capture(self, step: int, files: Mapping[str, Any], info: Mapping[str, Any], store: Mapping[str, Any]) -> None:
+    def capture(self, step: int, files: Mapping[str, Any], info: Mapping[str, Any], store: Mapping[str, Any],
+                save_dir: str = "") -> None:  # fmt: skip
         if self.disabled is not None:
             return
         try:
@@ -95,7 +96,7 @@ class StepSnapshots:
             nbytes = t.numel() * t.element_size()
             table.append([str(t.dtype), list(t.shape), offset, nbytes])
             offset = align(offset + nbytes)
-        meta = {"files": structure, "tensors": table, "info": dict(info), "store": dict(store)}
+        meta = {"files": structure, "tensors": table, "info": dict(info), "store": dict(store), "save_dir": save_dir}
 
         def fill(view: memoryview) -> None:
             if not len(view):

@@ -17,7 +17,6 @@ from adversary import (
     assert_one_line_error,
     assert_still_verified,
     cli,
-    make_run,
     parse_in_process,
     program,
     python_code,
@@ -152,18 +151,24 @@ FOREIGN_LINES = {
     "exit code null": json.dumps({"time": T, "event": "exit", "exit_code": None}).encode(),
     "exit code Infinity": b'{"time": %d, "event": "exit", "exit_code": Infinity}' % int(T),
     "preempt without a code": json.dumps({"time": T, "event": "preempt", "step": 3}).encode(),
-    "progress rate a string": json.dumps({"time": T, "event": "progress", "step": 6, "steps_per_s": "fast",
-                                          "metric": 1.0, "pid": 1}).encode(),  # fmt: skip
-    "progress rate 0": json.dumps({"time": T, "event": "progress", "step": 6, "steps_per_s": 0, "metric": 1.0,
-                                   "pid": 1}).encode(),  # fmt: skip
-    "progress rate negative": json.dumps({"time": T, "event": "progress", "step": 6, "steps_per_s": -3.0,
-                                          "metric": 1.0, "pid": 1}).encode(),  # fmt: skip
-    "progress metric a string": json.dumps({"time": T, "event": "progress", "step": 6, "steps_per_s": 1.0,
-                                            "metric": "low", "pid": 1}).encode(),  # fmt: skip
-    "progress step a string": json.dumps({"time": T, "event": "progress", "step": "six", "steps_per_s": 1.0,
-                                          "metric": 1.0, "pid": 1}).encode(),  # fmt: skip
-    "progress without step or pid": json.dumps({"time": T, "event": "progress", "metric": 1.0,
-                                                "steps_per_s": 1.0}).encode(),  # fmt: skip
+    "progress rate a string": json.dumps(
+        {"time": T, "event": "progress", "step": 6, "steps_per_s": "fast", "metric": 1.0, "pid": 1}
+    ).encode(),  # fmt: skip
+    "progress rate 0": json.dumps(
+        {"time": T, "event": "progress", "step": 6, "steps_per_s": 0, "metric": 1.0, "pid": 1}
+    ).encode(),  # fmt: skip
+    "progress rate negative": json.dumps(
+        {"time": T, "event": "progress", "step": 6, "steps_per_s": -3.0, "metric": 1.0, "pid": 1}
+    ).encode(),  # fmt: skip
+    "progress metric a string": json.dumps(
+        {"time": T, "event": "progress", "step": 6, "steps_per_s": 1.0, "metric": "low", "pid": 1}
+    ).encode(),  # fmt: skip
+    "progress step a string": json.dumps(
+        {"time": T, "event": "progress", "step": "six", "steps_per_s": 1.0, "metric": 1.0, "pid": 1}
+    ).encode(),  # fmt: skip
+    "progress without step or pid": json.dumps(
+        {"time": T, "event": "progress", "metric": 1.0, "steps_per_s": 1.0}
+    ).encode(),  # fmt: skip
     "resume step a string": json.dumps({"time": T, "event": "resume", "step": "x"}).encode(),
     "resume without a step": json.dumps({"time": T, "event": "resume"}).encode(),
     "save step a string": json.dumps({"time": T, "event": "save", "step": "abc", "reason": "final"}).encode(),
