@@ -118,6 +118,10 @@ class Checkpointer:
                              "drop --async_save (saves stay synchronous and durable)")  # fmt: skip
         if self.sharded and not all(isinstance(p, nn.Module) for p in parts.values()):
             raise UsageError("format 'sharded' needs every part to be an nn.Module (its state goes through DCP)")
+        if not training_signals.installed() and threading.current_thread() is threading.main_thread():
+            training_signals.install_signal_handlers()  # an unprotected loop must not be possible to miss
+            training_signals.say("installed signal handlers (SIGTERM, SIGINT, SIGHUP: save and stop; SIGUSR1: save); "
+                                 "install them first thing in your script to cover its start-up too")  # fmt: skip
         self.policy = SavePolicy(options.interval, options.every_steps, options.agree_every)
         self.recorder = RunRecorder(save_dir) if record_events and self.rank == 0 else None
         self.store = CheckpointStore(save_dir, options.retention(), differential=options.uses_blobs,
@@ -300,6 +304,10 @@ class Checkpointer:
                 self._save_failed(decision.reason, exc)
         if decision.stop:
             self.wait()  # an exit waits for a save in flight
+            code = training_signals.exit_code()
+            saved = "nothing new saved" if code == training_signals.EXIT_STOPPED_UNSAVED else "checkpoint committed"
+            training_signals.say(f"{training_signals.signal_name(training_signals.exit_signal())} at step "
+                                 f"{state.global_step}: {saved}; stopping with exit code {code}")  # fmt: skip
             self._record("preempt", step=state.global_step, exit_code=training_signals.exit_code(),
                          signal=training_signals.signal_name(training_signals.exit_signal()))  # fmt: skip
         return decision.stop

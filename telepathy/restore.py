@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from telepathy import rng
+import torch
+
+from telepathy import rng, training_signals
 from telepathy.disk.contents import OPTIMIZER, STATE, part_file, rank_part
 from telepathy.disk.manifest import read_manifest
 from telepathy.errors import CheckpointInvalid, ResumeMismatchError
@@ -75,6 +77,11 @@ def apply_checkpoint(ckpt: Checkpointer, directory: Path, read: Loaded) -> Train
     """Put a checkpoint that :func:`read_checkpoint` loaded and checked into the run."""
     state, saved_state, loaded, opt = read.state, read.saved_state, read.parts, read.optimizer
     saved_world, own_rng = read.saved_world, read.own_rng
+    threads = (saved_state.get("metadata") or {}).get("intra_op_threads")
+    if isinstance(threads, int) and threads != torch.get_num_threads():
+        log.warning("this checkpoint was written with %d intra-op threads and this run uses %d: CPU kernels may sum "
+                    "in another order, so the resumed run may not be bit-identical; use torch.set_num_threads(%d)",
+                    threads, torch.get_num_threads(), threads)  # fmt: skip
     if saved_world != ckpt.world_size and ckpt.rank == 0:
         log.warning("resuming a checkpoint written by %d rank(s) with %d: training continues at the same "
                     "global position (epoch %d, batch %d) in the same data order, but not bit-identically to an "
@@ -101,8 +108,8 @@ def apply_checkpoint(ckpt: Checkpointer, directory: Path, read: Loaded) -> Train
     elif ckpt.rank == 0:  # a rank that did not exist keeps its own seeding
         rng.restore_rng_state(saved_state["rng"], ckpt.generators)
     ckpt.policy.saved()
-    log.info("resumed from %s: epoch %d, batch %d, global step %d", directory, state.epoch, state.batch_idx,
-             state.global_step)  # fmt: skip
+    training_signals.say(f"resumed from {directory}: epoch {state.epoch}, batch {state.batch_idx}, global step "
+                         f"{state.global_step}")  # fmt: skip
     if ckpt.recorder is not None:
         ckpt.recorder.start(state.global_step, state.epoch, resumed_from=str(directory))
     return state

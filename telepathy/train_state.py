@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from telepathy import tree
-from telepathy.errors import ResumeMismatchError
+from telepathy.errors import ResumeMismatchError, UsageError
 
 STATE_FORMAT_VERSION = 1
 
@@ -84,6 +84,27 @@ def to_primitive(value: Any) -> Any:
     return tree.transform(value, leaf, key=str)
 
 
+def checked_extra(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``TrainState.extra`` as saved: plain values and torch tensors round-trip exactly; anything else (a NumPy
+    value, an object) is refused with its name, never turned into a string behind the user's back."""
+
+    def leaf(value: Any, path: str) -> Any:
+        if value is None or type(value) in (bool, int, float, str) or isinstance(value, torch.Tensor):
+            return value.detach().clone() if isinstance(value, torch.Tensor) else value
+        if isinstance(value, (Mapping, list, tuple)):
+            return tree.KEEP
+        hint = (
+            " (use .item() for a NumPy scalar, torch.from_numpy for an array)"
+            if type(value).__module__ == "numpy"
+            else ""
+        )
+        raise UsageError(f"TrainState.extra{path} is a {type(value).__module__}.{type(value).__name__}, which a "
+                         f"checkpoint cannot hold exactly{hint}; store Python numbers, strings, lists, dicts or torch "
+                         "tensors")  # fmt: skip
+
+    return tree.transform(dict(extra), leaf, key=str)
+
+
 def state_to_dict(
     state: TrainState,
     rng_state: Mapping[str, Any],
@@ -99,8 +120,8 @@ def state_to_dict(
         "timestamp": time.time(),
         "rng": dict(rng_state),
         "signature": to_primitive(dict(signature)),
-        "metadata": dict(metadata),
-        "extra": to_primitive(dict(state.extra)),
+        "metadata": {**metadata, "intra_op_threads": torch.get_num_threads()},
+        "extra": checked_extra(state.extra),
     }
 
 

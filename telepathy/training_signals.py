@@ -20,8 +20,10 @@ from __future__ import annotations
 import atexit
 import enum
 import json
+import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -134,6 +136,16 @@ def _ignore_at_exit() -> None:
     if _state.previous_handlers and threading.current_thread() is threading.main_thread():
         for signum in _state.actions:
             signal.signal(signum, signal.SIG_IGN)
+
+
+def say(message: str) -> None:
+    """One console line for a person: through the ``telepathy`` logger when the program configured logging, else
+    on stderr (a library user who set up nothing still sees a resume, a signal's save and an exit)."""
+    logger = logging.getLogger("telepathy")
+    if logger.hasHandlers():
+        logger.info("%s", message)
+    else:
+        print(f"[telepathy] {message}", file=sys.stderr, flush=True)
 
 
 def installed() -> bool:
