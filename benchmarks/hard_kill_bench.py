@@ -140,7 +140,7 @@ def remove_leaked_slot_dirs(pid: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- section 1
-def section1(root: Path, smoke: bool) -> None:
+def section1(root: Path, smoke: bool, threads: int | None) -> None:
     samples, k0, min_rounds, max_rounds, budget = (64, 2, 1, 1, 0) if smoke else (1200, 20, 3, 7, 300)
     variants = [
         ("no per-step protection (`--checkpoint_interval 600`)", []),
@@ -159,7 +159,8 @@ def section1(root: Path, smoke: bool) -> None:
             run_no += 1
             save_dir = root / f"s1-{run_no}"
             command = [*MAIN_JOB, "--save_dir", str(save_dir), "--samples", str(samples), "--epochs", "1",
-                       "--log_every", "1", "--checkpoint_interval", "600", *variants[i][1]]  # fmt: skip
+                       "--log_every", "1", "--checkpoint_interval", "600", *variants[i][1],
+                       *(["--threads", str(threads)] if threads else [])]  # fmt: skip
             tree = Tree(command, root, timeout=120 if smoke else 600)
             times: dict[int, float] = {}
             for now, line in tree:
@@ -176,7 +177,8 @@ def section1(root: Path, smoke: bool) -> None:
             gaps[i].append(med([times[b] - times[a] for a, b in zip(steps, steps[1:])]))
     base_span, base_gap = med(spans[0]), med(gaps[0])
     print(f"## 1. Per-step overhead, main job on its default LatentWire workload ({samples // 8} steps of batch 8; "
-          f"steps {k0}..{samples // 8} timed; median of {rounds} run(s) each, alternated)\n")  # fmt: skip
+          f"steps {k0}..{samples // 8} timed; {f'--threads {threads}' if threads else 'its default --threads 2'}; "
+          f"median of {rounds} run(s) each, alternated)\n")  # fmt: skip
     print("| main job (LatentWire default) | ms/step after start-up | x no protection | x no protection, same round "
           "(median) | median step gap ms | x no protection |")  # fmt: skip
     print("|---|---|---|---|---|---|")
@@ -672,6 +674,8 @@ def main() -> None:
                         "checks that the script runs; the numbers mean little")  # fmt: skip
     parser.add_argument("--sections", default="1,2,3", help="which sections to run, comma-separated (default 1,2,3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill instants")
+    parser.add_argument("--main_job_threads", type=int, default=None,
+                        help="--threads of the main job in section 1 (default: its own default, 2)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads in section 2 (default: torch's default, all cores)")  # fmt: skip
     args = parser.parse_args()
@@ -691,7 +695,7 @@ def main() -> None:
         print(f"Measured in {base or tempfile.gettempdir()} on {os.cpu_count()} CPU(s); load average at the start "
               f"{load:.2f}.\n", flush=True)  # fmt: skip
         if 1 in sections:
-            section1(root, args.smoke)
+            section1(root, args.smoke, args.main_job_threads)
             sys.stdout.flush()
         if 2 in sections:
             section2(root, args.smoke, args.threads)

@@ -7,6 +7,8 @@
     prune SAVE_DIR [--keep_last N] [--keep_every K] [--no-keep_best] [--dry-run]
     plot SAVE_DIR [--out FILE]             loss vs step with preemptions and checkpoints; throughput
     export SAVE_DIR [--checkpoint DIR] [--out DIR]   the trained parts as safetensors
+    check-resume [--sigterm_at K] [--sigkill_at K] -- COMMAND ... {save_dir} ...
+                                           does this training command resume bit-identically? (runs it 3 times)
 
 Exit codes: 0 done, 1 something failed (verify), 2 the path is not a telepathy save dir or a usage error,
 75 prune refused because a live run writes there.
@@ -66,6 +68,11 @@ def not_a_save_dir(path: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["check-resume"]:  # its own flags, then a whole command after '--'
+        from telepathy.tools import check_resume
+
+        return check_resume.main(argv[1:])
     args = _parser().parse_args(argv)
     if args.verb == "verify":
         from telepathy.tools.verify import verify_path

@@ -37,6 +37,7 @@ from telepathy.disk.events import RunRecorder
 from telepathy.errors import CheckpointInvalid, CheckpointWriteError, UsageError
 from telepathy.options import SAVE_DIR_ENV, CheckpointOptions, wrapper_resume_flags
 from telepathy.save_policy import SavePolicy, check_interval
+from telepathy.step_log import STEP_LOG_ENV, record_step
 from telepathy.store import collective, step_snapshots
 from telepathy.store.checkpoint_store import CheckpointStore
 from telepathy.store.snapshot import HostBuffers
@@ -284,6 +285,8 @@ class Checkpointer:
         agree first and act together. ``interval`` (seconds) replaces the options' interval from now on."""
         if self.recorder is not None:
             self.recorder.step(state.global_step, state.epoch, None if metric is None else float(metric))
+        if STEP_LOG_ENV in os.environ:  # telepathy check-resume compares every step's metric, to the last bit
+            record_step(os.environ[STEP_LOG_ENV], state.global_step, metric)
         if self._snapshots is not None:  # what the supervisor commits if this process dies before the next step
             info = self._info(state, "rescue", metric)
             self._snapshots.capture(state.global_step, self._files(state), info, dataclasses.asdict(self.options),

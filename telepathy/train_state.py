@@ -36,9 +36,12 @@ class TrainState:
     best_loss: float = math.inf
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def advance(self, batches_per_epoch: int) -> None:
-        """Record one finished optimizer step, rolling over to the next epoch after its last batch."""
+    def advance(self, batches_per_epoch: int | None = None) -> None:
+        """Record one finished optimizer step, rolling over to the next epoch after its last batch. Iteration-based
+        loops (random batches, no epochs) call it without an argument: only ``global_step`` counts."""
         self.global_step += 1
+        if batches_per_epoch is None:
+            return
         self.batch_idx += 1
         if self.batch_idx >= batches_per_epoch:
             self.epoch += 1

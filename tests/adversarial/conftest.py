@@ -3,8 +3,10 @@ as it was, and a run with three committed checkpoints."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from adversary import can_mount, make_outside, make_run, verified
+from adversary import can_mount, diff_snapshots, make_outside, make_run, snapshot, verified
 
 
 @pytest.fixture
@@ -32,3 +34,22 @@ def run3(save_dir):
 def root_only():
     if not can_mount():
         pytest.skip("needs root to mount a filesystem")
+
+
+@pytest.fixture(autouse=True)
+def neighbour(tmp_path):
+    """Every case: a sibling of the save dir that looks like telepathy's own (a checkpoint with a manifest, blobs,
+    latest, an event log) must be exactly as it was afterwards, whatever the library did to the save dir."""
+    root = tmp_path / "neighbour"
+    step = root / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    (step / "model.pt").write_bytes(b"weights of another run")
+    (step / "manifest.json").write_text(json.dumps({"format": "telepathy-checkpoint", "files": {}}))
+    (root / "blobs" / "ab").mkdir(parents=True)
+    (root / "blobs" / "ab" / ("ab" + "0" * 30 + ".raw")).write_bytes(b"blob")
+    (root / "events.jsonl").write_text('{"time": 1, "event": "start"}\n')
+    (root / "latest").symlink_to("checkpoints/step_00000001")
+    before = snapshot(root)
+    yield root
+    changes = diff_snapshots(before, snapshot(root))
+    assert not changes, "a neighbouring directory was changed: " + "; ".join(changes[:10])

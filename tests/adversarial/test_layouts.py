@@ -31,7 +31,7 @@ from telepathy.errors import UsageError
 from telepathy.store.checkpoint_store import CheckpointStore
 from telepathy.train_state import TrainState
 
-WATCHDOG = 8.0  # seconds an operation may take before it counts as hung
+WATCHDOG = 4.0  # seconds an operation may take before it counts as hung
 
 
 # ------------------------------------------------------------------------------------ latest/ as a directory

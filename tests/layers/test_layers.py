@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "telepathy"
 
 # Lower number = lower layer. A module may import its own layer or lower ones, never a higher one.
 LAYERS = {
-    "telepathy.errors": 0, "telepathy.tree": 0, "telepathy.training_signals": 0,
+    "telepathy.errors": 0, "telepathy.tree": 0, "telepathy.step_log": 0, "telepathy.training_signals": 0,
     "telepathy.disk": 1, "telepathy.options": 1, "telepathy.save_policy": 1,
     "telepathy.rng": 2, "telepathy.train_state": 2, "telepathy.data": 2, "telepathy.store": 2,
     "telepathy.distributed": 2,
