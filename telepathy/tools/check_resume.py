@@ -172,10 +172,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sigterm_at", type=int, default=10, help="send SIGTERM once this step is logged [10]")
     parser.add_argument("--sigkill_at", type=int, default=20, help="send SIGKILL once this step is logged [20]")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one run may take [600]")
-    if "--" not in argv:
+    at = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:at])  # --help answers here
+    if at == len(argv):
         parser.error("give the training command after '--', with {save_dir} where its save dir goes")
-    at = argv.index("--")
-    args = parser.parse_args(argv[:at])
     if min(args.sigterm_at, args.sigkill_at) < 1 or not 0 < args.timeout < float("inf"):
         parser.error("--sigterm_at and --sigkill_at must be steps >= 1, --timeout a number of seconds > 0")
     lines, code = check(argv[at + 1 :], args.sigterm_at, args.sigkill_at, args.timeout)
