@@ -6,12 +6,16 @@ a SIGKILL at a random instant makes a run replay, with and without it. Prints me
     python benchmarks/hard_kill_bench.py --smoke          # every section at a tiny size (a test runs this)
 
 1. Per-step overhead on the main job's default LatentWire workload (``python -m telepathy.preemptible_training
-   --samples S --epochs 1 --log_every 1``), as real processes: wall time per step after start-up (from the arrival
-   of the line for step k0 to the arrival of the last step line, timestamped as lines arrive), median over
-   repeats alternated A B C C B A ..., for no per-step protection (``--checkpoint_interval 600``),
-   ``--snapshot_every_step`` and ``--save_every_steps 1 --async_save``; ratios against the first.
+   --samples S --epochs 1 --log_every 1 --threads 1``), as real processes: wall time per step after start-up (from
+   the arrival of the line for step k0 to the arrival of the last step line, timestamped as lines arrive), median
+   over repeats alternated A B C C B A ..., for no per-step protection (``--checkpoint_interval 600``),
+   ``--snapshot_every_step`` and ``--save_every_steps 1 --async_save``; ratios against the first. One torch thread
+   (``--main_job_threads``; the job's default is 2): on a 2-core machine that other jobs share, two intra-op threads
+   make each small op wait for whichever thread was descheduled, and the same run took 50 to 850 ms a step; one
+   thread does the same work per step with a fraction of that spread.
 2. A 100 MiB state (an nn.Linear stack of 8.66M parameters + its AdamW moments) with a ~40 ms step of real compute
-   (forward, backward and AdamW step of that model on a batch sized at start to take ~40 ms), in this process:
+   (forward, backward and AdamW step of that model on a batch sized at start to take ~40 ms; one torch thread,
+   ``--threads``), in this process:
    per-step time without protection (a Checkpointer with a 600 s interval), with per-step snapshots into
    shared-memory slots and with ``every_steps=1, async_save=True``, in blocks of steps alternated between the three;
    the floor is a copy of every tensor of the model and optimizer state into preallocated buffers.
@@ -22,6 +26,9 @@ a SIGKILL at a random instant makes a run replay, with and without it. Prints me
    the same command run again. Replayed = the last step printed before the kill - the global step resumed at.
    (b) and (c) run to the end and every step's loss (float.hex, replayed steps too) is compared with an
    uninterrupted run's.
+
+Repeats: section 1 runs 3 to 7 rounds (no new round after 300 s), section 2 6 to 12 rounds (no new round after
+100 s), section 3 20 kills per case; so the full size stays near 10-15 minutes on a busy 2-core machine.
 """
 
 from __future__ import annotations
@@ -65,11 +72,35 @@ def med(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
-def child_env() -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None, first_on_path: Path | None = None) -> dict[str, str]:
     """The children import this checkout's telepathy even when it is not installed."""
-    repo = str(Path(__file__).resolve().parents[1])
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": repo if not path else f"{repo}{os.pathsep}{path}", "PYTHONUNBUFFERED": "1"}
+    paths = [*([str(first_on_path)] if first_on_path else []), str(Path(__file__).resolve().parents[1])]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+BOUNDARY_LOG_ENV = "HARD_KILL_BENCH_BOUNDARY_LOG"
+# A sitecustomize for section 1: in the trainer only (the supervisor gives it TELEPATHY_REPORT_FD), time every
+# Checkpointer.step_boundary and write "step seconds" lines at exit. The command line stays the main job's own.
+BOUNDARY_HOOK = f"""
+import os
+if os.environ.get({BOUNDARY_LOG_ENV!r}) and os.environ.get("TELEPATHY_REPORT_FD"):
+    import atexit, time
+    from telepathy import checkpointer as _checkpointer
+    _real, _took = _checkpointer.Checkpointer.step_boundary, []
+    def _timed(self, state, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return _real(self, state, *args, **kwargs)
+        finally:
+            _took.append((state.global_step, time.perf_counter() - started))
+    _checkpointer.Checkpointer.step_boundary = _timed
+    def _write(path=os.environ[{BOUNDARY_LOG_ENV!r}]):
+        with open(path, "w") as f:
+            f.writelines(f"{{step}} {{seconds!r}}\\n" for step, seconds in _took)
+    atexit.register(_write)
+"""
 
 
 class Tree:
@@ -78,8 +109,8 @@ class Tree:
 
     live: set[Tree] = set()  # killed when the benchmark stops early (Ctrl+C, an error)
 
-    def __init__(self, command: list[str], cwd: Path, timeout: float) -> None:
-        self.proc = subprocess.Popen(command, cwd=cwd, env=child_env(), stdout=subprocess.PIPE,
+    def __init__(self, command: list[str], cwd: Path, timeout: float, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(command, cwd=cwd, env=env or child_env(), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
         Tree.live.add(self)
         self.lines: list[tuple[float, str]] = []
@@ -149,6 +180,11 @@ def section1(root: Path, smoke: bool, threads: int | None) -> None:
     ]
     spans: dict[int, list[float]] = {i: [] for i in range(len(variants))}
     gaps: dict[int, list[float]] = {i: [] for i in range(len(variants))}
+    boundary: dict[int, list[float]] = {i: [] for i in range(len(variants))}  # mean seconds per step, per run
+    hook_dir = root / "s1-hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(BOUNDARY_HOOK)
+    boundary_log = root / "s1-boundary.log"
     say(f"section 1: LatentWire main job, {samples // 8} steps per run, {min_rounds}..{max_rounds} round(s) of "
         f"{len(variants)} runs (no new round after {budget} s)")  # fmt: skip
     run_no, started, rounds = 0, time.monotonic(), 0
@@ -161,7 +197,9 @@ def section1(root: Path, smoke: bool, threads: int | None) -> None:
             command = [*MAIN_JOB, "--save_dir", str(save_dir), "--samples", str(samples), "--epochs", "1",
                        "--log_every", "1", "--checkpoint_interval", "600", *variants[i][1],
                        *(["--threads", str(threads)] if threads else [])]  # fmt: skip
-            tree = Tree(command, root, timeout=120 if smoke else 600)
+            boundary_log.unlink(missing_ok=True)
+            env = child_env({BOUNDARY_LOG_ENV: str(boundary_log)}, first_on_path=hook_dir)
+            tree = Tree(command, root, timeout=120 if smoke else 600, env=env)
             times: dict[int, float] = {}
             for now, line in tree:
                 match = LW_STEP.match(line)
@@ -175,21 +213,32 @@ def section1(root: Path, smoke: bool, threads: int | None) -> None:
             spans[i].append((times[last] - times[k0]) / (last - k0))
             steps = sorted(s for s in times if s >= k0)
             gaps[i].append(med([times[b] - times[a] for a, b in zip(steps, steps[1:])]))
+            timed = [float(sec) for step, sec in (ln.split() for ln in boundary_log.read_text().splitlines())
+                     if k0 <= int(step) < last]  # fmt: skip
+            boundary[i].append(statistics.fmean(timed) if timed else math.nan)
     base_span, base_gap = med(spans[0]), med(gaps[0])
     print(f"## 1. Per-step overhead, main job on its default LatentWire workload ({samples // 8} steps of batch 8; "
           f"steps {k0}..{samples // 8} timed; {f'--threads {threads}' if threads else 'its default --threads 2'}; "
           f"median of {rounds} run(s) each, alternated)\n")  # fmt: skip
     print("| main job (LatentWire default) | ms/step after start-up | x no protection | x no protection, same round "
-          "(median) | median step gap ms | x no protection |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+          "(median) | median step gap ms | x no protection | in step_boundary ms/step | 1 + that / no-protection "
+          "step |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for i, (label, _) in enumerate(variants):
-        span, gap = med(spans[i]), med(gaps[i])
+        span, gap, inside = med(spans[i]), med(gaps[i]), med(boundary[i])
         paired = med([a / b for a, b in zip(spans[i], spans[0])])  # run r of each variant is in round r
-        print(f"| {label} | {span * 1e3:.1f} | {span / base_span:.3f} | {paired:.3f} | {gap * 1e3:.1f} | "
-              f"{gap / base_gap:.3f} |")  # fmt: skip
+        print(
+            f"| {label} | {span * 1e3:.1f} | {span / base_span:.3f} | {paired:.3f} | {gap * 1e3:.1f} | "
+            f"{gap / base_gap:.3f} | {inside * 1e3:.2f} | {1 + (inside - med(boundary[0])) / base_span:.3f} |"
+        )
     runs = ", ".join(f"{label.split(' (')[0]}: " + " ".join(f"{s * 1e3:.1f}" for s in spans[i])
                      for i, (label, _) in enumerate(variants))  # fmt: skip
-    print(f"\nms/step of each run, in order: {runs}. Target: `--snapshot_every_step` <= 1.02x.\n")
+    print(
+        f"\nms/step of each run, in order: {runs}. In step_boundary: the mean time per timed step inside the "
+        "trainer's Checkpointer.step_boundary (snapshot, save decision, async copy), timed in the trainer by a "
+        "sitecustomize hook; the last column adds it (less the no-protection run's) to the no-protection step, an "
+        "estimate that other processes' load hardly moves. Target: `--snapshot_every_step` <= 1.02x.\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- section 2
@@ -199,7 +248,7 @@ def section2(root: Path, smoke: bool, threads: int | None) -> None:
     import torch
     from torch import nn
 
-    from telepathy import Checkpointer, TrainState
+    from telepathy import Checkpointer, TrainState, training_signals
     from telepathy.disk import slots
 
     if threads:
@@ -250,6 +299,9 @@ def section2(root: Path, smoke: bool, threads: int | None) -> None:
     slot_dir = slots.make_slot_dir()
     old_env = os.environ.get(slots.SLOT_DIR_ENV)
     os.environ[slots.SLOT_DIR_ENV] = str(slot_dir)  # read when the Checkpointer is constructed
+    handlers_were_installed = training_signals.installed()
+    if not handlers_were_installed:  # a Checkpointer would install them (and say so); removed again below
+        training_signals.install_signal_handlers()
     ckpts: dict[str, Any] = {}
     shm_file, whole, shm_views = None, None, []
     try:
@@ -355,6 +407,8 @@ def section2(root: Path, smoke: bool, threads: int | None) -> None:
             shm_file.close()
         slots.remove_slot_dir(shm_dir)
         slots.remove_slot_dir(slot_dir)
+        if not handlers_were_installed:
+            training_signals.uninstall_signal_handlers()  # Ctrl+C interrupts the benchmark again
         if old_env is None:
             os.environ.pop(slots.SLOT_DIR_ENV, None)
         else:
@@ -674,10 +728,15 @@ def main() -> None:
                         "checks that the script runs; the numbers mean little")  # fmt: skip
     parser.add_argument("--sections", default="1,2,3", help="which sections to run, comma-separated (default 1,2,3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill instants")
-    parser.add_argument("--main_job_threads", type=int, default=None,
-                        help="--threads of the main job in section 1 (default: its own default, 2)")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads in section 2 (default: torch's default, all cores)")  # fmt: skip
+    parser.add_argument("--main_job_threads", type=int, default=1,
+                        help="--threads of the main job in section 1 (default 1; the job's own default is 2, which "
+                        "a busy 2-core machine turns into 10x swings between runs)")  # fmt: skip
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in section 2 (default 1, for the same reason as --main_job_threads)",
+    )
     args = parser.parse_args()
     base = usable_dir(args.dir)
     try:

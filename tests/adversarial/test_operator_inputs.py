@@ -273,12 +273,9 @@ MAIN_FLAGS = (
     + [("--max_bytes", v) for v in ("nan", "", "abc")]
 )  # fmt: skip
 MAIN_FLAGS_PAST_THE_PARSER = (
-    [("--max_bytes", v) for v in ("0", "-1")] + [("--num_workers", "-1")]
-    + [("--step_delay", v) for v in ("-1", "nan", "inf")]
-    + [("--save_dir", v) for v in ("/proc/telepathy-run", "<too long>")]
-    + [("--resume_from", v) for v in ("<missing>", "<a file>", "")]
-    + [("--dataset", v) for v in ("<missing>", "<a directory>", "")]
-    + [("--llama_id", "<missing>"), ("--qwen_id", "<missing>")]
+    [("--max_bytes", "0"), ("--num_workers", "-1"), ("--step_delay", "-1"), ("--step_delay", "inf")]
+    + [("--save_dir", "/proc/telepathy-run"), ("--resume_from", "<missing>")]
+    + [("--dataset", v) for v in ("<missing>", "")] + [("--llama_id", "<missing>")]
 )  # fmt: skip
 
 
@@ -339,10 +336,10 @@ TOOL_FLAGS = (
     + [("--format", v) for v in ("bogus", "")]
 )  # fmt: skip
 TOOL_FLAGS_PAST_THE_PARSER = (
-    [("--lr", v) for v in ("0", "-1", "nan", "inf")] + [("--epochs", "0"), ("--seed", "-1"), ("--num_workers", "-1")]
-    + [("--threads", v) for v in ("0", "-1")] + [("--step_delay", v) for v in ("-1", "nan", "inf")]
-    + [("--save_dir", v) for v in ("", "<a file>", "<under a file>", "/proc/telepathy-run", "<too long>")]
-    + [("--resume_from", v) for v in ("<missing>", "<a file>")]
+    [("--lr", v) for v in ("0", "nan")] + [("--epochs", "0"), ("--seed", "-1"), ("--num_workers", "-1")]
+    + [("--threads", "0"), ("--step_delay", "-1")]
+    + [("--save_dir", v) for v in ("", "<a file>", "/proc/telepathy-run")]
+    + [("--resume_from", "<missing>")]
     + [("--samples", "4")]  # fewer samples than one batch of 16: not a single step per epoch
 )  # fmt: skip
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -265,10 +266,17 @@ def tool_run(save_dir, *extra, epochs=1):
 PROGRAM_TAMPERS = ["unsafe state.pt", "batch_idx 10**9", "rng empty"]
 
 
-@pytest.fixture
-def tool_save_dir(save_dir, tmp_path):
-    done = tool_run(save_dir)  # 4 steps, checkpoints 2, 3, 4 kept
+@pytest.fixture(scope="module")
+def tool_template(tmp_path_factory):
+    template = tmp_path_factory.mktemp("tool") / "run"
+    done = tool_run(template)  # 4 steps, checkpoints 2, 3, 4 kept
     assert done.code == 0, done.text
+    return template
+
+
+@pytest.fixture
+def tool_save_dir(save_dir, tool_template):
+    shutil.copytree(tool_template, save_dir, symlinks=True)
     return save_dir
 
 
@@ -296,7 +304,7 @@ def test_the_test_tool_with_strict_resume_exits_3_in_one_line(tool_save_dir, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", PROGRAM_TAMPERS)
+@pytest.mark.parametrize("how", ["batch_idx 10**9", "rng empty"])
 def test_the_main_job_never_restarts_a_strict_refusal(tool_save_dir, tmp_path, how):
     newest = step_dir(tool_save_dir, 4)
     TAMPERS[how](newest, tmp_path)

@@ -33,6 +33,7 @@ import torch
 from harness import deep_equal
 from torch import nn
 
+from telepathy import restore
 from telepathy.checkpointer import Checkpointer
 from telepathy.data import resumable_loader
 from telepathy.disk import catalog, durable
@@ -40,6 +41,7 @@ from telepathy.disk.manifest import CheckpointInvalid, read_manifest, verify_dir
 from telepathy.disk.retention import RetentionPolicy
 from telepathy.errors import EXIT_CANNOT_RESUME
 from telepathy.store import blobs as blob_store
+from telepathy.store import formats
 from telepathy.store.checkpoint_store import CheckpointStore
 
 EPOCHS, SAMPLES, BATCH = 3, 64, 8  # 24 steps
@@ -73,6 +75,16 @@ def train(save_dir: Path, keep_last: int, strict: bool = False, stop_after: int 
     if NEGATIVE_CONTROL["on"]:
         durable.publish_directory = unsafe_publish  # kills can now tear a committed checkpoint
         catalog.verify_directory = read_manifest  # loading no longer checks the files' bytes
+        formats.check_plausible = lambda *args: None  # nor what they hold
+        original = restore.read_checkpoint
+
+        def no_fallback(*args, **kwargs):  # and a file that does not load is a failure, not a fallback
+            try:
+                return original(*args, **kwargs)
+            except CheckpointInvalid as exc:
+                raise RuntimeError(f"negative control: {exc}") from exc
+
+        restore.read_checkpoint = no_fallback
     set_phase("resume")
     for seed_rng in (random.seed, np.random.seed, torch.manual_seed):
         seed_rng(0)
@@ -81,6 +93,13 @@ def train(save_dir: Path, keep_last: int, strict: bool = False, stop_after: int 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ckpt = Checkpointer(save_dir, parts={"model": model}, optimizer=optimizer, signature={"batch_size": BATCH},
                         retention=RetentionPolicy(keep_last=keep_last, keep_best=False), **STORE_MODE)  # fmt: skip
+    try:
+        return _train_loop(ckpt, data, model, optimizer, save_dir, strict, stop_after)
+    finally:
+        ckpt.close()  # a program's normal end: background deletions of pruned checkpoints finish
+
+
+def _train_loop(ckpt, data, model, optimizer, save_dir: Path, strict: bool, stop_after: int | None) -> int:
     try:
         state = ckpt.resume(strict=strict)
     except CheckpointInvalid:
