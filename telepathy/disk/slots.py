@@ -40,11 +40,27 @@ def align(n: int) -> int:
 
 
 def make_slot_dir() -> Path:
-    """A fresh private directory for one supervisor's slots, in shared memory when the machine has it."""
+    """A fresh private directory for one supervisor's slots, in shared memory when the machine has it (and the
+    directories of this user's supervisors that died without removing theirs — SIGKILL, OOM — are removed)."""
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else None
+    remove_orphans(base or Path(tempfile.gettempdir()))
     path = Path(tempfile.mkdtemp(prefix=f"telepathy-{os.getpid()}-{secrets.token_hex(3)}-", dir=base))
     os.chmod(path, 0o700)
     return path
+
+
+def remove_orphans(base: Path) -> None:
+    """``telepathy-<pid>-*`` slot directories of this user whose supervisor process no longer exists."""
+    for entry in base.glob("telepathy-*-*"):
+        try:
+            pid = int(entry.name.split("-")[1])
+            if entry.is_symlink() or not entry.is_dir() or entry.stat().st_uid != os.getuid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except (ValueError, IndexError, OSError):
+            continue
 
 
 def remove_slot_dir(path: Path) -> None:

@@ -24,7 +24,8 @@ log = logging.getLogger("telepathy")
 _DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
                                torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
                                torch.complex128)}  # fmt: skip
-_TENSOR, _TUPLE, _DICT = "__T__", "__t__", "__d__"
+_TENSOR, _TUPLE, _DICT, _INTS = "__T__", "__t__", "__d__", "__L__"
+_LONG_LIST = 32  # a list of this many ints or more (Python's RNG state: 625) is copied as one int64 tensor
 
 
 class UnsupportedState(TypeError):
@@ -52,6 +53,9 @@ def describe(files: Mapping[str, Any]) -> tuple[Any, list[torch.Tensor]]:
             return {_DICT: [[tree.transform(k, leaf), tree.transform(v, leaf, path=f"{path}/{k}")]
                             for k, v in value.items()]}  # fmt: skip
         if type(value) is list:
+            if len(value) >= _LONG_LIST and all(type(v) is int and -(2**63) <= v < 2**63 for v in value):
+                tensors.append(torch.tensor(value, dtype=torch.int64))
+                return {_INTS: len(tensors) - 1}
             return tree.KEEP
         raise UnsupportedState(f"{path}: a value of type {type(value).__name__}")
 
@@ -63,6 +67,8 @@ def rebuild(structure: Any, tensors: list[torch.Tensor]) -> Any:
     if isinstance(structure, dict):
         if _TENSOR in structure:
             return tensors[structure[_TENSOR]]
+        if _INTS in structure:
+            return tensors[structure[_INTS]].tolist()
         if _TUPLE in structure:
             return tuple(rebuild(v, tensors) for v in structure[_TUPLE])
         if _DICT in structure:
@@ -102,10 +108,14 @@ class StepSnapshots:
             if not len(view):
                 return
             whole = torch.frombuffer(view, dtype=torch.uint8)
-            for t, (_, shape, at, nbytes) in zip(tensors, table):
-                if nbytes:
-                    whole[at : at + nbytes].view(t.dtype).view(shape).copy_(t.detach())
-            del whole  # the view must not outlive this call
+            pairs = [
+                (whole[at : at + n].view(t.dtype).view(shape), t.detach())
+                for t, (_, shape, at, n) in zip(tensors, table)
+                if n
+            ]
+            if pairs:
+                torch._foreach_copy_([d for d, _ in pairs], [src for _, src in pairs])  # one call, not one per tensor
+            del whole, pairs  # the views must not outlive this call
 
         self.writer.write(step, meta, offset, fill)
 
