@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import usable_dir
 
 CHUNK = 16 * 2**20  # elements per tensor: 64 MiB of fp32
 SMOKE_CHUNK = 2**16  # --smoke: 256 KiB tensors, so a 1 MiB state has several (half of them can be frozen)
@@ -274,22 +275,6 @@ def compression_table(steps: int = 300) -> None:
             print(f"| {label} | {ratios[0]:.3f} | {ratios[1]:.3f} |")
 
 
-def usable_dir(path: Path | None) -> Path | None:
-    """``--dir`` if it is a writable directory; otherwise one line on stderr and exit 2 (it is not created: a
-    typo would otherwise measure whatever disk holds the new directory)."""
-    if path is None:
-        return None
-    problem = None
-    if not path.is_dir():
-        problem = "is not a directory" if path.exists() else "does not exist; create it first (on the disk to measure)"
-    elif not os.access(path, os.W_OK | os.X_OK):
-        problem = "is not writable by this user"
-    if problem:
-        print(f"checkpoint_bench: --dir {path} {problem}", file=sys.stderr)
-        sys.exit(2)
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=None, help="state sizes in MiB, comma-separated (default 100,1024)")
@@ -307,7 +292,7 @@ def main() -> None:
     sizes = [int(s) for s in (args.sizes or ("1" if args.smoke else "100,1024")).split(",")]
     repeats = args.repeats or (2 if args.smoke else 3)
     chunk = SMOKE_CHUNK if args.smoke else CHUNK
-    base = None if args.compression_only else usable_dir(args.dir)
+    base = None if args.compression_only else usable_dir(args.dir, "checkpoint_bench")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.smoke:
         print("# --smoke: tiny sizes, so that the script cannot rot; the numbers mean little\n")

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import usable_dir
 
 ROWS = [  # the steps of one save, in order; each from the end of the previous one
     ("outside", "Checkpointer.save outside the store: state_dict, RNG capture, events.jsonl"),
@@ -211,22 +212,6 @@ def measure(root: Path, saves: int, warmup: int) -> tuple[list[dict[str, float]]
     return rows, baselines, size
 
 
-def usable_dir(path: Path | None) -> Path | None:
-    """``--dir`` if it is a writable directory; otherwise one line on stderr and exit 2 (it is not created: a
-    typo would otherwise measure whatever disk holds the new directory)."""
-    if path is None:
-        return None
-    problem = None
-    if not path.is_dir():
-        problem = "is not a directory" if path.exists() else "does not exist; create it first (on the disk to measure)"
-    elif not os.access(path, os.W_OK | os.X_OK):
-        problem = "is not writable by this user"
-    if problem:
-        print(f"commit_cost: --dir {path} {problem}", file=sys.stderr)
-        sys.exit(2)
-    return path
-
-
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
@@ -238,7 +223,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="5 measured saves: checks the script runs")
     args = parser.parse_args()
     saves = args.saves or (5 if args.smoke else 50)
-    base = usable_dir(args.dir)
+    base = usable_dir(args.dir, "commit_cost")
     root = Path(tempfile.mkdtemp(prefix="telepathy-commit-cost-", dir=base))
     try:
         rows, baselines, size = measure(root, saves, warmup=3)

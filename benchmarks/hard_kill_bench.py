@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _common import usable_dir
+
 LW_STEP = re.compile(r"^step (?P<step>\d+)/(?P<total>\d+) epoch \d+ loss (?P<loss>\S+) ")
 TP_STEP = re.compile(r"^step (?P<step>\d+) epoch \d+ batch \d+ loss (?P<loss>\S+) ")
 TP_START = re.compile(r"^PID (?P<pid>\d+) training in .* \(global step (?P<step>\d+)\)")
@@ -704,22 +706,6 @@ def yes_no(same: bool, losses: Losses, reference: Losses) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-def usable_dir(path: Path | None) -> Path | None:
-    """``--dir`` if it is a writable directory; otherwise one line on stderr and exit 2 (it is not created: a
-    typo would otherwise measure whatever disk holds the new directory)."""
-    if path is None:
-        return None
-    problem = None
-    if not path.is_dir():
-        problem = "is not a directory" if path.exists() else "does not exist; create it first (on the disk to measure)"
-    elif not os.access(path, os.W_OK | os.X_OK):
-        problem = "is not writable by this user"
-    if problem:
-        print(f"hard_kill_bench: --dir {path} {problem}", file=sys.stderr)
-        sys.exit(2)
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", type=Path, default=None, help="an existing directory to write in (default: /tmp)")
@@ -738,7 +724,7 @@ def main() -> None:
         help="torch threads in section 2 (default 1, for the same reason as --main_job_threads)",
     )
     args = parser.parse_args()
-    base = usable_dir(args.dir)
+    base = usable_dir(args.dir, "hard_kill_bench")
     try:
         sections = {int(s) for s in args.sections.split(",")}
     except ValueError:
