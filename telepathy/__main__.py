@@ -109,17 +109,24 @@ def _list(args: argparse.Namespace) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     from telepathy.disk.retention import RetentionPolicy
-    from telepathy.errors import SaveDirBusy
+    from telepathy.errors import SaveDirBusy, UsageError
     from telepathy.store.checkpoint_store import CheckpointStore
 
     policy = RetentionPolicy(keep_last=args.keep_last, keep_best=args.keep_best, keep_every=args.keep_every)
     store = CheckpointStore(args.save_dir, policy, differential=True)  # collects the blobs pruned ones referenced
+    problems = store.dir.layout_problems()
+    if problems:
+        print(f"telepathy prune: {problems[0]}", file=sys.stderr)
+        return EXIT_USAGE
     if not args.dry_run:
         try:
             store.lock.acquire()  # never prune under a live run: it prunes by its own policy
         except SaveDirBusy as exc:
             print(f"telepathy prune: {exc}", file=sys.stderr)
             return EXIT_SAVE_DIR_BUSY
+        except (UsageError, OSError) as exc:
+            print(f"telepathy prune: cannot take the save dir: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     removed = store.prune(dry_run=args.dry_run)
     if not args.dry_run:
         store.close()

@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     except TelepathyError as exc:  # a refusal a restart would repeat (75, 3, 2) or a failed save: one line
         log.error("%s", describe(exc))
         code = exc.exit_code
+    except OSError as exc:  # the save dir cannot be used at all (a full disk at start, a read-only one)
+        log.error("cannot use the save dir: %s", exc)
+        code = 1
     sys.exit(code)
 
 

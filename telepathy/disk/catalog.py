@@ -63,7 +63,7 @@ class Catalog:
         for name, entry in refs.items():
             path = self.dir.blob_path(name, entry["codec"])
             shown = f"{BLOBS}/{name[:2]}/{path.name}"
-            if path.is_symlink() or path.parent.is_symlink() or not path.is_file():
+            if self.dir.blobs.is_symlink() or path.is_symlink() or path.parent.is_symlink() or not path.is_file():
                 return f"{shown}: missing or not a regular file"
             if path.stat().st_size != entry["bytes"]:
                 return f"{shown}: size {path.stat().st_size}, manifest says {entry['bytes']}"

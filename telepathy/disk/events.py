@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import stat
 import time
 from typing import Any
 
@@ -32,7 +33,13 @@ class EventLog:
         line = (json.dumps(record, default=str) + "\n").encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            flags = (
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            )  # a FIFO: no wait
+            fd = os.open(self.path, flags, 0o644)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OSError(f"{self.path} is not a regular file")
             try:
                 os.write(fd, line)  # one write per line with O_APPEND: lines from two processes never interleave
             finally:
@@ -54,14 +61,16 @@ def read_events(save_dir: str | os.PathLike) -> list[dict[str, Any]]:
     try:
         if path.is_symlink() or not path.is_file():
             return []
-        text = path.read_bytes().decode("utf-8", errors="replace")
+        with open(path, "rb") as f:  # the last 64 MiB at most: a run's recent life, never all of a huge file
+            f.seek(max(0, path.stat().st_size - (64 << 20)))
+            text = f.read().decode("utf-8", errors="replace")
     except OSError:
         return []
     records = []
     for line in text.splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(record, dict) and isinstance(record.get("event"), str) and _number(record.get("time")):
             records.append(record)

@@ -120,10 +120,10 @@ class SaveDirLock:
 def _read_holder(save_dir: str | os.PathLike) -> dict | None:
     path = SaveDir(save_dir).holder_file
     try:
-        if path.is_symlink():
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 1 << 16:  # a FIFO blocks; huge: not ours
             return None
         holder = json.loads(path.read_text(errors="replace"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return holder if isinstance(holder, dict) else None
 
@@ -142,9 +142,9 @@ def _alive_elsewhere(holder: dict) -> bool:
     if (
         holder.get("released") is not None
         or holder.get("host") != socket.gethostname()
-        or not isinstance(pid, int)
+        or type(pid) is not int
         or pid == os.getpid()
-        or pid <= 0
+        or not 0 < pid < 1 << 22
     ):
         return False
     try:

@@ -28,6 +28,7 @@ MANIFEST_FORMAT = "telepathy-checkpoint"
 MANIFEST_VERSION = 2  # 2: the manifest hashes itself
 SELF_HASH = "manifest_xxh3_128"
 HASH_NAME = "xxh3_128"
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest lists files and blobs: far below this
 MAX_FILE_BYTES = 1 << 46  # 64 TiB: anything larger in a manifest is corruption or an attack
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}")  # the whole name (fullmatch: no trailing newline)
 
@@ -92,8 +93,10 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     try:
         if path.is_symlink() or not path.is_file():
             raise CheckpointInvalid(directory, MANIFEST_NAME, "missing or not a regular file")
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise CheckpointInvalid(directory, MANIFEST_NAME, f"larger than {MAX_MANIFEST_BYTES >> 20} MiB")
         doc = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointInvalid(directory, MANIFEST_NAME, f"unreadable: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
         raise CheckpointInvalid(directory, MANIFEST_NAME, "not a telepathy checkpoint manifest")

@@ -98,9 +98,13 @@ class BlobStore:
         started = time.perf_counter()
         if tmp.exists():
             tmp.unlink()
-        durable.write_file_durably(tmp, lambda f: f.write(data))
-        os.replace(tmp, path)
-        durable.fsync_dir(path.parent)
+        try:
+            durable.write_file_durably(tmp, lambda f: f.write(data))
+            os.replace(tmp, path)
+            durable.fsync_dir(path.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind
+            raise
         self._write_seconds += time.perf_counter() - started
         self._write_out += len(data)
         self.bytes_written += len(data)

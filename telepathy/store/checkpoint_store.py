@@ -81,7 +81,11 @@ class CheckpointStore:
     def save(self, step: int, files: Mapping[str, Any], info: Mapping[str, Any], *, emergency: bool = False) -> Path:
         """Write ``files`` (part name -> object for ``torch.save``, in the given order) and commit them as the
         checkpoint for ``step``. Returns the committed directory."""
-        pending = self.begin(step, emergency=emergency)
+        try:
+            pending = self.begin(step, emergency=emergency)
+        except OSError as exc:  # not even the temporary directory: a full disk, a read-only one
+            message = describe_failure(self.save_dir, step, exc, files, self.latest_pointer())
+            raise CheckpointWriteError(message, exc) from exc
         try:
             self.write_parts(pending, files)
             return self.commit(pending, info)

@@ -52,6 +52,9 @@ def load_part(directory: Path, name: str) -> Any:
         ) from None
     except OSError as exc:
         raise CheckpointInvalid(directory, file, f"unreadable: {exc}") from None
+    except (RuntimeError, ValueError, TypeError, KeyError, EOFError, RecursionError) as exc:  # a lie in its structure
+        raise UnsafeCheckpointError(f"{path} does not load as a plausible checkpoint file: {exc!r}"[:500], directory,
+                                    file) from None  # fmt: skip
     check_plausible(obj, directory, file)
     refs = manifest.get("blobs")
     if not refs:

@@ -59,6 +59,7 @@ def bomb(shape):
 
 
 # -------------------------------------------------------------------------------------------- shared refs
+@pytest.mark.slow  # two refusals of 2,000,000 visits each: 2-6 s
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("file", ["model.pt", "optimizer.pt", "state.pt"])
 def test_a_shared_reference_bomb_is_skipped_quickly_and_refused_when_strict(save_dir, run3, file, shape, caplog):

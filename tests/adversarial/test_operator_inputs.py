@@ -340,7 +340,6 @@ TOOL_FLAGS_PAST_THE_PARSER = (
     + [("--threads", "0"), ("--step_delay", "-1")]
     + [("--save_dir", v) for v in ("", "<a file>", "/proc/telepathy-run")]
     + [("--resume_from", "<missing>")]
-    + [("--samples", "4")]  # fewer samples than one batch of 16: not a single step per epoch
 )  # fmt: skip
 
 
