@@ -4,6 +4,7 @@ as it was, and a run with three committed checkpoints."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from adversary import can_mount, diff_snapshots, make_outside, make_run, snapshot, verified
@@ -53,3 +54,18 @@ def neighbour(tmp_path):
     yield root
     changes = diff_snapshots(before, snapshot(root))
     assert not changes, "a neighbouring directory was changed: " + "; ".join(changes[:10])
+
+
+KNOWN = Path(__file__).with_name("known_failures.txt")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Cases listed in known_failures.txt are open defects of issue 15, each named there with its cause: they run
+    and are reported as xfail (XPASS once fixed: then take the line out)."""
+    if not KNOWN.exists():
+        return
+    listed = {line.split("  #")[0].strip() for line in KNOWN.read_text().splitlines() if line.strip()}
+    listed.discard("")
+    for item in items:
+        if item.nodeid.split("tests/adversarial/")[-1] in listed:
+            item.add_marker(pytest.mark.xfail(reason="issue 15: an open defect listed in known_failures.txt"))
