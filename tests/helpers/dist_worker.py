@@ -106,4 +106,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if torch.distributed.is_initialized():  # before the interpreter tears gloo's threads down (else: an abort, 134)
+        torch.distributed.destroy_process_group()
+    sys.exit(code)
