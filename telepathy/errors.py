@@ -1,5 +1,5 @@
-"""Every error telepathy raises on purpose, and the exit code each one means (no imports: the supervisor and the
-operator CLI read this without torch).
+"""Every error telepathy raises on purpose, and the exit code each one means (standard library only: the
+supervisor and the operator CLI read this without torch).
 
     TelepathyError                       exit 1 unless a subclass says otherwise
       UsageError (also ValueError)       2   a bad flag or value; a rerun would fail the same way
@@ -19,6 +19,8 @@ submit script does not requeue them.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 EXIT_COMPLETE = 0  # training complete
@@ -97,15 +99,18 @@ class CheckpointWriteError(TelepathyError, RuntimeError):
         self.errno = error.errno
 
 
-def exit_code_for(error: BaseException) -> int:
-    """The exit code a program ending with ``error`` uses: the error's own for telepathy's errors, else 1."""
-    if isinstance(error, TelepathyError):
-        return error.exit_code
-    if isinstance(error, SystemExit):
-        return error.code if isinstance(error.code, int) else EXIT_FAILED
-    if isinstance(error, KeyboardInterrupt):
-        return EXIT_INTERRUPTED
-    return EXIT_FAILED
+def run_program(train: Callable[[], int], log: logging.Logger) -> int:
+    """A training program's exit code: ``train()``'s, or for telepathy's errors one line and their own code (a
+    refusal a restart would repeat: 75, 3, 2; a failed save: 1); an OSError before training (a full or read-only
+    disk at start) is one line and 1."""
+    try:
+        return train()
+    except TelepathyError as exc:
+        log.error("%s", describe(exc))
+        return exc.exit_code
+    except OSError as exc:
+        log.error("cannot use the save dir: %s", exc)
+        return EXIT_FAILED
 
 
 def describe(error: BaseException) -> str:

@@ -149,21 +149,13 @@ def non_negative_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    return _positive_float(text)
-
-
-def positive_int(text: str) -> int:
-    return _positive_int(text)
-
-
-def _positive_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
@@ -175,12 +167,12 @@ def add_checkpoint_flags(group: Any, *, interval_flags: tuple[str, ...] = ("--ch
     """The flags of :class:`CheckpointOptions` (the defaults are the dataclass's) and the resume flags.
     ``interval_flags``: the spec's main job says ``--checkpoint_interval``, its local test tool ``--interval``."""
     d = CheckpointOptions()
-    group.add_argument(*interval_flags, dest="checkpoint_interval", type=_positive_float, default=interval_default,
+    group.add_argument(*interval_flags, dest="checkpoint_interval", type=positive_float, default=interval_default,
                        help="seconds between periodic checkpoints")  # fmt: skip
-    group.add_argument("--save_every_steps", type=_positive_int, default=d.every_steps,
+    group.add_argument("--save_every_steps", type=positive_int, default=d.every_steps,
                        help="also checkpoint every N optimizer steps (1: every step)")  # fmt: skip
-    group.add_argument("--keep_last", type=_positive_int, default=d.keep_last, help="checkpoints kept (plus the best)")
-    group.add_argument("--keep_every", type=_positive_int, default=d.keep_every, help="also keep every K-th step")
+    group.add_argument("--keep_last", type=positive_int, default=d.keep_last, help="checkpoints kept (plus the best)")
+    group.add_argument("--keep_every", type=positive_int, default=d.keep_every, help="also keep every K-th step")
     group.add_argument("--format", choices=FORMATS, default=d.format, help=FORMAT_HELP)
     group.add_argument("--differential", action="store_true", help="same as --format differential")
     group.add_argument("--compress", action="store_true", help="same as --format compressed")
@@ -188,7 +180,7 @@ def add_checkpoint_flags(group: Any, *, interval_flags: tuple[str, ...] = ("--ch
     group.add_argument("--snapshot_every_step", action="store_true",
                        help="copy each step's state to shared memory; if the trainer is killed without warning "
                        "(SIGKILL, OOM) the supervisor commits it: at most the step in flight is lost")  # fmt: skip
-    group.add_argument("--agree_every", type=_positive_int, default=d.agree_every,
+    group.add_argument("--agree_every", type=positive_int, default=d.agree_every,
                        help="several ranks: agree on signals every K steps")  # fmt: skip
     group.add_argument("--resume_from", default=None, help="resume from this checkpoint directory (e.g. emergency)")
     group.add_argument("--strict_resume", action="store_true",
@@ -198,7 +190,7 @@ def add_checkpoint_flags(group: Any, *, interval_flags: tuple[str, ...] = ("--ch
 def add_supervisor_flags(group: Any) -> None:
     """The flags of the supervising wrapper (any trainer): where, how long to wait after SIGTERM, restarts."""
     group.add_argument("--save_dir", type=_save_dir, default="runs/preemptible_exp")
-    group.add_argument("--grace_period", type=_positive_float, default=120.0,
+    group.add_argument("--grace_period", type=positive_float, default=120.0,
                        help="seconds the trainer gets after SIGTERM")  # fmt: skip
     group.add_argument("--auto_resume", action="store_true", help="resume from SAVE_DIR/latest when present")
     group.add_argument(
@@ -207,7 +199,7 @@ def add_supervisor_flags(group: Any) -> None:
         default=2,
         help="restarts after trainer failures in a row (one that made progress resets the count)",
     )
-    group.add_argument("--restart_backoff", type=_positive_float, default=2.0,
+    group.add_argument("--restart_backoff", type=positive_float, default=2.0,
                        help="seconds before the first restart (doubled for each failure in a row)")  # fmt: skip
 
 

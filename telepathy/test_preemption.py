@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a file path: make the package importable
 from telepathy import training_signals  # noqa: E402
 from telepathy.checkpointer import Checkpointer  # noqa: E402
 from telepathy.data import ResumableBatchSampler, resumable_loader, sample_generator  # noqa: E402
-from telepathy.errors import TelepathyError, describe  # noqa: E402
+from telepathy.errors import run_program  # noqa: E402
 from telepathy.options import CheckpointOptions, add_checkpoint_flags  # noqa: E402
 from telepathy.train_state import TrainState, within_epoch  # noqa: E402
 
@@ -190,14 +190,7 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[telepathy] %(message)s", stream=sys.stdout)
-    try:
-        code = train(parse_args(argv))
-    except TelepathyError as exc:  # a refusal a restart would repeat (75, 3, 2) or a failed save: one line
-        log.error("%s", describe(exc))
-        code = exc.exit_code
-    except OSError as exc:  # the save dir cannot be used at all (a full disk at start, a read-only one)
-        log.error("cannot use the save dir: %s", exc)
-        code = 1
+    code = run_program(lambda: train(parse_args(argv)), log)
     sys.exit(code)
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from telepathy.checkpointer import Checkpointer
 from telepathy.data import ResumableBatchSampler, resumable_loader
-from telepathy.errors import TelepathyError, describe
+from telepathy.errors import run_program
 from telepathy.latentwire import config
 from telepathy.latentwire.llm import FrozenLM, load_frozen_lm
 from telepathy.latentwire.model import Adapter, ByteEncoder
@@ -172,14 +172,7 @@ def train(args) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[telepathy] %(message)s", stream=sys.stdout)
-    try:
-        code = train(config.parse(sys.argv[1:] if argv is None else argv))
-    except TelepathyError as exc:  # a refusal a restart would repeat (75, 3, 2) or a failed save: one line
-        log.error("%s", describe(exc))
-        code = exc.exit_code
-    except OSError as exc:  # the save dir cannot be used at all (a full disk at start, a read-only one)
-        log.error("cannot use the save dir: %s", exc)
-        code = 1
+    code = run_program(lambda: train(config.parse(sys.argv[1:] if argv is None else argv)), log)
     sys.exit(code)
 
 
