@@ -19,7 +19,10 @@ submit script does not requeue them.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,6 +118,49 @@ def run_program(train: Callable[[], int], log: logging.Logger) -> int:
 
 def describe(error: BaseException) -> str:
     """One line for the console: what went wrong, prefixed by what it means for the run."""
-    if isinstance(error, CannotResume):
+    if isinstance(error, CannotResume) and not str(error).startswith("cannot resume"):
         return f"cannot resume: {error}"
     return str(error)
+
+
+_uncaught_exit_code: int | None = None  # set by the hook below for an uncaught error with a code of its own
+_hook_installed = False
+
+
+def exit_with_error_codes() -> None:
+    """Make an uncaught :class:`TelepathyError` end the program with its own exit code (3 for a resume mismatch,
+    2 for a bad option), not Python's 1: a supervisor or a submit script must not restart or requeue a refusal
+    that would repeat. The traceback is printed as usual. Python always exits 1 after an uncaught exception, so
+    an exit handler registered here, before the program's own, ends the process with the code once everything
+    else (the program's exit handlers, its non-daemon threads such as a background save) has finished."""
+    global _hook_installed
+    if _hook_installed:
+        return
+    _hook_installed = True
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, traceback: object) -> None:
+        global _uncaught_exit_code
+        previous(kind, error, traceback)
+        code = getattr(error, "exit_code", EXIT_FAILED) if isinstance(error, TelepathyError) else EXIT_FAILED
+        if code != EXIT_FAILED:
+            meaning = {EXIT_USAGE: "a usage error", EXIT_CANNOT_RESUME: "cannot resume",
+                       EXIT_SAVE_DIR_BUSY: "the save dir is busy"}.get(code, kind.__name__)  # fmt: skip
+            print(f"[telepathy] exit code {code} ({meaning}): a restart or a requeue would fail the same way",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            _uncaught_exit_code = code
+
+    sys.excepthook = hook
+    atexit.register(_exit_with_uncaught_code)
+
+
+def _exit_with_uncaught_code() -> None:
+    if _uncaught_exit_code is None:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(_uncaught_exit_code)

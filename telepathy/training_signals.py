@@ -34,6 +34,7 @@ from telepathy.errors import (  # noqa: F401 (public names)
     EXIT_INTERRUPTED,
     EXIT_REQUEUE,
     EXIT_STOPPED_UNSAVED,
+    exit_with_error_codes,
 )
 
 
@@ -107,6 +108,7 @@ def install_signal_handlers(extra: Mapping[int, Action] | None = None) -> None:
     for signum in actions:
         _state.previous_handlers[signum] = signal.signal(signum, _on_signal)
     _tell_supervisor()
+    exit_with_error_codes()  # an uncaught refusal (a resume mismatch) exits 3, and is not restarted
     global _exit_hook_registered
     if not _exit_hook_registered:
         atexit.register(_ignore_at_exit)

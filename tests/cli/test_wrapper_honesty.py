@@ -105,3 +105,37 @@ def test_a_signal_in_the_first_100_ms_waits_for_the_handlers_and_is_acted_on(tmp
     code, out = run("aware", tmp_path, [signal.SIGTERM], wait_for=None, delay_s=0.1)
     assert code == 99, out[-2000:]
     assert SaveDir(tmp_path).committed() and "Traceback" not in out
+
+
+MISMATCHING_LOOP = textwrap.dedent("""
+    import sys
+    import torch
+    from telepathy.checkpointer import Checkpointer
+    from telepathy.train_state import TrainState
+    ckpt = Checkpointer(sys.argv[1], parts={"model": torch.nn.Linear(2, 2)},
+                        signature={"batch_size": int(sys.argv[2])})
+    state = ckpt.resume()
+    ckpt.save(TrainState(global_step=1), "final")
+    print("trained", flush=True)
+""")
+
+
+def test_a_resume_mismatch_in_a_users_loop_exits_3_and_is_not_restarted(tmp_path):
+    """The user's own loop lets the refusal escape (no try/except): the process exits with the error's code (3),
+    and the wrapper, allowed two restarts, restarts nothing: a restart would refuse the same way."""
+    script = tmp_path / "loop.py"
+    script.write_text(MISMATCHING_LOOP)
+    first = subprocess.run([sys.executable, str(script), str(tmp_path / "save"), "4"], capture_output=True, text=True)
+    assert first.returncode == 0 and "trained" in first.stdout, first.stderr
+    alone = subprocess.run([sys.executable, str(script), str(tmp_path / "save"), "8"], capture_output=True, text=True)
+    assert alone.returncode == 3, alone.stderr
+    assert "batch_size: checkpoint has 4, this run has 8" in alone.stderr
+    assert alone.stderr.rstrip().endswith("[telepathy] exit code 3 (cannot resume): a restart or a requeue would "
+                                          "fail the same way")  # fmt: skip
+    wrapped = subprocess.run([*MAIN, "--save_dir", str(tmp_path / "save"), "--max_restarts", "2",
+                              "--restart_backoff", "0.1", "--", sys.executable, str(script), str(tmp_path / "save"),
+                              "8"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = wrapped.stdout + wrapped.stderr
+    assert wrapped.returncode == 3, out[-3000:]
+    assert out.count("batch_size: checkpoint has 4, this run has 8") == 1 and "restart 1/2" not in out  # one run
+    assert "the trainer refused to run (exit code 3; see the log above); not restarted" in out

@@ -63,13 +63,29 @@ def log_of(job_id: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+def explain(job_id: str) -> str:
+    """Everything known about a job, for an assertion message: its fields, the end of its log and what slurmctld
+    and slurmd logged about it (a failure in CI can then be understood without rerunning it)."""
+    lines = [str(job(job_id)), "--- job log (end):", log_of(job_id)[-4000:]]
+    for daemon in ("slurmctld", "slurmd"):
+        path = Path(f"/var/lib/telepathy-slurm/log/{daemon}.log")
+        if path.exists():
+            about = [line for line in path.read_text(errors="replace").splitlines() if f"{job_id}" in line]
+            lines += [f"--- {daemon}.log lines about {job_id}:", *about[-40:]]
+    return "\n".join(lines)
+
+
 def wait_for_step(job_id: str, step: int, timeout: float = 120) -> None:
     wait_for(lambda: f"\nstep {step}/" in log_of(job_id), timeout, f"job {job_id} to log step {step}")
 
 
 def release_when_requeued(job_id: str, *updates: str) -> None:
-    """A requeued job waits ~120 s (BeginTime); let it start now."""
+    """A requeued job waits ~120 s (BeginTime); let it start now — but not within the second of its requeue: slurmd
+    revokes the ending incarnation's credential with a one-second timestamp, and an incarnation launched in that
+    same second is refused ("Killing non-startable batch JobId=N: Job credential revoked", the job ends FAILED
+    with exit 1). SLURM's own 120 s delay exists for this; a release 2 s after the requeue is still quick."""
     wait_for(lambda: job(job_id).get("JobState") == "PENDING", 120, f"job {job_id} to be requeued")
+    time.sleep(2.0)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now", *updates], check=True)
 
 

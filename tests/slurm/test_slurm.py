@@ -12,6 +12,7 @@ import torch
 from harness import RunResult, deep_equal
 from slurm_cluster import (
     NUMERICS,
+    explain,
     job,
     log_of,
     release_when_requeued,
@@ -63,7 +64,7 @@ def test_partition_preemption_saves_requeues_resumes_bit_identical(cluster, refe
     release_when_requeued(job_id)
     final = wait_until_finished(job_id)
     log = log_of(job_id)
-    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", final
+    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", explain(job_id)
     assert restarts_logged(job_id) == [0, 1]
     assert "was preempted and saved; requeuing it (restart 1" in log
     saves = [e for e in read_events(tmp_path / "save") if e["event"] == "save"]
@@ -79,7 +80,7 @@ def test_time_limit_warning_saves_and_the_job_requeues_itself(cluster, reference
     release_when_requeued(job_id, "TimeLimit=10")  # the resumed run gets time to finish
     final = wait_until_finished(job_id)
     log = log_of(job_id)
-    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", final
+    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", explain(job_id)
     assert restarts_logged(job_id) == [0, 1]
     assert "signalled (time limit or by hand) and saved; requeuing it (restart 1" in log
     assert [e["reason"] for e in read_events(tmp_path / "save") if e["event"] == "save"][0] == "signal:SIGTERM"
@@ -96,7 +97,7 @@ def test_manual_save_then_operator_requeue_is_not_requeued_twice(cluster, refere
     subprocess.run(["scontrol", "requeue", job_id], check=True)
     release_when_requeued(job_id)
     final = wait_until_finished(job_id)
-    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", final
+    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", explain(job_id)
     assert restarts_logged(job_id) == [0, 1] and "requeuing it (restart" not in log_of(job_id)  # SLURM's requeue only
     exits = [e["exit_code"] for e in read_events(events) if e["event"] == "exit"]
     assert exits == [99, 0]  # the killed job's shell may not live to log it; the supervisor's event does
