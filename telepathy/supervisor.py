@@ -181,5 +181,6 @@ def supervise(command: Sequence[str], save_dir: str | os.PathLike, grace_period:
     """Run ``command`` under a :class:`Supervisor`; returns the exit code to use. ``early_signals``: signals the
     program caught before the supervisor ran (they are acted on as if they arrived now)."""
     sys.stdout.flush()
+    training_signals.ignore_at_exit(FORWARDED)  # the exit code is decided here: a late signal must not replace it
     supervisor = Supervisor(command, save_dir, grace_period, max_restarts, restart_backoff, restart_command)
     return supervisor.run(early_signals)

@@ -91,3 +91,45 @@ def test_sigterm_while_the_trainer_is_still_importing_is_not_lost(tmp_path):
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 99, output
     assert "step_00000001 (reason: signal:SIGTERM)" in output  # saved at its first step boundary
+
+
+@pytest.fixture
+def cpu_burners():
+    """Two busy processes beside the trainer (this machine has 2 cores): the end of training, the final save and
+    the interpreter's teardown stretch out and interleave with the signals, as on a loaded node."""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    yield
+    for burner in burners:
+        burner.kill()
+        burner.wait()
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["trainer", "under the wrapper"])
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_a_burst_across_the_end_of_training_never_ends_a_process_by_a_signal(tmp_path, cpu_burners, signum, wrapped):
+    """From step 33 of 36 until the process has exited — through the last steps, the final save, the exit and the
+    interpreter's teardown — a signal every millisecond. The exit code is one of the documented ones (0 complete;
+    99 a stop with its checkpoint), never negative (a default action killing a finished run)."""
+    command = [*TRAINER, *small_run_args(tmp_path, *SLOW)]
+    if wrapped:
+        command = [sys.executable, "-m", "telepathy.preemptible_training", "--save_dir", str(tmp_path),
+                   "--max_restarts", "0", "--", *command]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sent = [0]
+
+    def burst():
+        while proc.poll() is None:  # poll() first: never a signal to a reaped (reusable) pid
+            proc.send_signal(signum)
+            sent[0] += 1
+            time.sleep(0.001)
+
+    sender, lines = threading.Thread(target=burst), []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 33 ") and not sender.is_alive():
+            sender.start()
+    code = proc.wait(timeout=120)
+    sender.join()
+    assert sent[0] > 0 and code in (0, 99), (code, "".join(lines[-20:]))
+    if code == 99:  # stopped before the end: a checkpoint of the stop was committed
+        assert CheckpointStore(tmp_path).newest_valid() is not None
