@@ -384,6 +384,7 @@ class Checkpointer:
                     raise
                 log.warning("skipping checkpoint %s: %s: %s; trying the next older one", directory, exc.file,
                             exc.reason)  # fmt: skip
+                self.store.unusable.add(directory)  # this run's own save at that step replaces it
                 continue
             return restore.apply_checkpoint(self, directory, read)
         if self.store.committed() and not self.collective:

@@ -146,7 +146,7 @@ def exit_with_error_codes() -> None:
         if code != EXIT_FAILED:
             meaning = {EXIT_USAGE: "a usage error", EXIT_CANNOT_RESUME: "cannot resume",
                        EXIT_SAVE_DIR_BUSY: "the save dir is busy"}.get(code, kind.__name__)  # fmt: skip
-            print(f"[telepathy] exit code {code} ({meaning}): a restart or a requeue would fail the same way",
+            print(f"[telepathy] exit code {code} ({meaning}): running it again would fail the same way",
                   file=sys.stderr, flush=True)  # fmt: skip
             _uncaught_exit_code = code
 

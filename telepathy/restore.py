@@ -9,7 +9,7 @@ exactly as for a corrupt one; settings that differ (a mismatch) are the user's t
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,8 +45,8 @@ def read_checkpoint(ckpt: Checkpointer, directory: Path, check: Callable[[TrainS
     current = STATE
     try:
         saved_state = ckpt.store.load_part(directory, STATE)
-        check_signature(saved_state.get("signature", {}), ckpt.signature, str(directory))
-        state = state_from_dict(saved_state)
+        state = state_from_dict(saved_state)  # a damaged state.pt is invalid, not a mismatch of settings
+        check_signature(saved_state["signature"], ckpt.signature, str(directory))
         if check is not None:
             check(state)
         was_sharded = bool(manifest.get("sharded"))
@@ -56,21 +56,58 @@ def read_checkpoint(ckpt: Checkpointer, directory: Path, check: Callable[[TrainS
         loaded = {}
         for current in [] if ckpt.sharded else list(ckpt.parts):
             loaded[current] = ckpt.store.load_part(directory, current)
-            check_shapes(current, ckpt.parts[current].state_dict(), loaded[current], directory)
+            this_model = ckpt.parts[current].state_dict()
+            check_tensors(this_model, loaded[current])
+            check_shapes(current, this_model, loaded[current], directory)
         current = OPTIMIZER
         opt = ckpt.store.load_part(directory, OPTIMIZER)
         if not isinstance(opt, dict):
             raise TypeError("optimizer.pt does not hold a dict")
+        if ckpt.optimizer is not None and not ckpt.sharded and opt.get("optimizer") is not None:
+            check_optimizer_state(ckpt.optimizer.state_dict(), opt["optimizer"])
         saved_world = int(manifest.get("world_size", 1))
         current = rank_part(ckpt.rank)
         own_rng = None
         if saved_world > 1 and part_file(current) in manifest["files"]:  # this rank's own random streams
             own_rng = ckpt.store.load_part(directory, current)["rng"]
+            rng.check_rng_state(own_rng, ckpt.generators)
+        elif ckpt.rank == 0:
+            current = STATE
+            rng.check_rng_state(saved_state["rng"], ckpt.generators)
     except (ResumeMismatchError, CheckpointInvalid):
         raise
     except Exception as exc:  # it verified byte for byte but cannot be used: treat it as corrupt
         raise CheckpointInvalid(directory, part_file(current), f"cannot be used: {exc!r}"[:500]) from exc
     return Loaded(state, saved_state, loaded, opt, saved_world, own_rng)
+
+
+def check_tensors(this_model: Mapping[str, Any], saved: Any) -> None:
+    """A saved part must be a mapping with a tensor wherever this model has one (a re-sealed file could hold an
+    int, a string or nested lists there, which ``load_state_dict`` would fail on half-way through)."""
+    if not isinstance(saved, Mapping):
+        raise TypeError(f"the part holds a {type(saved).__name__}, not a state dict")
+    wrong = [k for k, v in this_model.items() if isinstance(v, torch.Tensor) and k in saved
+             and not isinstance(saved[k], torch.Tensor)]  # fmt: skip
+    if wrong:
+        raise TypeError(f"not a tensor in the checkpoint: {', '.join(sorted(wrong)[:5])}")
+
+
+def check_optimizer_state(this_optimizer: Mapping[str, Any], saved: Any) -> None:
+    """The checks ``Optimizer.load_state_dict`` makes, made before anything is applied: a ``state`` mapping of
+    mappings, and as many parameter groups, each with as many parameters, as this run's optimizer."""
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("state"), Mapping):
+        raise TypeError("the optimizer state is not a mapping with a 'state' mapping")
+    if not all(isinstance(v, Mapping) for v in saved["state"].values()):
+        raise TypeError("a parameter's optimizer state is not a mapping")
+    groups, mine = saved.get("param_groups"), this_optimizer["param_groups"]
+    if not isinstance(groups, list) or not all(isinstance(g, Mapping) and isinstance(g.get("params"), list)
+                                               for g in groups):  # fmt: skip
+        raise TypeError("the optimizer's param_groups are not a list of groups with 'params'")
+    if not groups:
+        raise ValueError("the optimizer state has no parameter groups")
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in mine]:  # another optimizer set-up
+        raise ResumeMismatchError(f"the optimizer has parameter groups of sizes {[len(g['params']) for g in groups]}, "
+                         f"this run's of sizes {[len(g['params']) for g in mine]}")  # fmt: skip
 
 
 def apply_checkpoint(ckpt: Checkpointer, directory: Path, read: Loaded) -> TrainState:

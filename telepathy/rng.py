@@ -37,37 +37,71 @@ def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -
     return state
 
 
+def check_rng_state(state: Any, generators: Mapping[str, torch.Generator] | None = None) -> None:
+    """Raise (ValueError, TypeError, ...) if :func:`restore_rng_state` would fail part-way: every state is set on a
+    fresh generator of its kind, so a checkpoint whose RNG state cannot be restored is refused before anything of
+    the run (weights, optimizer, the global generators) has been touched."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"the RNG state is a {type(state).__name__}, not a mapping")
+    random.Random().setstate(_python_state(state["python"]))
+    np.random.RandomState().set_state(_numpy_state(state["numpy"]))
+    torch.Generator().set_state(_tensor(state["torch_cpu"], "torch_cpu"))
+    _check_cuda(state.get("cuda") or [])
+    saved_generators = _saved_generators(state, generators)
+    for name in generators or {}:
+        torch.Generator().set_state(_tensor(saved_generators[name], f"generators.{name}"))
+
+
 def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
     """Put every generator back exactly as ``capture_rng_state`` saw it.
 
     Raises ValueError when a registered generator is missing from the checkpoint, or when the checkpoint
-    holds CUDA states for more devices than this process can see.
+    holds CUDA states for more devices than this process can see (:func:`check_rng_state` finds both first).
     """
-    py = state["python"]
-    random.setstate((int(py["version"]), tuple(int(x) for x in py["internal"]), py["gauss_next"]))
-    npy = state["numpy"]
-    np.random.set_state(
-        {
-            "bit_generator": npy["bit_generator"],
-            "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": int(npy["pos"])},
-            "has_gauss": int(npy["has_gauss"]),
-            "gauss": float(npy["gauss"]),
-        }
-    )
+    random.setstate(_python_state(state["python"]))
+    np.random.set_state(_numpy_state(state["numpy"]))
     torch.set_rng_state(state["torch_cpu"])
-    _restore_cuda(state.get("cuda") or [])
-    saved_generators = state.get("generators", {})
+    cuda_states = state.get("cuda") or []
+    _check_cuda(cuda_states)
+    if cuda_states:
+        torch.cuda.set_rng_state_all(list(cuda_states))
+    saved_generators = _saved_generators(state, generators)
     for name, gen in (generators or {}).items():
-        if name not in saved_generators:
-            raise ValueError(
-                f"generator {name!r} is registered in this run but absent from the checkpoint "
-                f"(checkpoint has: {sorted(saved_generators)}); register the same generators as the run "
-                "that saved it"
-            )
         gen.set_state(saved_generators[name])
 
 
-def _restore_cuda(cuda_states: Sequence[torch.Tensor]) -> None:
+def _python_state(py: Mapping[str, Any]) -> tuple:
+    return (int(py["version"]), tuple(int(x) for x in py["internal"]), py["gauss_next"])
+
+
+def _numpy_state(npy: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "bit_generator": npy["bit_generator"],
+        "state": {"key": _tensor(npy["key"], "numpy.key").numpy().astype(np.uint32), "pos": int(npy["pos"])},
+        "has_gauss": int(npy["has_gauss"]),
+        "gauss": float(npy["gauss"]),
+    }
+
+
+def _tensor(value: Any, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"RNG state {name} is a {type(value).__name__}, not a tensor")
+    return value
+
+
+def _saved_generators(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None) -> Mapping:
+    saved = state.get("generators", {})
+    for name in generators or {}:
+        if not isinstance(saved, Mapping) or name not in saved:
+            raise ValueError(
+                f"generator {name!r} is registered in this run but absent from the checkpoint "
+                f"(checkpoint has: {sorted(saved) if isinstance(saved, Mapping) else []}); register the same "
+                "generators as the run that saved it"
+            )
+    return saved
+
+
+def _check_cuda(cuda_states: Sequence[torch.Tensor]) -> None:
     if not cuda_states:
         return
     if not torch.cuda.is_available():
@@ -80,7 +114,8 @@ def _restore_cuda(cuda_states: Sequence[torch.Tensor]) -> None:
             f"checkpoint holds CUDA RNG state for {len(cuda_states)} devices, this process sees "
             f"{torch.cuda.device_count()}; resume with the same visible devices"
         )
-    torch.cuda.set_rng_state_all(list(cuda_states))
+    for i, cuda_state in enumerate(cuda_states):
+        _tensor(cuda_state, f"cuda[{i}]")
 
 
 def rng_states_equal(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

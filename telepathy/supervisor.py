@@ -114,8 +114,8 @@ class Supervisor:
                 continue
             self.events.emit("exit", exit_code=code, last_commit=self.last_commit)
             if code in NOT_RESTARTED:
-                print(f"[telepathy] the trainer refused to run (exit code {code}; see the log above); not restarted: "
-                      "a restart would refuse the same way", flush=True)  # fmt: skip
+                print(f"[telepathy] the trainer refused to run (exit code {code}; see the log above); not run again: "
+                      "it would refuse the same way", flush=True)  # fmt: skip
             elif code not in KNOWN_EXITS + (EXIT_STOPPED_UNSAVED, EXIT_HANGUP):
                 print(f"[telepathy] trainer failed (exit code {code}); see the log above. {self._next_run()}",
                       flush=True)  # fmt: skip

@@ -23,6 +23,7 @@ from telepathy import tree
 from telepathy.errors import ResumeMismatchError, UsageError
 
 STATE_FORMAT_VERSION = 1
+MAX_STATE_DEPTH = 64  # nesting a state.pt may have (RNG states: 3; a user's extra: a few); walks recurse
 
 
 @dataclasses.dataclass
@@ -129,6 +130,9 @@ def state_to_dict(
 
 
 def state_from_dict(data: Mapping[str, Any]) -> TrainState:
+    """The TrainState of a ``state.pt``, whose every field is checked (a re-sealed file can hold anything)."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"state.pt holds a {type(data).__name__}, not a mapping")
     version = data.get("format_version")
     if version != STATE_FORMAT_VERSION:
         raise ValueError(
@@ -141,6 +145,9 @@ def state_from_dict(data: Mapping[str, Any]) -> TrainState:
             raise ValueError(f"state.pt: {key} {str(value)[:40]!r} is not a plausible count")
     if type(data.get("best_loss")) is not float or not isinstance(data.get("extra", {}), Mapping):
         raise ValueError("state.pt: best_loss or extra has the wrong type")
+    if not isinstance(data.get("signature"), Mapping) or not isinstance(data.get("rng"), Mapping):
+        raise ValueError("state.pt: the run's signature or RNG state is missing or not a mapping")
+    tree.depth(data, MAX_STATE_DEPTH)  # the next save walks it recursively
     return TrainState(epoch=counts["epoch"], global_step=counts["global_step"], batch_idx=counts["batch_idx"],
                       best_loss=data["best_loss"], extra=dict(data.get("extra", {})))  # fmt: skip
 

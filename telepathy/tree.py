@@ -60,3 +60,22 @@ def visit(obj: Any, fn: Callable[[Any], None], *, limit: int | None = None) -> i
         elif isinstance(value, (list, tuple, set, frozenset)):
             stack.extend(value)
     return visits
+
+
+def depth(obj: Any, limit: int) -> int:
+    """How deeply containers nest in ``obj`` (a plain value: 0), without recursion; raises :class:`TooLarge` past
+    ``limit`` levels. The other walks here recurse: a hostile 100,000-level structure must be refused first."""
+    stack, deepest = [(obj, 0)], 0
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, Mapping):
+            children = value.values()
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            children = value
+        else:
+            continue
+        if level + 1 > limit:
+            raise TooLarge(f"containers nested more than {limit} deep")
+        deepest = max(deepest, level + 1)
+        stack.extend((child, level + 1) for child in children)
+    return deepest

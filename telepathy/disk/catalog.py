@@ -155,12 +155,17 @@ class Catalog:
                     path.unlink(missing_ok=True)
         return live
 
-    def prune(self, retention: RetentionPolicy, dry_run: bool = False) -> list[Path]:
+    def prune(self, retention: RetentionPolicy, dry_run: bool = False, known_good: Path | None = None) -> list[Path]:
         """Apply ``retention``. Deletes only committed ``step_N`` directories with a telepathy manifest, never
-        the newest one or the one ``latest`` points at. ``dry_run``: only say which."""
+        the newest one, the one ``latest`` points at, or the newest one that verifies: ``known_good`` (a save
+        passes the checkpoint it just committed) or else found by verifying newest first — a damaged newest
+        checkpoint must not be the only one kept. ``dry_run``: only say which."""
         refs = self.dir.committed()
         if not refs:
             return []
+        if known_good is None:
+            good = first_valid(reversed(refs), self.verify)
+            known_good = good[0].path if good is not None else None
         metrics: dict[int, float | None] = {}
         ours: dict[int, Path] = {}
         for ref in refs:
@@ -175,7 +180,7 @@ class Catalog:
         pointer = self.dir.latest_target()
         removed = []
         for step, path in ours.items():
-            if step in keep or path.resolve() == pointer:
+            if step in keep or path.resolve() == pointer or path == known_good:
                 continue
             if not dry_run:
                 trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}")

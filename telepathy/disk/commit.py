@@ -51,6 +51,7 @@ class PendingCheckpoint:
     emergency: bool
     entries: list[FileEntry] = field(default_factory=list)
     blob_refs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    replaces_unusable: bool = False  # a committed ``final`` verifies but a resume could not use it: replace it
 
     @classmethod
     def create(cls, save_dir: SaveDir, step: int, *, emergency: bool = False) -> PendingCheckpoint:
@@ -114,11 +115,15 @@ class PendingCheckpoint:
         """A checkpoint for this step is already committed (a replay after a crash): keep a valid one, set an
         invalid one aside (renamed, never deleted) and publish ours."""
         try:
+            if self.replaces_unusable:
+                raise CheckpointInvalid(self.final, "", "it verifies, but this run could not resume from it")
             verify_directory(self.final)
             log.info("checkpoint %s already committed and valid; keeping it", self.final)
             self.abort()
         except CheckpointInvalid as exc:
             aside = self.final.with_name(f"{INVALID_PREFIX}{self.final.name}-{int(time.time())}")
+            while aside.exists():
+                aside = aside.with_name(f"{aside.name}-{secrets.token_hex(2)}")
             log.warning("existing %s is invalid (%s); moving it to %s and committing a new one", self.final, exc, aside)
             os.rename(self.final, aside)
             durable.publish_directory(self.tmp, self.final)

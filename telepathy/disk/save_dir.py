@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,13 +136,24 @@ class SaveDir:
                 real = "directory" if kind == "dir" else "file"
                 problems.append(f"{path} is a symbolic link; telepathy reads, writes and deletes only inside the save "
                                 f"dir: replace it with a real {real}")  # fmt: skip
-            elif path.exists() and (path.is_dir() if kind == "file" else not path.is_dir()):
-                problems.append(f"{path} exists but is not a {'directory' if kind == 'dir' else 'regular file'}")
+            elif path.exists() and (not path.is_file() if kind == "file" else not path.is_dir()):
+                what = "a directory" if kind == "dir" else "a regular file"  # a FIFO would hang, a device is not ours
+                problems.append(f"{path} exists but is not {what}: move it away (telepathy never deletes what it did "
+                                "not make)")  # fmt: skip
         return problems
 
     def latest_is_a_copy(self) -> bool:
-        """``latest`` is a real directory (a copy tool followed the link), not the symlink telepathy maintains."""
-        return self.latest.is_dir() and not self.latest.is_symlink()
+        """``latest`` is not the symlink telepathy maintains: a real directory (a copy tool followed the link), or
+        a file, FIFO, ... someone made under that name. A writer sets it aside; it is never replaced or deleted."""
+        return os.path.lexists(self.latest) and not self.latest.is_symlink()
+
+    def place_for_latest_copy(self) -> Path:
+        """A free name to set a foreign ``latest`` aside under: ``latest.copy-<unix time>``, plus a random suffix
+        when an earlier copy already has that name."""
+        aside = self.root / f"{LATEST}.copy-{int(time.time())}"
+        while os.path.lexists(aside):
+            aside = self.root / f"{LATEST}.copy-{int(time.time())}-{secrets.token_hex(3)}"
+        return aside
 
     # ------------------------------------------------------------------------------------ lock probe
     def live_writer(self) -> bool | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ class CheckpointStore:
         self.retention = retention or RetentionPolicy()
         self.lock = SaveDirLock(self.dir.root)
         self.blobs = None
+        self.unusable: set[Path] = set()  # checkpoints a resume skipped although they verify: a save replaces them
         if differential or compress:
             from telepathy.store.blobs import BlobStore  # noqa: PLC0415 (zstd, numpy: only these formats)
 
@@ -72,9 +72,9 @@ class CheckpointStore:
         self.lock.acquire()  # one writer per save dir; the clean-up below is safe only for the writer
         self.catalog.remove_stale_temporaries()
         if self.dir.latest_is_a_copy():  # set aside, never deleted: it is someone's copy of a checkpoint
-            aside = self.dir.root / f"latest.copy-{int(time.time())}"
-            log.warning("%s is a directory, not the symlink telepathy keeps (copied by a tool that follows links?); "
-                        "moving it to %s", self.dir.latest, aside)  # fmt: skip
+            aside = self.dir.place_for_latest_copy()
+            log.warning("%s is not the symlink telepathy keeps (a copy by a tool that follows links, or a file of "
+                        "someone's); moving it to %s", self.dir.latest, aside)  # fmt: skip
             os.rename(self.dir.latest, aside)
 
     # ------------------------------------------------------------------------------------------- save
@@ -97,7 +97,9 @@ class CheckpointStore:
 
     def begin(self, step: int, *, emergency: bool = False) -> PendingCheckpoint:
         """Start a checkpoint: an empty temporary directory that nothing loads until :meth:`commit`."""
-        return PendingCheckpoint.create(self.dir, step, emergency=emergency)
+        pending = PendingCheckpoint.create(self.dir, step, emergency=emergency)
+        pending.replaces_unusable = pending.final in self.unusable
+        return pending
 
     def write_parts(self, pending: PendingCheckpoint, files: Mapping[str, Any]) -> None:
         """Write each part durably into the pending checkpoint (large tensors to shared blobs in differential or
@@ -115,7 +117,7 @@ class CheckpointStore:
         final = pending.finalize(info, more)
         if not pending.emergency:
             try:
-                self.prune()
+                self.prune(known_good=final)
             except OSError as exc:  # the commit stands; the next save prunes again
                 log.warning("checkpoint %s is committed, but pruning failed (%s)", final, exc)
         return final
@@ -147,9 +149,10 @@ class CheckpointStore:
 
     load_part = staticmethod(formats.load_part)
 
-    def prune(self, dry_run: bool = False) -> list[Path]:
-        """Apply the retention policy, then delete the blobs only pruned checkpoints referenced."""
-        removed = self.catalog.prune(self.retention, dry_run)
+    def prune(self, dry_run: bool = False, known_good: Path | None = None) -> list[Path]:
+        """Apply the retention policy (``known_good``: a checkpoint just committed, kept without verifying it),
+        then delete the blobs only pruned checkpoints referenced."""
+        removed = self.catalog.prune(self.retention, dry_run, known_good)
         if not dry_run and self.blobs is not None:
             live = self.catalog.collect_blobs()
             if live is not None:

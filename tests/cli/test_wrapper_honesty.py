@@ -130,12 +130,12 @@ def test_a_resume_mismatch_in_a_users_loop_exits_3_and_is_not_restarted(tmp_path
     alone = subprocess.run([sys.executable, str(script), str(tmp_path / "save"), "8"], capture_output=True, text=True)
     assert alone.returncode == 3, alone.stderr
     assert "batch_size: checkpoint has 4, this run has 8" in alone.stderr
-    assert alone.stderr.rstrip().endswith("[telepathy] exit code 3 (cannot resume): a restart or a requeue would "
-                                          "fail the same way")  # fmt: skip
+    assert alone.stderr.rstrip().endswith("[telepathy] exit code 3 (cannot resume): running it again would fail "
+                                          "the same way")  # fmt: skip
     wrapped = subprocess.run([*MAIN, "--save_dir", str(tmp_path / "save"), "--max_restarts", "2",
                               "--restart_backoff", "0.1", "--", sys.executable, str(script), str(tmp_path / "save"),
                               "8"], capture_output=True, text=True, timeout=120)  # fmt: skip
     out = wrapped.stdout + wrapped.stderr
     assert wrapped.returncode == 3, out[-3000:]
     assert out.count("batch_size: checkpoint has 4, this run has 8") == 1 and "restart 1/2" not in out  # one run
-    assert "the trainer refused to run (exit code 3; see the log above); not restarted" in out
+    assert "the trainer refused to run (exit code 3; see the log above); not run again" in out
