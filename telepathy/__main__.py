@@ -18,52 +18,60 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from telepathy.errors import EXIT_SAVE_DIR_BUSY, EXIT_USAGE
-from telepathy.options import positive_int
+from telepathy.options import path_problem, path_text, positive_int
+
+
+def _path(text: str) -> Path:
+    """A path argument; an empty one is refused (``Path("")`` would silently mean the current directory)."""
+    return Path(path_text(text))
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="telepathy", description="Inspect and maintain telepathy save dirs.")
     verbs = parser.add_subparsers(dest="verb", required=True)
     status = verbs.add_parser("status", help="the run's state, position, latest checkpoint, preemptions")
-    status.add_argument("save_dir", type=Path, nargs="+", help="one save dir (details) or several (a table)")
+    status.add_argument("save_dir", type=_path, nargs="+", help="one save dir (details) or several (a table)")
     status.add_argument("--json", action="store_true")
     listing = verbs.add_parser("list", help="checkpoints with step, time, size, reason, verified")
-    listing.add_argument("save_dir", type=Path)
+    listing.add_argument("save_dir", type=_path)
     listing.add_argument("--json", action="store_true")
     listing.add_argument("--no-verify", dest="verify", action="store_false", help="skip hashing the files")
     verify = verbs.add_parser("verify", help="check checkpoints against their manifests; exit 1 on any failure")
-    verify.add_argument("path", type=Path, help="a save dir or one checkpoint directory")
+    verify.add_argument("path", type=_path, help="a save dir or one checkpoint directory")
     verify.add_argument("--load", action="store_true", help="also load every file with weights_only=True")
     prune = verbs.add_parser("prune", help="apply a retention policy now")
-    prune.add_argument("save_dir", type=Path)
+    prune.add_argument("save_dir", type=_path)
     prune.add_argument("--keep_last", "--keep-last", type=positive_int, default=3)
     prune.add_argument("--keep_every", "--keep-every", type=positive_int, default=None)
     prune.add_argument("--no-keep_best", "--no-keep-best", dest="keep_best", action="store_false")
     prune.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="only say what would go")
     plot = verbs.add_parser("plot", help="PNG: loss vs step with preemptions and checkpoints; throughput")
-    plot.add_argument("save_dir", type=Path)
-    plot.add_argument("--out", type=Path, default=None, help="[SAVE_DIR/run.png]")
+    plot.add_argument("save_dir", type=_path)
+    plot.add_argument("--out", type=_path, default=None, help="[SAVE_DIR/run.png]")
     export = verbs.add_parser("export", help="write the trained parts as safetensors")
-    export.add_argument("save_dir", type=Path)
-    export.add_argument("--checkpoint", type=Path, default=None, help="[the newest valid checkpoint]")
-    export.add_argument("--out", type=Path, default=None, help="[SAVE_DIR/export/step_N]")
+    export.add_argument("save_dir", type=_path)
+    export.add_argument("--checkpoint", type=_path, default=None, help="[the newest valid checkpoint]")
+    export.add_argument("--out", type=_path, default=None, help="[SAVE_DIR/export/step_N]")
     return parser
 
 
 def not_a_save_dir(path: Path) -> str | None:
     """One line saying why ``path`` is not a telepathy save dir, or None when it is one."""
-    if not path.exists():
-        return f"{path} does not exist"
-    if not path.is_dir():
-        return f"{path} is not a directory"
+    problem = path_problem(path, directory=True)
+    if problem is not None:
+        return problem
     from telepathy.disk.save_dir import SaveDir  # noqa: PLC0415
 
-    if not SaveDir(path).looks_like_save_dir():
-        return f"{path} is not a telepathy save dir (no checkpoints/, latest or events.jsonl)"
+    try:
+        if not SaveDir(path).looks_like_save_dir():
+            return f"{path} is not a telepathy save dir (no checkpoints/, latest or events.jsonl)"
+    except OSError as exc:
+        return f"{path} cannot be read: {exc.strerror or exc}"
     return None
 
 
@@ -77,14 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "verify":
         from telepathy.tools.verify import verify_path
 
+        problem = path_problem(args.path, directory=True)  # a checkpoint or a save dir: a directory either way
+        if problem is not None:
+            return _refuse("verify", problem)
         lines, code = verify_path(args.path, load=args.load)
         print("\n".join(lines))
         return code
     for save_dir in args.save_dir if isinstance(args.save_dir, list) else [args.save_dir]:
         problem = not_a_save_dir(save_dir)
         if problem is not None:
-            print(f"telepathy {args.verb}: {problem}", file=sys.stderr)
-            return EXIT_USAGE
+            return _refuse(args.verb, problem)
     return {"status": _status, "list": _list, "prune": _prune, "plot": _plot, "export": _export}[args.verb](args)
 
 
@@ -139,44 +149,59 @@ def _prune(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     from telepathy.tools.plot import plot_run
+    from telepathy.tools.run_events import describe_skipped
 
+    out = args.out or args.save_dir / "run.png"
+    if os.path.isdir(out):
+        return _refuse("plot", f"--out {out} is a directory; give a file name, e.g. {out / 'run.png'}")
     try:
-        out = plot_run(args.save_dir, args.out or args.save_dir / "run.png")
+        written, skipped = plot_run(args.save_dir, out)
     except ImportError:
-        print("telepathy plot: needs matplotlib (pip install matplotlib)", file=sys.stderr)
-        return EXIT_USAGE
+        return _refuse("plot", "needs matplotlib (pip install matplotlib)")
     except ValueError as exc:
         print(f"telepathy plot: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"telepathy plot: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_USAGE
-    print(f"wrote {out}")
+        return _refuse("plot", f"cannot write {out}: {exc.strerror or exc}")
+    print(f"wrote {written}")
+    if skipped:
+        print(f"note: {describe_skipped(skipped)}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from telepathy.disk.catalog import Catalog
+    from telepathy.disk.manifest import MANIFEST_NAME
     from telepathy.disk.save_dir import SaveDir
     from telepathy.errors import CheckpointInvalid
     from telepathy.tools.export import export_checkpoint
 
+    if args.checkpoint is not None and path_problem(args.checkpoint / MANIFEST_NAME, directory=False):
+        return _refuse("export", f"--checkpoint {args.checkpoint} is not a checkpoint directory (no {MANIFEST_NAME}); "
+                       f"pick one that `telepathy list {args.save_dir}` shows")  # fmt: skip
     checkpoint = args.checkpoint or Catalog(SaveDir(args.save_dir)).resume_point()
     if checkpoint is None:
         print(f"telepathy export: {args.save_dir} has no committed checkpoint yet", file=sys.stderr)
         return 1
     out = args.out or args.save_dir / "export" / Path(checkpoint).name
+    if os.path.lexists(out) and not os.path.isdir(out):  # a new directory is made, an existing one used
+        return _refuse("export", f"--out {out} exists and is not a directory; give a new or empty directory")
     try:
         written = export_checkpoint(Path(checkpoint), out)
     except (CheckpointInvalid, ValueError, FileExistsError) as exc:
         print(f"telepathy export: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # --out where nothing can be written (/proc, a read-only disk, a full one)
-        print(f"telepathy export: cannot write to {out}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _refuse("export", f"cannot write to {out}: {exc.strerror or exc}")
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _refuse(verb: str, problem: str) -> int:
+    """A usage error of ``verb``: one line on stderr, exit code 2."""
+    print(f"telepathy {verb}: {problem}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,11 +156,59 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
     return value
+
+
+def path_text(text: str) -> str:
+    """A path argument as given; an empty one is refused (it would silently mean the current directory)."""
+    if not text.strip() or "\0" in text:
+        raise argparse.ArgumentTypeError(f"must name a path, got {text!r}")
+    return text
+
+
+def existing_directory(text: str) -> str:
+    """A path argument naming a directory that exists now (``--resume_from``)."""
+    problem = path_problem(Path(path_text(text)), directory=True)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def existing_file(text: str) -> str:
+    """A path argument naming a regular file that exists now (a data set)."""
+    problem = path_problem(Path(path_text(text)), directory=False)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def path_problem(path: Path, directory: bool) -> str | None:
+    """Why ``path`` is not an existing directory (``directory``) or regular file, in a few words; None when it
+    is one. Never raises: a name too long, a file in the middle of the path or /proc are answers too."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except NotADirectoryError:
+        return f"{path} does not exist (a part of the path is a file)"
+    except OSError as exc:
+        return f"{path} cannot be used: {exc.strerror or exc}"
+    if directory and not stat.S_ISDIR(mode):
+        return f"{path} is not a directory"
+    if not directory and not stat.S_ISREG(mode):
+        return f"{path} is not a regular file"
+    return None
 
 
 def add_checkpoint_flags(group: Any, *, interval_flags: tuple[str, ...] = ("--checkpoint_interval",),
@@ -182,14 +231,15 @@ def add_checkpoint_flags(group: Any, *, interval_flags: tuple[str, ...] = ("--ch
                        "(SIGKILL, OOM) the supervisor commits it: at most the step in flight is lost")  # fmt: skip
     group.add_argument("--agree_every", type=positive_int, default=d.agree_every,
                        help="several ranks: agree on signals every K steps")  # fmt: skip
-    group.add_argument("--resume_from", default=None, help="resume from this checkpoint directory (e.g. emergency)")
+    group.add_argument("--resume_from", type=existing_directory, default=None,
+                       help="resume from this checkpoint directory (e.g. emergency)")  # fmt: skip
     group.add_argument("--strict_resume", action="store_true",
                        help="fail if the newest checkpoint is invalid instead of using an older one")  # fmt: skip
 
 
 def add_supervisor_flags(group: Any) -> None:
     """The flags of the supervising wrapper (any trainer): where, how long to wait after SIGTERM, restarts."""
-    group.add_argument("--save_dir", type=_save_dir, default="runs/preemptible_exp")
+    group.add_argument("--save_dir", type=path_text, default="runs/preemptible_exp")
     group.add_argument("--grace_period", type=positive_float, default=120.0,
                        help="seconds the trainer gets after SIGTERM")  # fmt: skip
     group.add_argument("--auto_resume", action="store_true", help="resume from SAVE_DIR/latest when present")
@@ -203,19 +253,26 @@ def add_supervisor_flags(group: Any) -> None:
                        help="seconds before the first restart (doubled for each failure in a row)")  # fmt: skip
 
 
-def _save_dir(text: str) -> str:
-    if not text.strip() or "\0" in text:
-        raise argparse.ArgumentTypeError(f"must name a directory, got {text!r}")
-    return text
-
-
 def save_dir_problem(save_dir: Path) -> str | None:
     """Why ``save_dir`` cannot be used, checked before any training starts; None when it can."""
-    if save_dir.exists() and not save_dir.is_dir():
-        return f"--save_dir {save_dir} exists and is not a directory; pick another path"
-    existing = save_dir
-    while not existing.exists():
-        existing = existing.parent
+    try:
+        if save_dir.exists() and not save_dir.is_dir():
+            return f"--save_dir {save_dir} exists and is not a directory; pick another path"
+        existing = save_dir
+        while not existing.exists():
+            existing = existing.parent
+    except OSError as exc:  # a name too long, a file in the middle of the path
+        return f"--save_dir {save_dir} cannot be used ({exc.strerror or exc}); pick another path"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"--save_dir {save_dir} is not writable ({existing} does not allow this user to create files)"
+    return None
+
+
+def create_save_dir(save_dir: str | os.PathLike) -> str | None:
+    """Create ``save_dir`` before training starts (what the checks above cannot see, e.g. /proc as root); why it
+    cannot be created, in one line, or None."""
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+    except OSError as exc:  # a full disk, /proc, a read-only filesystem
+        return f"cannot create --save_dir {save_dir}: {exc.strerror or exc}"
     return None

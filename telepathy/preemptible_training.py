@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a file path: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from telepathy.latentwire import config  # noqa: E402
-from telepathy.options import DEFAULTS_ENV, SAVE_DIR_ENV  # noqa: E402
+from telepathy.options import DEFAULTS_ENV, SAVE_DIR_ENV, create_save_dir  # noqa: E402
 from telepathy.supervisor import supervise  # noqa: E402
 
 
@@ -44,10 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         config.build_parser().error(f"the command after '--' was not found: {wrapped[0]!r}")
     env_defaults = wrapped_defaults(args, config.build_parser()) if wrapped else {}
     os.environ.update(env_defaults)  # the command's Checkpointer takes the wrapper's flags as its defaults
-    try:
-        os.makedirs(args.save_dir, exist_ok=True)
-    except OSError as exc:  # a full disk, /proc, a read-only filesystem: one line, before anything starts
-        config.build_parser().error(f"cannot create --save_dir {args.save_dir}: {exc.strerror or exc}")
+    problem = create_save_dir(args.save_dir)  # a full disk, /proc, a read-only filesystem: before anything starts
+    if problem:
+        config.build_parser().error(problem)
     command = wrapped or [sys.executable, "-m", "telepathy.latentwire.train", *config.normalize(argv)]
     restart = command if wrapped or args.auto_resume else [*command, "--auto_resume"]  # a restart continues
     code = supervise(command, args.save_dir, args.grace_period, args.max_restarts, restart_command=restart,

@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,8 +30,18 @@ if __package__ in (None, ""):  # run as a file path: make the package importable
 from telepathy import training_signals  # noqa: E402
 from telepathy.checkpointer import Checkpointer  # noqa: E402
 from telepathy.data import ResumableBatchSampler, resumable_loader, sample_generator  # noqa: E402
-from telepathy.errors import run_program  # noqa: E402
-from telepathy.options import CheckpointOptions, add_checkpoint_flags  # noqa: E402
+from telepathy.errors import UsageError, run_program  # noqa: E402
+from telepathy.options import (  # noqa: E402
+    CheckpointOptions,
+    add_checkpoint_flags,
+    create_save_dir,
+    non_negative_float,
+    non_negative_int,
+    path_text,
+    positive_float,
+    positive_int,
+    save_dir_problem,
+)
 from telepathy.train_state import TrainState, within_epoch  # noqa: E402
 
 log = logging.getLogger("telepathy")
@@ -61,35 +72,37 @@ def build_model(dim: int, classes: int) -> nn.Module:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--duration", type=float, default=60.0, help="seconds this invocation trains (default 60)")
-    p.add_argument("--save_dir", default="runs/test_preemption")
-    p.add_argument("--epochs", type=int, default=None, help="total epochs (default: until --duration ends)")
-    p.add_argument("--samples", type=int, default=512)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--duration", type=positive_float, default=60.0, help="seconds this invocation trains (default 60)")
+    p.add_argument("--save_dir", type=path_text, default="runs/test_preemption")
+    p.add_argument("--epochs", type=positive_int, default=None, help="total epochs (default: until --duration ends)")
+    p.add_argument("--samples", type=positive_int, default=512)
+    p.add_argument("--batch_size", type=positive_int, default=16)
+    p.add_argument("--lr", type=positive_float, default=3e-3)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--num_workers", type=non_negative_int, default=0)
     p.add_argument(
         "--step_delay",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         help="seconds to pause after each step, before the save check (slows the demo; lets tests aim signals)",
     )
-    p.add_argument("--log_every", type=int, default=250, help="print progress every N steps")
+    p.add_argument("--log_every", type=positive_int, default=250, help="print progress every N steps")
     add_checkpoint_flags(p, interval_flags=("--interval", "--checkpoint_interval"), interval_default=10.0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     p.add_argument("--fail_at_step", type=int, default=None, help="raise an error at this step (tests)")
     p.add_argument("--no_resume", action="store_true", help="ignore existing checkpoints (needs empty dir)")
     args = p.parse_args(argv)
-    if not 0 < args.duration < float("inf"):
-        p.error("--duration must be a finite number of seconds > 0")
-    if min(args.samples, args.batch_size, args.log_every, args.keep_last, args.epochs or 1) <= 0:
-        p.error("--samples, --batch_size, --epochs, --log_every and --keep_last must be positive")
+    problem = save_dir_problem(Path(args.save_dir))
+    if problem:
+        p.error(problem)
     return args
 
 
 def train(args: argparse.Namespace) -> int:
     """Run (or resume) training; returns the process exit code."""
+    problem = create_save_dir(args.save_dir)  # what parse_args cannot see (/proc as root): before anything starts
+    if problem:
+        raise UsageError(problem)
     training_signals.install_signal_handlers()  # first: a signal during start-up is acted on, not fatal
     torch.set_num_threads(args.threads)
     random.seed(args.seed)

@@ -11,16 +11,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from telepathy.disk.events import read_events
+from telepathy.tools.run_events import run_events
 
 
-def plot_run(save_dir: Path, out: Path) -> Path:
+def plot_run(save_dir: Path, out: Path) -> tuple[Path, int]:
+    """Write the plot to ``out`` (a PNG unless its suffix names another format matplotlib writes); return the
+    file and how many records of the event log were left out (:mod:`telepathy.tools.run_events`)."""
     import matplotlib  # noqa: PLC0415 (optional dependency, only for this command)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    events = read_events(save_dir)
+    events, skipped = run_events(save_dir)
     progress = [e for e in events if e["event"] == "progress" and e.get("metric") is not None]
     if not progress:
         raise ValueError(f"{save_dir}/events.jsonl has no progress records to plot (a run writes one every few "
@@ -64,9 +66,12 @@ def plot_run(save_dir: Path, out: Path) -> Path:
     rate_ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    named = out.suffix.lstrip(".").lower()  # a format always: with none, matplotlib would write OUT.png, not OUT
+    try:
+        fig.savefig(out, dpi=110, format=named if named in fig.canvas.get_supported_filetypes() else "png")
+    finally:
+        plt.close(fig)
+    return out, skipped
 
 
 def _segments(progress: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

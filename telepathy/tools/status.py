@@ -13,11 +13,11 @@ from typing import Any
 
 from telepathy.disk.catalog import Catalog
 from telepathy.disk.contents import MANIFEST
-from telepathy.disk.events import read_events
 from telepathy.disk.lock import describe_holder
 from telepathy.disk.manifest import read_manifest
 from telepathy.disk.save_dir import SaveDir
 from telepathy.errors import CheckpointInvalid
+from telepathy.tools.run_events import describe_skipped, run_events
 
 EXIT_MEANING = {0: "complete", 99: "preempted", 98: "preempted (nothing new saved)", 129: "hung up",
                 130: "interrupted"}  # fmt: skip
@@ -64,8 +64,9 @@ def list_checkpoints(save_dir: Path, verify: bool = True) -> list[CheckpointRow]
 
 def run_status(save_dir: Path) -> dict[str, Any]:
     """The run's state (running/preempted/complete/failed/not started), position, latest checkpoint,
-    preemptions, restarts, time lost to preemption and the last exit code."""
-    events = read_events(save_dir)
+    preemptions, restarts, time lost to preemption, the last exit code and how many event records were left out
+    (:mod:`telepathy.tools.run_events`)."""
+    events, skipped = run_events(save_dir)
     latest = SaveDir(save_dir).latest_target()
     checkpoint = None
     if latest is not None and latest.is_dir():
@@ -93,6 +94,7 @@ def run_status(save_dir: Path) -> dict[str, Any]:
         "time_lost_s": round(time_lost(events), 1),
         "last_exit_code": last_exit,
         "slurm_job": next((e.get("SLURM_JOB_ID") for e in reversed(events) if e.get("SLURM_JOB_ID")), None),
+        "skipped_events": skipped,
     }
 
 
@@ -159,6 +161,8 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     if status["slurm_job"]:
         lines.append(f"slurm job    {status['slurm_job']}")
+    if status["skipped_events"]:
+        lines.append(f"events       {describe_skipped(status['skipped_events'])}")
     return "\n".join(lines)
 
 

@@ -40,8 +40,10 @@ def test_verify_a_save_dir_and_one_checkpoint(tmp_path, capsys):
     assert code == 1 and f"FAILED {step2}: model.pt: xxh3_128 " in out
     assert "2 of 3 checkpoints verified, 1 failed" in out
     assert verify(step2, capsys)[0] == 1 and verify(tmp_path / "checkpoints" / "step_00000003", capsys)[0] == 0
-    code, out = verify(tmp_path / "nothing-here", capsys)
+    (tmp_path / "empty").mkdir()
+    code, out = verify(tmp_path / "empty", capsys)
     assert code == 2 and "is neither a telepathy checkpoint" in out
+    assert verify(tmp_path / "nothing-here", capsys)[0] == 2  # "does not exist", on stderr as for every verb
 
 
 def test_strict_resume_refuses_an_invalid_newest_checkpoint_and_changes_nothing(tmp_path):
