@@ -147,6 +147,8 @@ class Checkpointer:
                         "directory, or the wrapper's status, lock check and rescue look in the wrong place",
                         watched, self.store.save_dir)  # fmt: skip
         self._snapshots = step_snapshots.from_environment(options.snapshot_every_step, self.collective)
+        self._options_record = dataclasses.asdict(options)  # what a snapshot says of the store (made once)
+        self._resolved_save_dir = str(Path(save_dir).resolve())
 
     def _prepare_store(self) -> None:
         """Rank 0 takes the save dir (lock, clean-up); the other ranks learn whether it could."""
@@ -289,8 +291,8 @@ class Checkpointer:
             record_step(os.environ[STEP_LOG_ENV], state.global_step, metric)
         if self._snapshots is not None:  # what the supervisor commits if this process dies before the next step
             info = self._info(state, "rescue", metric)
-            self._snapshots.capture(state.global_step, self._files(state), info, dataclasses.asdict(self.options),
-                                    str(self.store.save_dir.resolve()))  # fmt: skip
+            self._snapshots.capture(state.global_step, self._files(state), info, self._options_record,
+                                    self._resolved_save_dir)  # fmt: skip
         if interval is not None and interval != self.policy.interval:
             self.policy.interval = check_interval(interval)
         if not self.policy.decides_at(state.global_step):

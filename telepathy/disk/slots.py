@@ -5,9 +5,12 @@ slots and back.
 
 A slot file::
 
-    [0:64)   header: magic, seq_begin, seq_end, meta_len, data_len (little-endian u64)
-    [64:…)   meta: JSON (step, checkpoint info, the structure of the state with tensors as references)
-    […:…)    data: the tensors' bytes, each at a 64-byte aligned offset
+    [0:64)        header: magic, seq_begin, seq_end, meta_len, data_len, data_at (little-endian u64)
+    [64:…)        meta: JSON (step, checkpoint info, the structure of the state with tensors as references)
+    [data_at:…)   data: the tensors' bytes, each at a 64-byte aligned offset
+
+``data_at`` leaves room for the meta to grow, so the data stays where it was from one step to the next and the
+trainer can keep its views of a slot instead of rebuilding them at every step.
 
 Writing stores ``seq_begin = n`` first and ``seq_end = n`` last, so a copy torn by a kill (or caught half-way by a
 reader) has ``seq_begin != seq_end`` and is never used; the other slot then holds the previous complete step.
@@ -28,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 SLOT_DIR_ENV = "TELEPATHY_SNAPSHOT_DIR"
-MAGIC = b"TPSLOT1\0"
-HEADER = struct.Struct("<8sQQQQ")  # magic, seq_begin, seq_end, meta_len, data_len
+MAGIC = b"TPSLOT2\0"
+HEADER = struct.Struct("<8sQQQQQ")  # magic, seq_begin, seq_end, meta_len, data_len, data_at
 HEADER_BYTES = 64
 ALIGN = 64
 SLOTS = 2
+META_ROOM = 64 << 10  # bytes kept for the meta before the data (doubled when a meta outgrows it)
 
 
 def align(n: int) -> int:
@@ -74,35 +78,39 @@ def clear_slots(path: Path) -> None:
 
 
 class SlotWriter:
-    """The trainer's side: alternate between the two slots, growing a slot file when the state grows."""
+    """The trainer's side: alternate between the two slots, growing a slot file when the state grows.
+    ``on_unmap(mapping)`` is called before a mapping is closed, so that views of it can be dropped first."""
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, on_unmap: Callable[[mmap.mmap], None] | None = None) -> None:
         self.dir = Path(directory)
         self._maps: dict[int, tuple[mmap.mmap, int]] = {}  # slot -> (mapping, capacity)
         self.seq = 0
+        self.meta_room = META_ROOM
+        self.on_unmap = on_unmap
 
-    def write(self, step: int, meta: dict[str, Any], data_len: int, fill: Callable[[memoryview], None]) -> None:
-        """Write one snapshot: ``fill`` copies ``data_len`` bytes of tensors into the view it is given."""
+    def write(self, step: int, meta: dict[str, Any], data_len: int,
+              fill: Callable[[mmap.mmap, int, int], None]) -> None:  # fmt: skip
+        """Write one snapshot: ``fill(mapping, offset, length)`` copies ``data_len`` bytes of tensors into
+        ``mapping[offset : offset + length]``."""
         self.seq += 1
         slot = self.seq % SLOTS
         meta_bytes = json.dumps({**meta, "step": step}, separators=(",", ":")).encode()
-        data_at = align(HEADER_BYTES + len(meta_bytes))
+        while len(meta_bytes) > self.meta_room:
+            self.meta_room *= 2
+        data_at = align(HEADER_BYTES + self.meta_room)
         mapping = self._mapping(slot, data_at + data_len)
-        HEADER.pack_into(mapping, 0, MAGIC, self.seq, 0, len(meta_bytes), data_len)  # seq_end 0: being written
+        header = (MAGIC, self.seq, 0, len(meta_bytes), data_len, data_at)  # seq_end 0: being written
+        HEADER.pack_into(mapping, 0, *header)
         mapping[HEADER_BYTES : HEADER_BYTES + len(meta_bytes)] = meta_bytes
-        view = memoryview(mapping)[data_at : data_at + data_len]
-        try:
-            fill(view)
-        finally:
-            view.release()
-        HEADER.pack_into(mapping, 0, MAGIC, self.seq, self.seq, len(meta_bytes), data_len)
+        fill(mapping, data_at, data_len)
+        HEADER.pack_into(mapping, 0, MAGIC, self.seq, self.seq, len(meta_bytes), data_len, data_at)
 
     def _mapping(self, slot: int, size: int) -> mmap.mmap:
         current = self._maps.get(slot)
         if current is not None and current[1] >= size:
             return current[0]
         if current is not None:
-            current[0].close()
+            self._unmap(current[0])
         capacity = max(size, int(size * 1.25))  # room for a state that grows a little (optimizer state appears)
         path = self.dir / f"slot{slot}"
         tmp = self.dir / f".slot{slot}.new"
@@ -116,9 +124,14 @@ class SlotWriter:
         self._maps[slot] = (mapping, capacity)
         return mapping
 
+    def _unmap(self, mapping: mmap.mmap) -> None:
+        if self.on_unmap is not None:
+            self.on_unmap(mapping)
+        mapping.close()
+
     def close(self) -> None:
         for mapping, _ in self._maps.values():
-            mapping.close()
+            self._unmap(mapping)
         self._maps.clear()
 
 
@@ -146,9 +159,10 @@ def _read_slot(path: Path) -> tuple[int, dict[str, Any], bytes] | None:
         if size < HEADER_BYTES:
             return None
         with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapping:
-            magic, begin, end, meta_len, data_len = HEADER.unpack_from(mapping, 0)
-            data_at = align(HEADER_BYTES + meta_len)
-            if magic != MAGIC or begin == 0 or begin != end or data_at + data_len > size:
+            magic, begin, end, meta_len, data_len, data_at = HEADER.unpack_from(mapping, 0)
+            if magic != MAGIC or begin == 0 or begin != end or data_at < HEADER_BYTES + meta_len:
+                return None
+            if data_at + data_len > size:
                 return None
             meta_bytes, data = mapping[HEADER_BYTES : HEADER_BYTES + meta_len], mapping[data_at : data_at + data_len]
             if HEADER.unpack_from(mapping, 0)[1:3] != (begin, end):  # rewritten while we copied it out

@@ -53,8 +53,11 @@ def describe(files: Mapping[str, Any]) -> tuple[Any, list[torch.Tensor]]:
             return {_DICT: [[tree.transform(k, leaf), tree.transform(v, leaf, path=f"{path}/{k}")]
                             for k, v in value.items()]}  # fmt: skip
         if type(value) is list:
-            if len(value) >= _LONG_LIST and all(type(v) is int and -(2**63) <= v < 2**63 for v in value):
-                tensors.append(torch.tensor(value, dtype=torch.int64))
+            if len(value) >= _LONG_LIST and set(map(type, value)) == {int}:  # ints only (no bools, no floats)
+                try:
+                    tensors.append(torch.tensor(value, dtype=torch.int64))
+                except (OverflowError, ValueError, RuntimeError):  # an int past 64 bits: kept as a list
+                    return tree.KEEP
                 return {_INTS: len(tensors) - 1}
             return tree.KEEP
         raise UnsupportedState(f"{path}: a value of type {type(value).__name__}")
@@ -80,11 +83,14 @@ def rebuild(structure: Any, tensors: list[torch.Tensor]) -> Any:
 
 
 class StepSnapshots:
-    """The trainer's per-step copy into its supervisor's slots (``directory`` from ``TELEPATHY_SNAPSHOT_DIR``)."""
+    """The trainer's per-step copy into its supervisor's slots (``directory`` from ``TELEPATHY_SNAPSHOT_DIR``).
+    The destination views of each slot are made once and reused while the state keeps its layout (building
+    a few views per tensor at every step costs more than copying a small state)."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
-        self.writer = SlotWriter(directory)
+        self.writer = SlotWriter(directory, on_unmap=self._forget_views)
         self.disabled: str | None = None
+        self._views: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # id(mapping) -> (layout, destinations)
 
     def capture(self, step: int, files: Mapping[str, Any], info: Mapping[str, Any], store: Mapping[str, Any],
                 save_dir: str = "") -> None:  # fmt: skip
@@ -104,20 +110,28 @@ class StepSnapshots:
             offset = align(offset + nbytes)
         meta = {"files": structure, "tensors": table, "info": dict(info), "store": dict(store), "save_dir": save_dir}
 
-        def fill(view: memoryview) -> None:
-            if not len(view):
-                return
-            whole = torch.frombuffer(view, dtype=torch.uint8)
-            pairs = [
-                (whole[at : at + n].view(t.dtype).view(shape), t.detach())
-                for t, (_, shape, at, n) in zip(tensors, table)
-                if n
-            ]
-            if pairs:
-                torch._foreach_copy_([d for d, _ in pairs], [src for _, src in pairs])  # one call, not one per tensor
-            del whole, pairs  # the views must not outlive this call
+        def fill(mapping: Any, at: int, length: int) -> None:
+            destinations = self._destinations(mapping, at, length, table)
+            sources = [t for t, (_, _, _, n) in zip(tensors, table) if n]
+            if sources:
+                with torch.no_grad():  # (no detach: 177 of them cost more than the copy of a small state)
+                    torch._foreach_copy_(destinations, sources)  # one call, not one per tensor
 
         self.writer.write(step, meta, offset, fill)
+
+    def _destinations(self, mapping: Any, at: int, length: int, table: list[list[Any]]) -> list[torch.Tensor]:
+        layout = (at, length, [(d, tuple(shape), off) for d, shape, off, _ in table])
+        cached = self._views.get(id(mapping))
+        if cached is not None and cached[0] == layout:
+            return cached[1]
+        whole = torch.frombuffer(mapping, dtype=torch.uint8, count=length, offset=at) if length else None
+        views = [whole[off : off + n].view(_DTYPES[d]).view(shape) for d, shape, off, n in table if n]
+        self._views[id(mapping)] = (layout, views)
+        return views
+
+    def _forget_views(self, mapping: Any) -> None:
+        """Before the writer closes a mapping: no view of it may remain (the mapping refuses to close)."""
+        self._views.pop(id(mapping), None)
 
     def close(self) -> None:
         self.writer.close()

@@ -105,9 +105,9 @@ writer, step, chunk = slots.SlotWriter(sys.argv[1]), 0, 1 << 16
 print("ready", flush=True)
 while True:
     step += 1
-    def fill(view, value=step % 251):
-        for start in range(0, len(view), chunk):  # slowly, so that kills land mid-copy
-            view[start : start + chunk] = bytes([value]) * min(chunk, len(view) - start)
+    def fill(mapping, at, length, value=step % 251):
+        for start in range(0, length, chunk):  # slowly, so that kills land mid-copy
+            mapping[at + start : at + start + min(chunk, length - start)] = bytes([value]) * min(chunk, length - start)
             time.sleep(0.0005)
     writer.write(step, {"info": {}}, 4 << 20, fill)
 """
