@@ -88,13 +88,17 @@ class SlotWriter:
         self.meta_room = META_ROOM
         self.on_unmap = on_unmap
 
-    def write(self, step: int, meta: dict[str, Any], data_len: int,
+    def write(self, step: int, meta: dict[str, Any] | bytes, data_len: int,
               fill: Callable[[mmap.mmap, int, int], None]) -> None:  # fmt: skip
-        """Write one snapshot: ``fill(mapping, offset, length)`` copies ``data_len`` bytes of tensors into
-        ``mapping[offset : offset + length]``."""
+        """Write one snapshot: ``meta`` (a dict, or the JSON text of one), then ``fill(mapping, offset, length)``
+        copies ``data_len`` bytes of tensors into ``mapping[offset : offset + length]``."""
         self.seq += 1
         slot = self.seq % SLOTS
-        meta_bytes = json.dumps({**meta, "step": step}, separators=(",", ":")).encode()
+        if isinstance(meta, dict):
+            meta = json.dumps(meta, separators=(",", ":")).encode()
+        if not meta.startswith(b"{") or not meta.endswith(b"}"):
+            raise ValueError("a slot's meta must be a JSON object")
+        meta_bytes = b'{"step":%d%s' % (step, b"}" if meta.strip() == b"{}" else b"," + meta[1:])
         while len(meta_bytes) > self.meta_room:
             self.meta_room *= 2
         data_at = align(HEADER_BYTES + self.meta_room)

@@ -9,6 +9,7 @@ killed, one step in flight lost at most.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ log = logging.getLogger("telepathy")
 _DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
                                torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
                                torch.complex128)}  # fmt: skip
+_DTYPE_SET = frozenset(_DTYPES.values())
 _TENSOR, _TUPLE, _DICT, _INTS = "__T__", "__t__", "__d__", "__L__"
 _LONG_LIST = 32  # a list of this many ints or more (Python's RNG state: 625) is copied as one int64 tensor
 
@@ -36,12 +38,19 @@ def describe(files: Mapping[str, Any]) -> tuple[Any, list[torch.Tensor]]:
     """The JSON-able structure of ``files`` with each tensor replaced by its index in the returned list."""
     tensors: list[torch.Tensor] = []
 
+    def tensor(value: torch.Tensor, path: str) -> dict[str, int]:
+        if value.dtype not in _DTYPE_SET or value.is_sparse or value.is_quantized:
+            raise UnsupportedState(f"{path}: a {value.dtype} tensor{' (sparse)' if value.is_sparse else ''}")
+        tensors.append(value)
+        return {_TENSOR: len(tensors) - 1}
+
     def leaf(value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):
-            if str(value.dtype) not in _DTYPES or value.is_sparse or value.is_quantized:
-                raise UnsupportedState(f"{path}: a {value.dtype} tensor{' (sparse)' if value.is_sparse else ''}")
-            tensors.append(value)
-            return {_TENSOR: len(tensors) - 1}
+            return tensor(value, path)
+        if isinstance(value, dict) and all(type(k) is str and type(v) is torch.Tensor for k, v in value.items()):
+            # a module's state dict, a parameter's optimizer state: most of the state, described in one pass
+            if not any(k.startswith("__") for k in value):
+                return {k: tensor(v, f"{path}/{k}") for k, v in value.items()}
         if value is None or type(value) in (bool, int, float, str):
             return value
         if isinstance(value, tuple):
@@ -91,6 +100,8 @@ class StepSnapshots:
         self.writer = SlotWriter(directory, on_unmap=self._forget_views)
         self.disabled: str | None = None
         self._views: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # id(mapping) -> (layout, destinations)
+        self._table_json: tuple[Any, bytes] = (None, b"")
+        self._store_json: tuple[Any, bytes] = (None, b"")
 
     def capture(self, step: int, files: Mapping[str, Any], info: Mapping[str, Any], store: Mapping[str, Any],
                 save_dir: str = "") -> None:  # fmt: skip
@@ -108,7 +119,12 @@ class StepSnapshots:
             nbytes = t.numel() * t.element_size()
             table.append([str(t.dtype), list(t.shape), offset, nbytes])
             offset = align(offset + nbytes)
-        meta = {"files": structure, "tensors": table, "info": dict(info), "store": dict(store), "save_dir": save_dir}
+        if self._table_json[0] != table:  # the table (dtypes, shapes, offsets) rarely changes: its JSON is kept
+            self._table_json = (table, _json(table))
+        if self._store_json[0] != (store, save_dir):
+            self._store_json = ((dict(store), save_dir), _json(dict(store)) + b',"save_dir":' + _json(save_dir))
+        meta = (b'{"files":' + _json(structure) + b',"info":' + _json(dict(info)) + b',"tensors":'
+                + self._table_json[1] + b',"store":' + self._store_json[1] + b"}")  # fmt: skip
 
         def fill(mapping: Any, at: int, length: int) -> None:
             destinations = self._destinations(mapping, at, length, table)
@@ -135,6 +151,10 @@ class StepSnapshots:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def files_from_slot(meta: Mapping[str, Any], data: bytes) -> dict[str, Any]:
