@@ -68,6 +68,7 @@ class Supervisor:
         self.pending: list[int] = []  # signals to forward; appended by the handler
         self.last_commit: dict | None = None
         self.last_commit_at: float | None = None  # when the last commit was reported (time.time())
+        self.child_started_at = 0.0  # when the current trainer was started (time.time())
         self.slot_dir = Path()  # shared-memory snapshots of a trainer with snapshot_every_step (made by run)
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -122,8 +123,13 @@ class Supervisor:
             return code
 
     def _stop_code(self, out: Outcome) -> int:
-        """99 (130 after SIGINT, 129 after SIGHUP) only when a checkpoint was committed for this stop; else 98."""
+        """99 (130 after SIGINT, 129 after SIGHUP) only when a checkpoint was committed for this stop; else 98.
+        For this stop: committed after the signal reached this process, or — when the signal reached the trainer
+        first (SLURM signals every process of a job step) — a save this trainer reported for that signal."""
         saved = self.last_commit_at is not None and (out.ending_at is None or self.last_commit_at >= out.ending_at)
+        if not saved and out.ending is not None and self.last_commit and self.last_commit_at is not None:
+            for_this_signal = self.last_commit.get("reason") == f"signal:{training_signals.signal_name(out.ending)}"
+            saved = for_this_signal and self.last_commit_at >= self.child_started_at
         if out.code == EXIT_STOPPED_UNSAVED or not saved:
             print(f"[telepathy] stopped by {training_signals.signal_name(out.ending)} with nothing new saved "
                   f"(exit {EXIT_STOPPED_UNSAVED}). {self._next_run()}", flush=True)  # fmt: skip
@@ -139,6 +145,7 @@ class Supervisor:
     def _run_child(self) -> Outcome:
         """Run the command once (see :mod:`telepathy.child`)."""
         read_fd, write_fd = os.pipe()
+        self.child_started_at = time.time()
         slots.clear_slots(self.slot_dir)  # a new trainer's snapshots only
         env = {**os.environ, REPORT_FD_ENV: str(write_fd), slots.SLOT_DIR_ENV: str(self.slot_dir)}
         run = ChildRun(self.command, env, write_fd, self.grace_period, self.pending, self.events, self._on_report,

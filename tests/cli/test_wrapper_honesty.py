@@ -5,6 +5,7 @@ trainer behind a shell gets the signal."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -139,3 +140,44 @@ def test_a_resume_mismatch_in_a_users_loop_exits_3_and_is_not_restarted(tmp_path
     assert wrapped.returncode == 3, out[-3000:]
     assert out.count("batch_size: checkpoint has 4, this run has 8") == 1 and "restart 1/2" not in out  # one run
     assert "the trainer refused to run (exit code 3; see the log above); not run again" in out
+
+
+SLOW_TO_EXIT = textwrap.dedent("""
+    import os, sys, time
+    import torch
+    from telepathy import training_signals
+    from telepathy.checkpointer import Checkpointer
+    from telepathy.train_state import TrainState
+    training_signals.install_signal_handlers()
+    ckpt = Checkpointer(sys.argv[1], parts={"model": torch.nn.Linear(2, 2)}, interval=1000)
+    state = ckpt.resume()
+    print(f"trainer pid {os.getpid()}", flush=True)
+    while True:
+        time.sleep(0.02)
+        state.advance()
+        if ckpt.step_boundary(state):
+            print("stop saved", flush=True)
+            time.sleep(1.5)  # a slow teardown (data workers, a framework's own clean-up)
+            sys.exit(training_signals.exit_code())
+""")
+
+
+def test_a_stop_the_trainer_saved_before_the_wrapper_heard_of_it_is_99(tmp_path):
+    """SLURM signals every process of a job step: the trainer may commit its stop save before the wrapper's own
+    SIGTERM arrives. That save is for this stop: 99, not 98."""
+    script = tmp_path / "slow_exit.py"
+    script.write_text(SLOW_TO_EXIT)
+    proc = subprocess.Popen([*MAIN, "--save_dir", str(tmp_path / "save"), "--max_restarts", "0", "--",
+                             sys.executable, str(script), str(tmp_path / "save")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("trainer pid "):
+            os.kill(int(line.split()[-1]), signal.SIGTERM)  # to the trainer only, as SLURM does
+        if line.startswith("stop saved"):
+            proc.send_signal(signal.SIGTERM)  # the wrapper hears of it after the commit
+            break
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=60) == 99, out[-2000:]
+    assert "nothing new saved" not in out
