@@ -179,7 +179,11 @@ def _export(args: argparse.Namespace) -> int:
     if args.checkpoint is not None and path_problem(args.checkpoint / MANIFEST_NAME, directory=False):
         return _refuse("export", f"--checkpoint {args.checkpoint} is not a checkpoint directory (no {MANIFEST_NAME}); "
                        f"pick one that `telepathy list {args.save_dir}` shows")  # fmt: skip
-    checkpoint = args.checkpoint or Catalog(SaveDir(args.save_dir)).resume_point()
+    try:
+        checkpoint = args.checkpoint or Catalog(SaveDir(args.save_dir)).resume_point()
+    except CheckpointInvalid as exc:  # none verifies: the warnings above say why
+        print(f"telepathy export: {exc}", file=sys.stderr)
+        return 1
     if checkpoint is None:
         print(f"telepathy export: {args.save_dir} has no committed checkpoint yet", file=sys.stderr)
         return 1

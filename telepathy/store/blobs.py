@@ -7,6 +7,12 @@ an existing blob and is not written again. Blobs are written durably (temp file,
 the checkpoint that references them is committed, and a blob is deleted only when no committed or emergency
 checkpoint references it any more (:meth:`BlobStore.collect_garbage`, run after pruning by the single writer).
 
+Reading back (:meth:`BlobStore.internalize`) checks every reference against the manifest first, then reads,
+inflates and hashes each blob once, however many references name it; a compressed blob is never inflated past the
+size its tensor claims. A second reference to a blob gets a private copy-on-write mapping of the same bytes: equal
+tensors (zeros, twin layers) must not alias after a resume, and a small hostile part naming one blob thousands of
+times must not cost thousands of copies.
+
 Compression (``compress``): zstd over byte planes (all first bytes of the elements, then all second bytes, ...),
 which groups the low-entropy exponent bytes of floats; a blob is stored raw when compression saves less than 5%,
 and compression switches itself off for the run when it is slower than the disk.
@@ -15,11 +21,14 @@ and compression switches itself off for the run when it is slower than the disk.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import stat
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -135,30 +144,174 @@ class BlobStore:
         return self.dir.blob_path(name, codec)
 
     def internalize(self, obj: Any, refs: Mapping[str, Mapping[str, Any]]) -> Any:
-        """The inverse of :meth:`externalize`: references replaced by tensors read from their blobs."""
+        """The inverse of :meth:`externalize`: references replaced by tensors read from their blobs. Every
+        reference is checked before any blob is read; each blob is then read, decompressed and hashed once
+        however many references name it (raises :class:`BlobError`)."""
+        sizes = _blob_sizes(obj, refs)
+        blobs: dict[str, _Blob] = {}
 
         def leaf(value: Any, path: str) -> Any:
-            is_ref = isinstance(value, Mapping) and value.get(BLOB_KEY) is not None
-            return self._get(value, refs) if is_ref else tree.KEEP
+            if not _is_reference(value):
+                return tree.KEEP
+            name = value[BLOB_KEY]
+            if name not in blobs:
+                blobs[name] = _Blob(self._read(name, refs[name], sizes[name], _DTYPES[str(value["dtype"])]))
+            return blobs[name].take().view(_DTYPES[str(value["dtype"])]).reshape(value["shape"])
 
-        return tree.transform(obj, leaf)
+        try:
+            return tree.transform(obj, leaf)
+        except (OSError, RuntimeError, MemoryError) as exc:  # unreadable, or more mappings than the kernel allows
+            raise BlobError(f"a blob could not be read back: {exc}"[:500]) from None
+        finally:
+            for blob in blobs.values():
+                blob.close()
 
-    def _get(self, ref: Mapping[str, Any], refs: Mapping[str, Mapping[str, Any]]) -> torch.Tensor:
-        name, dtype = ref[BLOB_KEY], _DTYPES.get(str(ref.get("dtype")))
-        entry = refs.get(name)
-        if not is_blob_name(name) or entry is None or dtype is None:
-            raise ValueError(f"blob reference {name!r} is not listed in the manifest or has an unknown dtype")
-        data = self.path(name, entry["codec"]).read_bytes()
-        element_size = torch.empty((), dtype=dtype).element_size()
-        if entry["codec"] == "zst":
-            import zstandard
-
-            planes = np.frombuffer(zstandard.ZstdDecompressor().decompress(data), dtype=np.uint8)
-            data = planes.reshape(element_size, -1).T.tobytes() if element_size > 1 else planes.tobytes()
-        if xxhash.xxh3_128_hexdigest(data) != name:
-            raise ValueError(f"blob {name} does not hash to its name (corrupted)")
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(ref["shape"])
+    def _read(self, name: str, entry: Mapping[str, Any], nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        """The ``nbytes`` bytes of one blob, in element order, checked against its name. A compressed blob is
+        inflated only up to the size its tensor needs: a small frame claiming gigabytes is refused, not run."""
+        path = self.path(name, entry["codec"])
+        shown = f"{BLOBS}/{name[:2]}/{path.name}"
+        if self.root.is_symlink() or path.parent.is_symlink():
+            raise BlobError(f"{shown}: blobs/ or its shard directory is a symlink; telepathy never reads through one")
+        with _open_regular(path, entry["bytes"], shown) as f:
+            if entry["codec"] == "raw":
+                data = torch.empty(nbytes, dtype=torch.uint8)
+                _read_into(f, data.numpy(), shown)
+            else:
+                data = _inflate(f.read(), nbytes, dtype.itemsize, shown)
+        if xxhash.xxh3_128_hexdigest(data.numpy()) != name:
+            raise BlobError(f"{shown} does not hash to its name (corrupted)")
+        return data
 
     def verify(self, refs: Mapping[str, Mapping[str, Any]]) -> str | None:
         """None when every referenced blob has its recorded size and hash, else which one does not and why."""
         return Catalog(self.dir).verify_blobs(dict(refs))  # type: ignore[arg-type]
+
+
+class BlobError(ValueError):
+    """A blob reference, or the blob it names, cannot give back its tensor: not listed, missing, corrupted, or not
+    the size its tensor claims. The checkpoint is damaged (a resume skips it like a corrupt one)."""
+
+
+MAX_SHARED_REFERENCES = 16_384  # second and later references to a blob in one part: far above any real state
+
+
+def _is_reference(value: Any) -> bool:
+    return isinstance(value, Mapping) and value.get(BLOB_KEY) is not None
+
+
+def _blob_sizes(obj: Any, refs: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """``{blob name: bytes of its tensor}`` for the references in ``obj``, all checked before any blob is read: a
+    name the manifest lists, a known dtype, a shape of non-negative integers, and the same byte count in every
+    reference to one blob (a raw blob's: its stored size)."""
+    sizes: dict[str, int] = {}
+    count = 0
+
+    def check(value: Any) -> None:
+        nonlocal count
+        if not _is_reference(value):
+            return
+        name, dtype, shape = value[BLOB_KEY], _DTYPES.get(str(value.get("dtype"))), value.get("shape")
+        entry = refs.get(name) if is_blob_name(name) else None
+        if entry is None or dtype is None:
+            raise BlobError(f"blob reference {str(name)[:40]!r} is not listed in the manifest or has an unknown dtype")
+        if not isinstance(shape, (list, tuple)) or not all(type(n) is int and n >= 0 for n in shape):
+            raise BlobError(f"blob reference {name} has an implausible shape {str(shape)[:60]}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if sizes.setdefault(name, nbytes) != nbytes or (entry["codec"] == "raw" and nbytes != entry["bytes"]):
+            raise BlobError(f"the references to blob {name} disagree with it about its size ({nbytes} bytes?)")
+        count += 1
+
+    tree.visit(obj, check)
+    if count - len(sizes) > MAX_SHARED_REFERENCES:
+        raise BlobError(f"{count} references name only {len(sizes)} blob(s); more than {MAX_SHARED_REFERENCES:,} "
+                        "repeats is not a state telepathy wrote, refusing it")  # fmt: skip
+    return sizes
+
+
+class _Blob:
+    """One blob's tensor bytes, read once. The first reference gets them, every further one a private
+    copy-on-write mapping of them: no two references alias (an optimizer updating one tensor in place must not
+    change another that had the same bytes), yet a part naming one blob thousands of times costs no more memory
+    than the blob until the copies are written to."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data, self.taken, self._file, self._source = data, False, None, ""
+
+    def take(self) -> torch.Tensor:
+        if not self.taken:
+            self.taken = True
+            return self.data
+        if self.data.numel() == 0:
+            return self.data.clone()
+        if self._file is None:
+            self._file = _memory_file(self.data)
+            fd = self._file.fileno()
+            self._source = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else f"/dev/fd/{fd}"
+        storage = torch.UntypedStorage.from_file(self._source, shared=False, nbytes=self.data.numel())
+        return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()  # the mappings keep what they map
+
+
+def _memory_file(data: torch.Tensor) -> BinaryIO:
+    """An unnamed file holding ``data``'s bytes (in memory where the OS has memfd), to be mapped privately."""
+    if hasattr(os, "memfd_create"):
+        file: BinaryIO = os.fdopen(os.memfd_create("telepathy-blob", os.MFD_CLOEXEC), "w+b")
+    else:
+        file = tempfile.TemporaryFile()
+    file.write(memoryview(data.numpy()))
+    file.flush()
+    return file
+
+
+def _open_regular(path: Path, size: int, shown: str) -> BinaryIO:
+    """``path`` opened for reading, if it is a regular file (not a link, FIFO or device) of ``size`` bytes."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):  # never even open a FIFO or a device
+            raise BlobError(f"{shown}: not a regular file (symlink or special file)")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise BlobError(f"{shown}: missing or not readable ({exc.strerror})") from None
+    file = os.fdopen(fd, "rb", buffering=0)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+        file.close()
+        raise BlobError(f"{shown}: not a regular file of the {size} bytes the manifest lists")
+    return file
+
+
+def _read_into(file: BinaryIO, out: np.ndarray, shown: str) -> None:
+    view, got = memoryview(out), 0
+    while got < out.nbytes:
+        n = file.readinto(view[got:])
+        if not n:
+            raise BlobError(f"{shown}: shorter than its tensor (truncated while read)")
+        got += n
+
+
+def _inflate(frame: bytes, nbytes: int, element_size: int, shown: str) -> torch.Tensor:
+    """Decompress a byte-plane frame into ``nbytes`` bytes in element order, never producing more: a frame that
+    says or turns out to hold more than its tensor is refused before (or as soon as) it passes that size."""
+    import zstandard
+
+    try:
+        declared = zstandard.frame_content_size(frame)  # -1: the frame does not say
+        if declared not in (-1, nbytes):
+            raise BlobError(f"{shown} inflates to {declared:,} bytes but its tensor holds {nbytes:,}; refusing it")
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        planes = np.empty(nbytes, dtype=np.uint8) if element_size > 1 else out.numpy()
+        reader = zstandard.ZstdDecompressor().stream_reader(frame, read_size=max(len(frame), 1))
+        view, got = memoryview(planes), 0
+        while got < nbytes and (n := reader.readinto(view[got:])):
+            got += n
+        if got != nbytes or reader.read(1):
+            raise BlobError(f"{shown} inflates to {'less' if got < nbytes else 'more'} than the {nbytes:,} bytes "
+                            "its tensor holds; refusing it")  # fmt: skip
+    except zstandard.ZstdError as exc:
+        raise BlobError(f"{shown}: not a valid zstd frame ({exc})") from None
+    if element_size > 1:
+        out.numpy().reshape(-1, element_size)[...] = planes.reshape(element_size, -1).T
+    return out

@@ -59,9 +59,12 @@ def load_part(directory: Path, name: str) -> Any:
     refs = manifest.get("blobs")
     if not refs:
         return obj
-    from telepathy.store.blobs import BlobStore  # noqa: PLC0415 (only differential checkpoints need it)
+    from telepathy.store.blobs import BlobError, BlobStore  # noqa: PLC0415 (only differential checkpoints need it)
 
-    return BlobStore(SaveDir.of_checkpoint(directory.resolve())).internalize(obj, refs)
+    try:
+        return BlobStore(SaveDir.of_checkpoint(directory.resolve())).internalize(obj, refs)
+    except BlobError as exc:
+        raise CheckpointInvalid(directory, file, str(exc)) from None
 
 
 MAX_NODES = 2_000_000  # containers and values in one part file: far above any real state dict
