@@ -369,7 +369,14 @@ class Checkpointer:
         ``resume_from``): use that checkpoint or raise instead of falling back (an operator who would rather look
         than silently replay). A checkpoint made with other settings raises :class:`ResumeMismatchError`."""
         wrapper_from, wrapper_strict = wrapper_resume_flags()  # a supervising wrapper's --resume_from, --strict
-        resume_from, strict = resume_from or wrapper_from, strict or wrapper_strict
+        return self.resume_with(resume_from or wrapper_from, strict or wrapper_strict, check)[0]
+
+    def resume_with(self, resume_from: str | os.PathLike | None, strict: bool,
+                    check: Callable[[TrainState], None] | None = None,
+                    read_more: Callable[[Path], Any] | None = None) -> tuple[TrainState, Any, Path | None]:  # fmt: skip
+        """:meth:`resume`'s steps; ``read_more(directory)`` loads and checks what an integration keeps beside the
+        parts (raising CheckpointInvalid makes the checkpoint unusable). Returns the state, what ``read_more``
+        returned and the checkpoint used (None, None when starting from scratch)."""
         if self.collective:  # rank 0 verifies and decides; every rank loads the same checkpoint
             chosen = collective.choose_on_rank0(lambda: self.store.resume_point(resume_from, strict))
             candidates = iter([] if chosen is None else [chosen])
@@ -381,6 +388,7 @@ class Checkpointer:
         for directory in candidates:
             try:
                 read = restore.read_checkpoint(self, directory, check)
+                more = read_more(directory) if read_more is not None else None
             except CheckpointInvalid as exc:
                 if self.collective or resume_from is not None or strict:
                     raise
@@ -388,7 +396,7 @@ class Checkpointer:
                             exc.reason)  # fmt: skip
                 self.store.unusable.add(directory)  # this run's own save at that step replaces it
                 continue
-            return restore.apply_checkpoint(self, directory, read)
+            return restore.apply_checkpoint(self, directory, read), more, directory
         if self.store.committed() and not self.collective:
             newest = self.store.committed()[-1].path
             raise CheckpointInvalid(newest.parent, newest.name, f"none of the {len(self.store.committed())} "
@@ -397,4 +405,4 @@ class Checkpointer:
         log.info("no checkpoint in %s; starting from scratch", self.store.save_dir)
         if self.recorder is not None:
             self.recorder.start(0, 0)
-        return TrainState()
+        return TrainState(), None, None

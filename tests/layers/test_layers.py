@@ -19,6 +19,7 @@ LAYERS = {
     "telepathy.rng": 2, "telepathy.train_state": 2, "telepathy.data": 2, "telepathy.store": 2,
     "telepathy.distributed": 2,
     "telepathy.checkpointer": 3, "telepathy.restore": 3, "telepathy.loop": 3, "telepathy.hf_trainer": 3,
+    "telepathy.lightning": 3,
     "telepathy.supervisor": 4, "telepathy.rescue": 4, "telepathy.child": 4, "telepathy.slurm": 4, "telepathy.tools": 4,
     "telepathy.__main__": 4,
     "telepathy.test_preemption": 4,
