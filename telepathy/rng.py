@@ -48,8 +48,8 @@ def check_rng_state(state: Any, generators: Mapping[str, torch.Generator] | None
     torch.Generator().set_state(_tensor(state["torch_cpu"], "torch_cpu"))
     _check_cuda(state.get("cuda") or [])
     saved_generators = _saved_generators(state, generators)
-    for name in generators or {}:
-        torch.Generator().set_state(_tensor(saved_generators[name], f"generators.{name}"))
+    for name, gen in (generators or {}).items():  # a fresh generator on the registered one's device (CUDA: 16 bytes)
+        torch.Generator(device=gen.device).set_state(_tensor(saved_generators[name], f"generators.{name}"))
 
 
 def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 from pathlib import Path
 
 from telepathy.options import (
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SQuAD-format JSON file")  # fmt: skip
     train.add_argument("--num_workers", type=non_negative_int, default=0)
     train.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    train.add_argument("--device", type=device_name, default="cpu",
+                       help="cpu (default), cuda or cuda:N (with deterministic algorithms)")  # fmt: skip
     train.add_argument("--log_every", type=positive_int, default=10,
                        help="plain progress line every N steps (non-TTY)")  # fmt: skip
     train.add_argument("--step_delay", type=non_negative_float, default=0.0,
@@ -59,6 +62,13 @@ def model_id(text: str) -> str:
     local model directory, which must exist now (a hub id never starts with / or . nor has two /)."""
     if path_text(text).startswith(("/", ".")) or text.count("/") > 1:
         existing_directory(text)
+    return text
+
+
+def device_name(text: str) -> str:
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` (checked against the visible GPUs when training starts)."""
+    if not re.fullmatch(r"cpu|cuda(:\d{1,3})?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
     return text
 
 

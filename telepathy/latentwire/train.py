@@ -26,7 +26,7 @@ from torch import nn
 
 from telepathy.checkpointer import Checkpointer
 from telepathy.data import ResumableBatchSampler, resumable_loader
-from telepathy.errors import run_program
+from telepathy.errors import UsageError, run_program
 from telepathy.latentwire import config
 from telepathy.latentwire.llm import FrozenLM, load_frozen_lm
 from telepathy.latentwire.model import Adapter, ByteEncoder
@@ -53,6 +53,7 @@ def answer_loss(lm: FrozenLM, adapter: Adapter, z: torch.Tensor, answers: list[s
         ids[row, : len(seq)] = torch.tensor(seq)
         labels[row, latent + len(anchor) : latent + len(seq)] = torch.tensor(target)
         mask[row, : latent + len(seq)] = 1
+    ids, labels, mask = ids.to(z.device), labels.to(z.device), mask.to(z.device)
     embeds = torch.cat([adapter(z), lm.model.get_input_embeddings()(ids)], dim=1)
     return lm.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
@@ -77,10 +78,25 @@ def progress(args, total_steps: int):
     return tqdm(total=total_steps, unit="step", dynamic_ncols=True)
 
 
+def training_device(name: str) -> torch.device:
+    """``--device``; on CUDA also what a bit-identical resume needs there: deterministic algorithms, and cuBLAS's
+    workspace fixed before its first call."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: no such CUDA device is visible (torch sees "
+                             f"{torch.cuda.device_count()}); use --device cpu or another index")  # fmt: skip
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    return device
+
+
 def train(args) -> int:
     if not training_signals.installed():  # a request that arrived during start-up stays pending
         training_signals.install_signal_handlers()
     torch.set_num_threads(args.threads)
+    device = training_device(args.device)
     items = squad_qa(args.data_path, args.samples) if args.data_path else synthetic_qa(args.samples, args.seed)
     dataset = QADataset(items)
     lms = {"llama": load_frozen_lm(args.llama_id)}
@@ -91,13 +107,16 @@ def train(args) -> int:
     torch.manual_seed(args.seed)
     encoder = ByteEncoder(args.latent_len, args.d_z, max_bytes=args.max_bytes)
     adapters = {name: Adapter(args.d_z, lm.model.config.hidden_size, lm.embed_rms) for name, lm in lms.items()}
-    trainable = nn.ModuleList([encoder, *adapters.values()])
+    trainable = nn.ModuleList([encoder, *adapters.values()]).to(device)  # built on the CPU: the same initial weights
+    for lm in lms.values():
+        lm.model.to(device)
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=args.lr)
     batches = ResumableBatchSampler(len(dataset), args.batch_size, seed=args.seed).batches_per_epoch
     signature = {
         "world_size": 1, "batch_size": args.batch_size, "grad_accum_steps": 1, "seed": args.seed,
         "samples": len(dataset), "latent_len": args.latent_len, "d_z": args.d_z, "data_path": args.data_path,
         **{f"llm_{name}": f"{lm.identity} fingerprint={lm.fingerprint}" for name, lm in lms.items()},
+        **({"device": device.type} if device.type != "cpu" else {}),  # CPU checkpoints from before the flag still fit
     }  # fmt: skip
     ckpt = Checkpointer(
         args.save_dir,
@@ -135,7 +154,7 @@ def train(args) -> int:
             epoch_losses: list[float] = []
             for batch in loader:
                 trainable.train()
-                z = encoder(prompt_bytes(batch, args.max_bytes))
+                z = encoder(prompt_bytes(batch, args.max_bytes).to(device))
                 answers = [item["answer"] for item in batch]
                 loss = sum(answer_loss(lm, adapters[name], z, answers) for name, lm in lms.items())
                 optimizer.zero_grad(set_to_none=True)

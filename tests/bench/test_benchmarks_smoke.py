@@ -20,6 +20,10 @@ TABLE_HEADERS = {  # script -> the header of each table it prints
         "| step of Checkpointer.save (sync) | ms | share of save | fsyncs | fsync ms |",
         "| same state, same loop | ms | whole save / this |",
     ],
+    "gpu_bench.py": [  # without a GPU: these headers with "no GPU" rows
+        "| snapshot of the state (GPU to host) | blocking ms | GB/s | x pinned copy floor | durable s |",
+        "| training loop on the GPU | ms/step | x no protection | in step_boundary ms/step | saves committed |",
+    ],
     "hard_kill_bench.py": [
         "| main job (LatentWire default) | ms/step after start-up | x no protection | x no protection, same round",
         "| in-process loop, state of model + AdamW | ms/step | overhead ms/step | overhead / copy floor |",
