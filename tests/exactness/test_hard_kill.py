@@ -7,17 +7,25 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from harness import STEP_LINE, TRAINER, RunResult, deep_equal, final_checkpoint, load_checkpoint_files, small_run_args
+from harness import (
+    RESUMED,
+    STEP_LINE,
+    TRAINER,
+    RunResult,
+    deep_equal,
+    final_checkpoint,
+    load_checkpoint_files,
+    run_killing_the_trainer,
+    small_run_args,
+)
 from torch import nn
 
 from telepathy import Checkpointer, TrainState
@@ -26,48 +34,11 @@ from telepathy.disk.catalog import Catalog
 from telepathy.disk.save_dir import SaveDir
 from telepathy.store.step_snapshots import StepSnapshots
 
-RESUMED = re.compile(r"\(global step (\d+)\)")
-
 
 def supervised(save_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "telepathy.preemptible_training", "--save_dir", str(save_dir), "--grace_period",
             "60", "--max_restarts", "2", "--restart_backoff", "0.1", "--",
             *TRAINER, *small_run_args(save_dir, "--snapshot_every_step", *extra)]  # fmt: skip
-
-
-def run_killing_the_trainer(command: list[str], kill_after_steps: list[int], seed: int) -> tuple[int, RunResult, list]:
-    """Run the supervisor; SIGKILL its trainer (only the trainer) a random fraction of a step after it printed each
-    step in ``kill_after_steps``. Returns the exit code, the losses, and per kill (last step printed, resumed at)."""
-    rng = random.Random(seed)
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    result, pending, kills = RunResult(), list(kill_after_steps), []
-    trainer_pid, printed, lines = None, 0, []
-    watchdog = threading.Timer(300, proc.kill)
-    watchdog.start()
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            result.record(line)
-            if line.startswith("PID "):
-                if kills:
-                    kills[-1] = (printed, int(RESUMED.search(line).group(1)))
-                trainer_pid, printed = int(line.split()[1]), 0
-            match = STEP_LINE.match(line)
-            if match:
-                printed = int(match.group("step"))
-                if pending and printed >= pending[0] and trainer_pid is not None:
-                    pending.pop(0)
-                    kills.append((printed, None))
-                    threading.Timer(rng.uniform(0, 0.08), os.kill, (trainer_pid, signal.SIGKILL)).start()
-                    trainer_pid = None
-        code = proc.wait(timeout=60)
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-    result.outputs.append("".join(lines))
-    return code, result, kills
 
 
 @pytest.fixture(scope="module")

@@ -4,24 +4,19 @@ catch a difference on a machine without a GPU)."""
 
 from __future__ import annotations
 
-import os
-import random
-import re
 import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 from harness import (
-    STEP_LINE,
     Interrupt,
     RunResult,
     deep_equal,
     final_checkpoint,
     load_checkpoint_files,
+    run_killing_the_trainer,
     run_schedule,
     small_run_args,
 )
@@ -32,7 +27,6 @@ SAVE_PAUSE = {"TELEPATHY_TEST_SAVE_STEP_PAUSE": "0.03"}  # a save lasts ~0.3 s, 
 STEPS = 36  # harness.small_run_args: 3 epochs x 12 batches
 STEP_DELAY = ("--step_delay", "0.02")
 TERM, USR1, KILL = signal.SIGTERM, signal.SIGUSR1, signal.SIGKILL
-RESUMED = re.compile(r"\(global step (\d+)\)")
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 
@@ -77,36 +71,7 @@ def supervised(save_dir: Path, device: str, *extra: str) -> list[str]:
 def kill_the_trainer(save_dir: Path, device: str, kill_after: list[int], seed: int) -> tuple[int, RunResult, list]:
     """Run the supervisor; SIGKILL only its trainer a random fraction of a step after it printed each step in
     ``kill_after``. Returns the exit code, the losses and, per kill, (last step printed, step resumed at)."""
-    rng = random.Random(seed)
-    proc = subprocess.Popen(supervised(save_dir, device), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, **DETERMINISTIC_ENV})  # fmt: skip
-    result, pending, kills, trainer, printed, lines = RunResult(), list(kill_after), [], None, 0, []
-    watchdog = threading.Timer(300, proc.kill)
-    watchdog.start()
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            result.record(line)
-            if line.startswith("PID "):
-                if kills:
-                    kills[-1] = (printed, int(RESUMED.search(line).group(1)))
-                trainer, printed = int(line.split()[1]), 0
-            match = STEP_LINE.match(line)
-            if match:
-                printed = int(match.group("step"))
-                if pending and printed >= pending[0] and trainer is not None:
-                    pending.pop(0)
-                    kills.append((printed, None))
-                    threading.Timer(rng.uniform(0, 0.05), os.kill, (trainer, signal.SIGKILL)).start()
-                    trainer = None
-        code = proc.wait(timeout=60)
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-    result.outputs.append("".join(lines))
-    return code, result, kills
+    return run_killing_the_trainer(supervised(save_dir, device), kill_after, seed, env=DETERMINISTIC_ENV, jitter=0.05)
 
 
 def check_per_step_protection(save_dir: Path, device: str, ref: tuple[RunResult, dict[str, object]]) -> None:

@@ -4,6 +4,7 @@ after each exit, and collect every loss it printed. Shared by the subprocess and
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import subprocess
@@ -191,3 +192,49 @@ def deep_equal(a: object, b: object, path: str = "") -> list[str]:
     if isinstance(a, float) and isinstance(b, float):
         return [] if a.hex() == b.hex() else [f"{path}: {a.hex()} vs {b.hex()}"]
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
+RESUMED = re.compile(r"\(global step (\d+)\)")
+
+
+def run_killing_the_trainer(
+    command: list[str],
+    kill_after_steps: list[int],
+    seed: int,
+    *,
+    env: dict[str, str] | None = None,
+    jitter: float = 0.08,
+) -> tuple[int, RunResult, list]:
+    """Run the supervisor; SIGKILL its trainer (only the trainer) a random fraction of a step after it printed each
+    step in ``kill_after_steps``. Returns the exit code, the losses, and per kill (last step printed, resumed at)."""
+    rng = random.Random(seed)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=None if env is None else {**os.environ, **env})  # fmt: skip
+    result, pending, kills = RunResult(), list(kill_after_steps), []
+    trainer_pid, printed, lines = None, 0, []
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            result.record(line)
+            if line.startswith("PID "):
+                if kills:
+                    kills[-1] = (printed, int(RESUMED.search(line).group(1)))
+                trainer_pid, printed = int(line.split()[1]), 0
+            match = STEP_LINE.match(line)
+            if match:
+                printed = int(match.group("step"))
+                if pending and printed >= pending[0] and trainer_pid is not None:
+                    pending.pop(0)
+                    kills.append((printed, None))
+                    threading.Timer(rng.uniform(0, jitter), os.kill, (trainer_pid, signal.SIGKILL)).start()
+                    trainer_pid = None
+        code = proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    result.outputs.append("".join(lines))
+    return code, result, kills
