@@ -4,26 +4,19 @@ one line and exit 2 (the slow adversarial suite tries many more of them)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import time
 
 import pytest
+from harness import telepathy_in_process
 
-from telepathy.__main__ import main as telepathy_main
 from telepathy.latentwire import config
 from telepathy.tools.run_events import run_events
 
 
 def cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = telepathy_main(list(args))
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
+    done = telepathy_in_process(*args)
+    return done.returncode, done.stdout, done.stderr
 
 
 def one_line(err: str) -> str:

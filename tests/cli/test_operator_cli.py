@@ -3,8 +3,6 @@ twice by real SIGTERMs, and the one-line errors for paths that are not save dirs
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -15,9 +13,9 @@ import time
 
 import pytest
 import torch
+from harness import telepathy_in_process
 from safetensors.torch import load_file
 
-from telepathy.__main__ import main as telepathy_main
 from telepathy.disk.events import read_events
 from telepathy.store.checkpoint_store import CheckpointStore
 
@@ -29,15 +27,8 @@ ENV = {**os.environ, "TELEPATHY_PROGRESS_EVERY": "0.1"}
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    """The command in this process (argument parsing, output and exit code as in a shell; no torch import per
-    call); ``test_the_module_and_console_entry_points_run`` covers the real entry points."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = telepathy_main(list(args))
-        except SystemExit as exc:
-            code = exc.code
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    """The command in this process; ``test_the_module_and_console_entry_points_run`` covers the real entry points."""
+    return telepathy_in_process(*args)
 
 
 def progress_step(save_dir) -> int:

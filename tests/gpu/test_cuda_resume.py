@@ -6,8 +6,6 @@ uninterrupted run's. Skipped without a GPU; ``test_gpu_harness_on_cpu.py`` runs 
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 from gpu_runs import (
@@ -17,6 +15,7 @@ from gpu_runs import (
     USR1,
     check_per_step_protection,
     mismatches,
+    one_rank_env,
     reference,
     requires_cuda,
     scales,
@@ -102,9 +101,6 @@ def test_fp16_gradscaler_resumes_with_its_scale_and_growth_tracker(tmp_path):
 def test_nccl_at_world_size_1_resumes_bit_identically(tmp_path, fp32):
     """One rank of an NCCL process group (DDP, agreement and commit through the collective path). Two ranks on one
     GPU cannot use NCCL, so this is world size 1; the run must still equal the plain reference."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = one_rank_env()
     _, found = mismatches(tmp_path, [[Interrupt(10, TERM)]], fp32, "cuda", "--backend", "nccl", env=env)
     assert found == [], "\n".join(found[:20])

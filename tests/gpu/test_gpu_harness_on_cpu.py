@@ -4,14 +4,23 @@ on purpose (the RNGs, the GradScaler, the host copy of an async save, the per-st
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from gpu_runs import KILL, SAVE_PAUSE, TERM, USR1, check_per_step_protection, mismatches, reference, scales
+from gpu_runs import (
+    KILL,
+    SAVE_PAUSE,
+    TERM,
+    USR1,
+    check_per_step_protection,
+    mismatches,
+    one_rank_env,
+    reference,
+    scales,
+)
 from gpu_state import async_saves_match, step_snapshots_match
 from harness import Interrupt
 
@@ -55,10 +64,7 @@ def test_gradscaler_scale_and_growth_are_compared_at_every_step(tmp_path):
 @pytest.mark.slow
 def test_one_rank_process_group_gives_the_same_run(tmp_path, fp32):
     """The NCCL test's path (DDP, agreement and commit through the collective path) at world size 1, with gloo."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = one_rank_env()
     _, found = mismatches(tmp_path, [[Interrupt(10, TERM)]], fp32, "cpu", "--backend", "gloo", env=env)
     assert found == [], "\n".join(found[:20])
 

@@ -5,6 +5,7 @@ catch a difference on a machine without a GPU)."""
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -84,3 +85,11 @@ def check_per_step_protection(save_dir: Path, device: str, ref: tuple[RunResult,
     assert "snapshot from shared memory" in output, output[-3000:]
     assert result.replay_mismatches == [] and result.losses == ref[0].losses
     assert deep_equal(load_checkpoint_files(final_checkpoint(save_dir)), ref[1]) == []
+
+
+def one_rank_env() -> dict[str, str]:
+    """The environment of rank 0 of a one-rank process group, on a free local port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}

@@ -3,6 +3,8 @@ after each exit, and collect every loss it printed. Shared by the subprocess and
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
 import re
@@ -238,3 +240,17 @@ def run_killing_the_trainer(
             proc.kill()
     result.outputs.append("".join(lines))
     return code, result, kills
+
+
+def telepathy_in_process(*args: str) -> subprocess.CompletedProcess:
+    """The ``telepathy`` command run in this process (argument parsing, output and exit code as in a shell; no torch
+    import per call)."""
+    from telepathy.__main__ import main  # noqa: PLC0415
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
