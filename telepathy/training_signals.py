@@ -135,21 +135,20 @@ def ignore_at_exit(signals: tuple[int, ...]) -> None:
     """For a process whose outcome is decided once it returns from its work (the supervisor): at interpreter exit
     ignore ``signals``, which Python would reset to their default action during teardown (a SIGUSR1 or SIGTERM
     there would end the process by the signal, -10 or -15, instead of its exit code)."""
-
-    def ignore() -> None:
-        if threading.current_thread() is threading.main_thread():
-            for signum in signals:
-                signal.signal(signum, signal.SIG_IGN)
-
-    atexit.register(ignore)
+    atexit.register(_ignore, signals)
 
 
 def _ignore_at_exit() -> None:
     """At interpreter exit Python resets signals that have Python handlers to their default action, so a SIGUSR1
     (default: terminate) arriving during teardown would kill a run that already finished and saved (exit -10 instead
     of 0). The run's outcome is decided by then: ignore the table's signals for the last moments."""
-    if _state.previous_handlers and threading.current_thread() is threading.main_thread():
-        for signum in _state.actions:
+    if _state.previous_handlers:
+        _ignore(tuple(_state.actions))
+
+
+def _ignore(signals: tuple[int, ...]) -> None:
+    if threading.current_thread() is threading.main_thread():
+        for signum in signals:
             signal.signal(signum, signal.SIG_IGN)
 
 
