@@ -9,6 +9,8 @@ killed, one step in flight lost at most.
 
 from __future__ import annotations
 
+import array
+import itertools
 import json
 import logging
 import os
@@ -26,46 +28,93 @@ _DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torc
                                torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
                                torch.complex128)}  # fmt: skip
 _DTYPE_SET = frozenset(_DTYPES.values())
-_TENSOR, _TUPLE, _DICT, _INTS = "__T__", "__t__", "__d__", "__L__"
+_TENSOR, _TENSORS, _TABLE = "__T__", "__TS__", "__TT__"
+_TUPLE, _DICT, _INTS = "__t__", "__d__", "__L__"
 _LONG_LIST = 32  # a list of this many ints or more (Python's RNG state: 625) is copied as one int64 tensor
+_PLAIN = (type(None), bool, int, float, str)
 
 
 class UnsupportedState(TypeError):
     """The state holds a value a slot cannot describe (only tensors, containers and plain values)."""
 
 
-def describe(files: Mapping[str, Any]) -> tuple[Any, list[torch.Tensor]]:
-    """The JSON-able structure of ``files`` with each tensor replaced by its index in the returned list."""
+def describe(files: Mapping[str, Any], check: bool = True) -> tuple[Any, list[torch.Tensor]]:
+    """The JSON-able structure of ``files`` with each tensor replaced by its index in the returned list. A dict
+    of tensors (a module's state dict, a parameter's optimizer state: most of the state) is one node naming its
+    keys and its first index. ``check=False`` skips the per-tensor checks of dtype and layout (the caller
+    checks them only when the tensors' layout changed)."""
     tensors: list[torch.Tensor] = []
 
-    def tensor(value: torch.Tensor, path: str) -> dict[str, int]:
-        if value.dtype not in _DTYPE_SET or value.is_sparse or value.is_quantized:
-            raise UnsupportedState(f"{path}: a {value.dtype} tensor{' (sparse)' if value.is_sparse else ''}")
+    def tensor(value: torch.Tensor, path: str) -> None:
+        if check and (value.dtype not in _DTYPE_SET or value.layout != torch.strided):
+            raise UnsupportedState(
+                f"{path}: a {value.dtype} tensor{'' if value.layout == torch.strided else ' (sparse)'}"
+            )
         tensors.append(value)
-        return {_TENSOR: len(tensors) - 1}
+
+    def tensor_dict(value: dict[Any, torch.Tensor], path: str) -> dict[str, Any] | None:
+        keys = list(value)
+        if not all(type(k) is str and not k.startswith("__") for k in keys):
+            return None
+        first = len(tensors)
+        if check:
+            for k, v in value.items():
+                tensor(v, f"{path}/{k}")
+        else:
+            tensors.extend(value.values())
+        return {_TENSORS: [first, keys]}
+
+    def tensor_table(value: dict[Any, Any], path: str) -> dict[str, Any] | None:
+        """An optimizer's per-parameter state: rows of tensor dicts with the same keys (a node, not a row each)."""
+        rows = list(value.values())
+        if not rows or type(rows[0]) is not dict:
+            return None
+        columns = list(rows[0])
+        if not (all(type(k) in _PLAIN for k in value) and all(type(r) is dict and list(r) == columns for r in rows)
+                and all(type(t) is torch.Tensor for r in rows for t in r.values())):  # fmt: skip
+            return None
+        if not all(type(k) is str and not k.startswith("__") for k in columns):
+            return None
+        first = len(tensors)
+        if check:
+            for key, row in value.items():
+                for column, v in row.items():
+                    tensor(v, f"{path}/{key}/{column}")
+        else:
+            for row in rows:
+                tensors.extend(row.values())
+        return {_TABLE: [first, list(value), columns]}
 
     def leaf(value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):
-            return tensor(value, path)
-        if isinstance(value, dict) and all(type(k) is str and type(v) is torch.Tensor for k, v in value.items()):
-            # a module's state dict, a parameter's optimizer state: most of the state, described in one pass
-            if not any(k.startswith("__") for k in value):
-                return {k: tensor(v, f"{path}/{k}") for k, v in value.items()}
-        if value is None or type(value) in (bool, int, float, str):
+            tensor(value, path)
+            return {_TENSOR: len(tensors) - 1}
+        if type(value) in _PLAIN:
             return value
+        if isinstance(value, dict) and value:
+            values = value.values()
+            if all(type(v) is torch.Tensor for v in values):
+                node = tensor_dict(value, path)
+            elif all(type(v) in _PLAIN for v in values):
+                node = value if all(type(k) is str and not k.startswith("__") for k in value) else None
+            else:
+                node = tensor_table(value, path)
+            if node is not None:
+                return node
+        if type(value) is list and len(value) < _LONG_LIST and all(type(v) in _PLAIN for v in value):
+            return value  # (JSON keeps each plain value's type)
         if isinstance(value, tuple):
             return {_TUPLE: [tree.transform(v, leaf, path=f"{path}[{i}]") for i, v in enumerate(value)]}
         if isinstance(value, Mapping):
-            plain = all(type(k) is str and not k.startswith("__") for k in value)
-            if plain:
+            if all(type(k) is str and not k.startswith("__") for k in value):
                 return tree.KEEP
-            return {_DICT: [[tree.transform(k, leaf), tree.transform(v, leaf, path=f"{path}/{k}")]
-                            for k, v in value.items()]}  # fmt: skip
+            return {_DICT: [[k if type(k) in _PLAIN else tree.transform(k, leaf),
+                             tree.transform(v, leaf, path=f"{path}/{k}")] for k, v in value.items()]}  # fmt: skip
         if type(value) is list:
             if len(value) >= _LONG_LIST and set(map(type, value)) == {int}:  # ints only (no bools, no floats)
                 try:
-                    tensors.append(torch.tensor(value, dtype=torch.int64))
-                except (OverflowError, ValueError, RuntimeError):  # an int past 64 bits: kept as a list
+                    tensors.append(torch.frombuffer(array.array("q", value), dtype=torch.int64))
+                except OverflowError:  # an int past 64 bits: kept as a list
                     return tree.KEEP
                 return {_INTS: len(tensors) - 1}
             return tree.KEEP
@@ -79,6 +128,16 @@ def rebuild(structure: Any, tensors: list[torch.Tensor]) -> Any:
     if isinstance(structure, dict):
         if _TENSOR in structure:
             return tensors[structure[_TENSOR]]
+        if _TENSORS in structure:
+            first, keys = structure[_TENSORS]
+            return dict(zip(keys, tensors[first : first + len(keys)], strict=True))
+        if _TABLE in structure:
+            first, keys, columns = structure[_TABLE]
+            width = len(columns)
+            rows = [tensors[first + i * width : first + (i + 1) * width] for i in range(len(keys))]
+            return {
+                rebuild(key, tensors): dict(zip(columns, row, strict=True)) for key, row in zip(keys, rows, strict=True)
+            }
         if _INTS in structure:
             return tensors[structure[_INTS]].tolist()
         if _TUPLE in structure:
@@ -91,16 +150,35 @@ def rebuild(structure: Any, tensors: list[torch.Tensor]) -> Any:
     return structure
 
 
+class _Layout:
+    """The tensors' dtypes, shapes and places in a slot, with the JSON of that table: remade only when a tensor
+    changes dtype, shape or layout (the optimizer's state appears, a model grows), not at every step."""
+
+    def __init__(self, key: list[tuple[Any, ...]], tensors: list[torch.Tensor]) -> None:
+        self.key = key
+        table, offset = [], 0
+        for t in tensors:
+            nbytes = t.numel() * t.element_size()
+            table.append([str(t.dtype), list(t.shape), offset, nbytes])
+            offset = align(offset + nbytes)
+        self.data_len = offset
+        self.table_json = _json(table)
+        self.non_empty = [n > 0 for _, _, _, n in table]
+        self.all_non_empty = all(self.non_empty)
+        self.views = [(_DTYPES[d], tuple(shape), at, n) for d, shape, at, n in table if n]
+
+
 class StepSnapshots:
     """The trainer's per-step copy into its supervisor's slots (``directory`` from ``TELEPATHY_SNAPSHOT_DIR``).
-    The destination views of each slot are made once and reused while the state keeps its layout (building
-    a few views per tensor at every step costs more than copying a small state)."""
+    What does not change between steps is made once and kept while the state keeps its layout: the table of
+    tensors and its JSON, and the destination views of each slot (building them at every step costs more than
+    copying a small state)."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.writer = SlotWriter(directory, on_unmap=self._forget_views)
         self.disabled: str | None = None
-        self._views: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # id(mapping) -> (layout, destinations)
-        self._table_json: tuple[Any, bytes] = (None, b"")
+        self._layout: _Layout | None = None
+        self._views: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # id(mapping) -> ((at, length, layout), views)
         self._store_json: tuple[Any, bytes] = (None, b"")
 
     def capture(self, step: int, files: Mapping[str, Any], info: Mapping[str, Any], store: Mapping[str, Any],
@@ -108,41 +186,38 @@ class StepSnapshots:
         if self.disabled is not None:
             return
         try:
-            structure, tensors = describe(files)
+            structure, tensors = describe(files, check=False)
+            key = [(t.dtype, t.shape, t.layout) for t in tensors]
+            if self._layout is None or self._layout.key != key:
+                describe(files, check=True)  # names the first tensor a slot cannot hold
+                self._layout = _Layout(key, tensors)
         except UnsupportedState as exc:  # loud, once: the run goes on with interval saves only
             self.disabled = str(exc)
             log.error("per-step snapshots are off for this run: the training state holds %s, which a snapshot "
                       "cannot describe; a hard kill now loses up to one checkpoint interval", exc)  # fmt: skip
             return
-        table, offset = [], 0
-        for t in tensors:
-            nbytes = t.numel() * t.element_size()
-            table.append([str(t.dtype), list(t.shape), offset, nbytes])
-            offset = align(offset + nbytes)
-        if self._table_json[0] != table:  # the table (dtypes, shapes, offsets) rarely changes: its JSON is kept
-            self._table_json = (table, _json(table))
+        layout = self._layout
         if self._store_json[0] != (store, save_dir):
             self._store_json = ((dict(store), save_dir), _json(dict(store)) + b',"save_dir":' + _json(save_dir))
         meta = (b'{"files":' + _json(structure) + b',"info":' + _json(dict(info)) + b',"tensors":'
-                + self._table_json[1] + b',"store":' + self._store_json[1] + b"}")  # fmt: skip
+                + layout.table_json + b',"store":' + self._store_json[1] + b"}")  # fmt: skip
 
         def fill(mapping: Any, at: int, length: int) -> None:
-            destinations = self._destinations(mapping, at, length, table)
-            sources = [t for t, (_, _, _, n) in zip(tensors, table) if n]
+            destinations = self._destinations(mapping, at, length, layout)
+            sources = tensors if layout.all_non_empty else list(itertools.compress(tensors, layout.non_empty))
             if sources:
                 with torch.no_grad():  # (no detach: 177 of them cost more than the copy of a small state)
                     torch._foreach_copy_(destinations, sources)  # one call, not one per tensor
 
-        self.writer.write(step, meta, offset, fill)
+        self.writer.write(step, meta, layout.data_len, fill)
 
-    def _destinations(self, mapping: Any, at: int, length: int, table: list[list[Any]]) -> list[torch.Tensor]:
-        layout = (at, length, [(d, tuple(shape), off) for d, shape, off, _ in table])
+    def _destinations(self, mapping: Any, at: int, length: int, layout: _Layout) -> list[torch.Tensor]:
         cached = self._views.get(id(mapping))
-        if cached is not None and cached[0] == layout:
+        if cached is not None and cached[0] == (at, length, layout):
             return cached[1]
         whole = torch.frombuffer(mapping, dtype=torch.uint8, count=length, offset=at) if length else None
-        views = [whole[off : off + n].view(_DTYPES[d]).view(shape) for d, shape, off, n in table if n]
-        self._views[id(mapping)] = (layout, views)
+        views = [whole[off : off + n].view(dtype).view(shape) for dtype, shape, off, n in layout.views]
+        self._views[id(mapping)] = ((at, length, layout), views)
         return views
 
     def _forget_views(self, mapping: Any) -> None:

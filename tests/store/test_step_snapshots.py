@@ -47,3 +47,65 @@ def test_a_slot_rebuilt_after_the_state_changed_layout_and_grew(tmp_path):
     finally:
         snapshots.close()
     assert not snapshots._views, "views of closed mappings were kept"
+
+
+def _adamw_state() -> dict:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 3)).sum().backward()
+    optimizer.step()
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def test_an_optimizers_per_parameter_state_is_one_node_and_comes_back_exactly():
+    files = _adamw_state()
+    structure, tensors = describe(files)
+    assert list(structure["optimizer"]["state"]) == ["__TT__"], "the per-parameter state was not described as a table"
+    assert list(structure["model"]) == ["__TS__"]
+    assert len(tensors) == 4 + 4 * 3  # the weights, then (step, exp_avg, exp_avg_sq) per parameter
+    assert deep_equal(rebuild(structure, tensors), files) == []
+
+
+def test_irregular_dicts_are_described_entry_by_entry_and_keep_their_types():
+    files = {
+        "rows with different keys": {0: {"momentum_buffer": torch.ones(2)}, 1: {"exp_avg": torch.zeros(3)}},
+        "a plain value in a row": {0: {"step": 3, "exp_avg": torch.ones(2)}, 1: {"step": 4, "exp_avg": torch.ones(1)}},
+        "marker-like keys": {"__T__": torch.ones(1), "__TS__": 5, "__L__": [1] * 40},
+        "table with marker-like columns": {0: {"__T__": torch.ones(1)}, 1: {"__T__": torch.zeros(1)}},
+        "tuple keys": {(1, "a"): torch.ones(1), (2, "b"): torch.zeros(1)},
+        "plain": {"ints": [-(2**40)] * 40, "short": [1, 2.0, True, None, "x"], "empty": {}, "args": {"lr": 0.1}},
+    }  # fmt: skip
+    back = rebuild(*describe(files))
+    assert deep_equal(back, files) == []
+    assert type(back["a plain value in a row"][0]["step"]) is int
+    assert [type(v) for v in back["plain"]["short"]] == [int, float, bool, type(None), str]
+
+
+def test_a_tensor_a_slot_cannot_hold_is_named_when_it_appears_after_the_first_steps(tmp_path, caplog):
+    files = _adamw_state()
+    snapshots = StepSnapshots(tmp_path)
+    try:
+        snapshots.capture(1, files, {"reason": "rescue"}, {})
+        assert snapshots.disabled is None
+        files["optimizer"]["state"][1]["exp_avg"] = files["optimizer"]["state"][1]["exp_avg"].to_sparse()
+        snapshots.capture(2, files, {"reason": "rescue"}, {})
+        assert snapshots.disabled is not None and "state/1/exp_avg" in snapshots.disabled, snapshots.disabled
+        assert "per-step snapshots are off" in caplog.text
+        assert slots.read_newest(tmp_path)[0]["step"] == 1, "the last good snapshot was replaced"
+    finally:
+        snapshots.close()
+
+
+def test_a_tensor_resized_in_place_is_copied_with_its_new_shape(tmp_path):
+    weight = torch.arange(6.0)
+    files = {"model": {"w": weight}}
+    snapshots = StepSnapshots(tmp_path)
+    try:
+        snapshots.capture(1, files, {"reason": "rescue"}, {})
+        with torch.no_grad():
+            weight.resize_(2, 5).copy_(torch.arange(10.0).view(2, 5))  # the same tensor object, a new shape
+        snapshots.capture(2, files, {"reason": "rescue"}, {})
+        meta, data = slots.read_newest(tmp_path)
+        assert torch.equal(files_from_slot(meta, data)["model"]["w"], torch.arange(10.0).view(2, 5))
+    finally:
+        snapshots.close()
