@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,11 +29,15 @@ def pause_point(label: str = "") -> None:
 
 
 def hash_file(path: str | os.PathLike) -> str:
-    """xxh3-128 of a file's bytes, read in 8 MiB chunks (manifests and blobs are checked with it)."""
+    """xxh3-128 of a file's bytes (manifests and blobs are checked with it), read into one reused 1 MiB buffer:
+    a fresh 8 MiB ``bytes`` per chunk made the pass ~30% slower than ``dd`` from a cold cache. This read is
+    also the load's disk read: the load that follows finds the pages in the page cache."""
     digest = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
+    buffer = memoryview(bytearray(1 << 20))
+    with open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead
+        while n := f.readinto(buffer):
+            digest.update(buffer[:n])
     return digest.hexdigest()
 
 
@@ -66,6 +71,40 @@ def write_file_durably(path: str | os.PathLike, write: Callable[[BinaryIO], None
         pause_point("file written, before its fsync")
         os.fsync(f.fileno())
         return f.tell()
+
+
+def write_file_for_later(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> int:
+    """Create ``path`` (which must not exist) and let ``write`` fill it, not yet durable: the caller makes many
+    such files durable together with :func:`fsync_together`. Returns its size."""
+    with open(path, "xb") as f:
+        write(f)
+        f.flush()
+        return f.tell()
+
+
+def fsync_together(paths: list[Path], directories: bool = False) -> None:
+    """fsync every file (or directory) in ``paths``, the calls issued at once from up to 16 threads (fsync
+    releases the GIL): the file system then commits them in a few journal transactions instead of one each.
+    Raises the first error."""
+
+    def one(path: Path) -> None:
+        if directories:
+            fsync_dir(path)
+            return
+        pause_point("file written, before its fsync")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    if len(paths) <= 1:
+        for path in paths:
+            one(path)
+        return
+    with ThreadPoolExecutor(max_workers=min(16, len(paths)), thread_name_prefix="telepathy-fsync") as pool:
+        for future in [pool.submit(one, path) for path in paths]:
+            future.result()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
