@@ -29,6 +29,9 @@ TABLE_HEADERS = {  # script -> the header of each table it prints
         "| in-process loop, state of model + AdamW | ms/step | overhead ms/step | overhead / copy floor |",
         "| SIGKILL at a random instant | kills | steps replayed, median | max | bit-identical to an uninterrupted",
     ],
+    "writer_bench.py": [
+        "| writer | ms/step | x no saves | overhead ms/step | loop blocked per save ms | saves committed |",
+    ],
 }
 
 
