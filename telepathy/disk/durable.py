@@ -7,7 +7,9 @@ torn file after a power loss or node crash. Every function here finishes with th
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +36,12 @@ def hash_file(path: str | os.PathLike) -> str:
     also the load's disk read: the load that follows finds the pages in the page cache."""
     digest = xxhash.xxh3_128()
     buffer = memoryview(bytearray(1 << 20))
-    with open(path, "rb", buffering=0) as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in after the caller's check: no hang
+    with open(fd, "rb", buffering=0) as f:
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead
+        except OSError:  # not a regular file: it will not match its hash
+            pass
         while n := f.readinto(buffer):
             digest.update(buffer[:n])
     return digest.hexdigest()
@@ -92,8 +98,10 @@ def fsync_together(paths: list[Path], directories: bool = False) -> None:
             fsync_dir(path)
             return
         pause_point("file written, before its fsync")
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO put in its place: no hang
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file any more (replaced while being saved)", str(path))
             os.fsync(fd)
         finally:
             os.close(fd)
