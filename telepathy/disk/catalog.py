@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import queue
+import re
 import secrets
 import shutil
 import threading
@@ -27,6 +28,7 @@ from telepathy.disk.retention import RetentionPolicy
 from telepathy.disk.save_dir import BLOBS, LATEST, TEMP_PREFIX, TRASH_PREFIX, CheckpointRef, SaveDir, is_blob_name
 
 log = logging.getLogger("telepathy")
+_BLOB_TRASH = re.compile(re.escape(TRASH_PREFIX) + r"blobs-(\d{1,10})-[0-9a-f]{8}")  # dead blobs, being deleted
 
 
 class Catalog:
@@ -145,14 +147,28 @@ class Catalog:
         if self.dir.blobs.is_symlink() or not self.dir.blobs.is_dir():
             return live
         own = f"-{os.getpid()}"
+        trash: Path | None = None  # dead blobs are renamed into it here and deleted in the background
         for shard in self.dir.blobs.iterdir():
             if shard.is_symlink() or not shard.is_dir():  # never follow a link out of the save dir
+                continue
+            trashed_by = _BLOB_TRASH.fullmatch(shard.name)
+            if trashed_by:  # an earlier collection's: being deleted by this process, or left by a dead one
+                if int(trashed_by.group(1)) != os.getpid():
+                    self.delete(shard)
                 continue
             for path in shard.iterdir():
                 stem = path.name.split(".")[0]
                 stale_tmp = path.name.startswith(TEMP_PREFIX) and not path.name.endswith(own)
                 if (stale_tmp or (is_blob_name(stem) and stem not in live)) and not path.is_dir():
-                    path.unlink(missing_ok=True)
+                    if trash is None:
+                        trash = self.dir.blobs / f"{TRASH_PREFIX}blobs-{os.getpid()}-{secrets.token_hex(4)}"
+                        trash.mkdir()
+                    # A rename, not an unlink: freeing a dense save's worth of blobs costs about as much as writing
+                    # them, so that happens off the save's critical path. Renamed, the name is free at once for a
+                    # blob that a later save writes again (the background delete can never take the new one).
+                    os.rename(path, trash / f"{shard.name}-{path.name}")
+        if trash is not None:
+            self.delete(trash)
         return live
 
     def prune(self, retention: RetentionPolicy, dry_run: bool = False, known_good: Path | None = None) -> list[Path]:

@@ -3,6 +3,8 @@ when no kept checkpoint references them, damage is detected, compression round-t
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 import xxhash
 from harness import deep_equal
@@ -47,14 +49,18 @@ def test_unchanged_tensors_are_not_written_again(tmp_path):
     second = blobs.bytes_written - first
     changed = tensor_bytes([trained.weight]) + 2 * tensor_bytes([trained.weight])  # weight + AdamW exp_avg(_sq)
     assert first > tensor_bytes(frozen.parameters()) and second <= 1.05 * changed, (first, second, changed)
-    # keep_last=1: the old checkpoint is pruned and its blobs collected, but the shared frozen blob stays.
+    # keep_last=1: the old checkpoint is pruned and its blobs collected (renamed aside at once, deleted in the
+    # background, gone when the writer closes), but the shared frozen blob stays.
     (kept,) = ckpt.store.committed()
+    referenced = set(ckpt.store.catalog.referenced_blobs())
+    in_shards = {p.name.split(".")[0] for p in (tmp_path / BLOBS).glob("[0-9a-f][0-9a-f]/*") if p.is_file()}
+    assert in_shards == referenced
+    ckpt.close()
     on_disk = {p.name.split(".")[0] for p in (tmp_path / BLOBS).rglob("*") if p.is_file()}
-    assert on_disk == set(ckpt.store.catalog.referenced_blobs())
+    assert on_disk == referenced and not list((tmp_path / BLOBS).glob(".trash-*"))
     # Resume: exactly the saved tensors.
     frozen2, trained2, optimizer2 = frozen_and_trained()
     trained2.weight.data.zero_()
-    ckpt.close()
     resumed = Checkpointer(tmp_path, parts={"frozen": frozen2, "trained": trained2}, optimizer=optimizer2,
                            differential=True)  # fmt: skip
     resumed.resume()
@@ -111,3 +117,43 @@ def test_a_damaged_shared_blob_is_rewritten_at_the_next_save(tmp_path):
         ckpt.save(TrainState(global_step=2), "interval")
     store = CheckpointStore(tmp_path)
     assert store.newest_valid()[0].step == 2 and verify_directory(step1)  # the rewrite repaired step 1 too
+
+
+def test_a_dead_blob_written_again_survives_its_slow_background_delete(tmp_path):
+    """Dead blobs are renamed aside at once and deleted later: a save that writes the same bytes again meanwhile
+    (a tensor back to an earlier value) gets a file of its own that the pending delete cannot take."""
+    store = CheckpointStore(tmp_path, RetentionPolicy(keep_last=1, keep_best=False), differential=True)
+    store.prepare()
+    pending = []
+    store.catalog.delete = pending.append  # the background deleter, slowed down to "after everything else"
+    first, second = torch.full((64, 1024), 1.0), torch.full((64, 1024), 2.0)  # 256 KiB each: blobs
+    try:
+        store.save(1, {"model": {"w": first}}, {"reason": "interval"})
+        store.save(2, {"model": {"w": second}}, {"reason": "interval"})  # step 1 pruned: first's blob is dead
+        assert pending, "nothing was set aside for deletion"
+        path = store.save(3, {"model": {"w": first.clone()}}, {"reason": "interval"})  # the same bytes again
+        for trash in pending:  # the slow delete lands only now
+            shutil.rmtree(trash)
+        assert verify_directory(path) and store.catalog.verify_blobs(read_manifest(path)["blobs"]) is None
+        assert torch.equal(CheckpointStore.load_part(path, "model")["w"], first)
+    finally:
+        store.close()
+
+
+def test_a_dead_writers_blob_trash_is_deleted_and_a_users_directory_is_not(tmp_path):
+    store = CheckpointStore(tmp_path, RetentionPolicy(keep_last=1, keep_best=False), differential=True)
+    store.prepare()
+    try:
+        store.save(1, {"model": {"w": torch.ones(64, 1024)}}, {"reason": "interval"})
+        stale = tmp_path / BLOBS / ".trash-blobs-4000000000-0123abcd"  # a pid no process has
+        stale.mkdir()
+        (stale / "left").write_bytes(b"x")
+        mine = tmp_path / BLOBS / ".trash-my-notes"
+        mine.mkdir()
+        (mine / "notes.txt").write_text("keep me")
+        store.save(2, {"model": {"w": torch.zeros(64, 1024)}}, {"reason": "interval"})
+    finally:
+        store.close()
+    assert not stale.exists(), "a dead writer's blob trash was left behind"
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert not list((tmp_path / BLOBS).glob(".trash-blobs-*")), "this writer's own trash was not deleted at close"
