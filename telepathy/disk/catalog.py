@@ -28,7 +28,7 @@ from telepathy.disk.retention import RetentionPolicy
 from telepathy.disk.save_dir import BLOBS, LATEST, TEMP_PREFIX, TRASH_PREFIX, CheckpointRef, SaveDir, is_blob_name
 
 log = logging.getLogger("telepathy")
-_BLOB_TRASH = re.compile(re.escape(TRASH_PREFIX) + r"blobs-(\d{1,10})-[0-9a-f]{8}")  # dead blobs, being deleted
+_BLOB_TRASH = re.compile(re.escape(TRASH_PREFIX) + r"blobs-\d{1,10}-[0-9a-f]{8}")  # dead blobs, being deleted
 
 
 class Catalog:
@@ -36,6 +36,7 @@ class Catalog:
         self.dir = save_dir
         self._manifests: dict[Path, tuple[tuple[int, int, int], dict[str, Any]]] = {}
         self.delete: Callable[[Path], None] = _remove_tree  # how a pruned directory, renamed aside, is deleted
+        self._trash_queued: set[str] = set()  # blobs/.trash-blobs-* directories handed to self.delete already
 
     def manifest(self, directory: Path) -> dict[str, Any]:
         """``read_manifest`` of a committed directory, remembered while its manifest file is unchanged (committed
@@ -151,9 +152,11 @@ class Catalog:
         for shard in self.dir.blobs.iterdir():
             if shard.is_symlink() or not shard.is_dir():  # never follow a link out of the save dir
                 continue
-            trashed_by = _BLOB_TRASH.fullmatch(shard.name)
-            if trashed_by:  # an earlier collection's: being deleted by this process, or left by a dead one
-                if int(trashed_by.group(1)) != os.getpid():
+            if _BLOB_TRASH.fullmatch(shard.name):
+                # An earlier collection's: queued by this catalog already, or left by a writer that died before
+                # its delete finished (by name, not by pid: in a container the next writer often has the same pid).
+                if shard.name not in self._trash_queued:
+                    self._trash_queued.add(shard.name)
                     self.delete(shard)
                 continue
             for path in shard.iterdir():
@@ -163,6 +166,7 @@ class Catalog:
                     if trash is None:
                         trash = self.dir.blobs / f"{TRASH_PREFIX}blobs-{os.getpid()}-{secrets.token_hex(4)}"
                         trash.mkdir()
+                        self._trash_queued.add(trash.name)
                     # A rename, not an unlink: freeing a dense save's worth of blobs costs about as much as writing
                     # them, so that happens off the save's critical path. Renamed, the name is free at once for a
                     # blob that a later save writes again (the background delete can never take the new one).

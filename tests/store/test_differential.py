@@ -3,6 +3,7 @@ when no kept checkpoint references them, damage is detected, compression round-t
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import torch
@@ -145,7 +146,7 @@ def test_a_dead_writers_blob_trash_is_deleted_and_a_users_directory_is_not(tmp_p
     store.prepare()
     try:
         store.save(1, {"model": {"w": torch.ones(64, 1024)}}, {"reason": "interval"})
-        stale = tmp_path / BLOBS / ".trash-blobs-4000000000-0123abcd"  # a pid no process has
+        stale = tmp_path / BLOBS / f".trash-blobs-{os.getpid()}-0123abcd"  # a dead writer's, with our pid (containers)
         stale.mkdir()
         (stale / "left").write_bytes(b"x")
         mine = tmp_path / BLOBS / ".trash-my-notes"
