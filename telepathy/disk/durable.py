@@ -38,10 +38,11 @@ def hash_file(path: str | os.PathLike) -> str:
     buffer = memoryview(bytearray(1 << 20))
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in after the caller's check: no hang
     with open(fd, "rb", buffering=0) as f:
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead
-        except OSError:  # not a regular file: it will not match its hash
-            pass
+        if hasattr(os, "posix_fadvise"):  # Linux; not macOS
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead
+            except OSError:  # not a regular file: it will not match its hash
+                pass
         while n := f.readinto(buffer):
             digest.update(buffer[:n])
     return digest.hexdigest()
