@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import usable_dir
+from _common import adamw_step, batch_for_step_ms, usable_dir
 
 LW_STEP = re.compile(r"^step (?P<step>\d+)/(?P<total>\d+) epoch \d+ loss (?P<loss>\S+) ")
 TP_STEP = re.compile(r"^step (?P<step>\d+) epoch \d+ batch \d+ loss (?P<loss>\S+) ")
@@ -266,32 +266,13 @@ def section2(root: Path, smoke: bool, threads: int | None) -> None:
     params = sum(p.numel() for p in model.parameters())
 
     def make_step(batch: int) -> Callable[[], None]:
-        x = torch.randn(batch, width)
+        return adamw_step(model, optimizer, batch, width)
 
-        def step() -> None:
-            loss = model(x).square().mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        return step
-
-    def timed(step: Callable[[], None], n: int) -> float:
-        took = []
-        for _ in range(n):
-            started = time.perf_counter()
-            step()
-            took.append(time.perf_counter() - started)
-        return min(took)  # the least disturbed by other processes: calibration only
-
-    timed(make_step(1), 5)  # warm-up; the AdamW moments exist from here on
-    batch, took = 16, {}  # --smoke: a fixed batch (the numbers mean little)
-    if not smoke:  # the batch (steps of x1.4) whose step is nearest to ~40 ms (fastest of 9 steps each)
-        for candidate in sorted({round(2 ** (i / 2)) for i in range(25)}):
-            took[candidate] = timed(make_step(candidate), 9) * 1e3
-            if took[candidate] >= target_ms:
-                break
-        batch = min(took, key=lambda b: abs(math.log(took[b] / target_ms)))
+    warm_up = make_step(1)
+    for _ in range(5):  # warm-up; the AdamW moments exist from here on
+        warm_up()
+    # --smoke: a fixed batch (the numbers mean little); else the one whose step is nearest to ~40 ms
+    batch = 16 if smoke else batch_for_step_ms(make_step, target_ms, tries=9)
     step = make_step(batch)
     tensors = [t for t in model.state_dict().values()]
     tensors += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]

@@ -21,6 +21,7 @@ every 1 ms and records how late it got it while a save was in flight.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import shutil
 import statistics
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import usable_dir
+from _common import adamw_step, batch_for_step_ms, usable_dir
 from torch import nn
 
 
@@ -97,15 +98,9 @@ def main() -> None:
         layers += [nn.Linear(width, width), nn.ReLU()]
     model = nn.Sequential(*layers)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = 16 if args.smoke else calibrated_batch(model, optimizer, width, target_ms=40.0)
-    x = torch.randn(batch, width)
-
-    def step() -> None:
-        loss = model(x).square().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    make_step = functools.partial(adamw_step, model, optimizer, width=width)
+    batch = 16 if args.smoke else batch_for_step_ms(make_step, target_ms=40.0, tries=7)
+    step = make_step(batch)
     step()  # the AdamW moments exist from here on
 
     def state() -> dict[str, torch.Tensor]:
@@ -216,25 +211,6 @@ def main() -> None:
         "\nGIL wait: how late a 1 ms sleep in a third thread of the loop's process woke while a save was in "
         "flight (it needs the GIL to wake; the no-saves row has none in flight)."
     )
-
-
-def calibrated_batch(model: nn.Module, optimizer: torch.optim.Optimizer, width: int, target_ms: float) -> int:
-    """The batch (steps of x1.4) whose step is nearest to ``target_ms`` (fastest of 7 steps each)."""
-    took: dict[int, float] = {}
-    for candidate in sorted({round(2 ** (i / 2)) for i in range(25)}):
-        x = torch.randn(candidate, width)
-        times = []
-        for _ in range(7):
-            started = time.perf_counter()
-            loss = model(x).square().mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            times.append(time.perf_counter() - started)
-        took[candidate] = min(times) * 1e3
-        if took[candidate] >= target_ms:
-            break
-    return min(took, key=lambda b: abs(math.log(took[b] / target_ms)))
 
 
 if __name__ == "__main__":
