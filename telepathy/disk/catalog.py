@@ -25,7 +25,7 @@ from telepathy.disk.commit import is_own_temporary
 from telepathy.disk.contents import MANIFEST
 from telepathy.disk.manifest import CheckpointInvalid, read_manifest, verify_directory
 from telepathy.disk.retention import RetentionPolicy
-from telepathy.disk.save_dir import BLOBS, LATEST, TEMP_PREFIX, TRASH_PREFIX, CheckpointRef, SaveDir, is_blob_name
+from telepathy.disk.save_dir import BLOBS, LATEST, TEMP_PREFIX, TRASH_PREFIX, CheckpointRef, SaveDir, is_blob_file_name
 
 log = logging.getLogger("telepathy")
 _BLOB_TRASH = re.compile(re.escape(TRASH_PREFIX) + r"blobs-\d{1,10}-[0-9a-f]{8}")  # dead blobs, being deleted
@@ -62,16 +62,31 @@ class Catalog:
         return doc
 
     def verify_blobs(self, refs: dict[str, dict[str, Any]]) -> str | None:
-        """None when every referenced blob has its recorded size and hash, else which one does not and why."""
+        """None when every referenced blob has its recorded size and hash, else which one does not and why. The
+        blobs of one pack are hashed in one pass over it, in offset order."""
+        by_file: dict[Path, list[tuple[str, dict[str, Any]]]] = {}
         for name, entry in refs.items():
-            path = self.dir.blob_path(name, entry["codec"])
-            shown = f"{BLOBS}/{name[:2]}/{path.name}"
+            by_file.setdefault(self.dir.blob_file(name, entry), []).append((name, entry))
+        for path, members in by_file.items():
+            shown = f"{BLOBS}/{path.parent.name}/{path.name}"
             if self.dir.blobs.is_symlink() or path.is_symlink() or path.parent.is_symlink() or not path.is_file():
                 return f"{shown}: missing or not a regular file"
-            if path.stat().st_size != entry["bytes"]:
-                return f"{shown}: size {path.stat().st_size}, manifest says {entry['bytes']}"
-            if durable.hash_file(path) != entry["stored_xxh3_128"]:
-                return f"{shown}: xxh3_128 does not match the manifest (corrupted)"
+            size = path.stat().st_size
+            if members[0][1].get("pack") is None:  # a blob's own file (one name, one file)
+                ((name, entry),) = members
+                if size != entry["bytes"]:
+                    return f"{shown}: size {size}, manifest says {entry['bytes']}"
+                if durable.hash_file(path) != entry["stored_xxh3_128"]:
+                    return f"{shown}: xxh3_128 does not match the manifest (corrupted)"
+                continue
+            members.sort(key=lambda member: member[1]["offset"])
+            for name, entry in members:
+                if entry["offset"] + entry["bytes"] > size:
+                    return f"{shown}: {size:,} bytes, but blob {name} ends at byte {entry['offset'] + entry['bytes']:,}"
+            digests = durable.hash_ranges(path, [(entry["offset"], entry["bytes"]) for _, entry in members])
+            for (name, entry), digest in zip(members, digests):
+                if digest != entry["stored_xxh3_128"]:
+                    return f"{shown}: blob {name} at offset {entry['offset']:,}: xxh3_128 does not match the manifest"
         return None
 
     # ---------------------------------------------------------------------------------- choosing one
@@ -128,23 +143,33 @@ class Catalog:
     def referenced_blobs(self) -> dict[str, dict[str, Any]] | None:
         """Every blob a committed or emergency checkpoint references, with its manifest entry; None when some
         manifest cannot be read (then nothing may be deleted: it might reference any blob)."""
+        found = self._references()
+        return None if found is None else found[0]
+
+    def _references(self) -> tuple[dict[str, dict[str, Any]], set[str]] | None:
+        """``referenced_blobs()`` and the names of the blob files and packs that any of those references needs
+        (a blob written again into a newer pack is still read from the older one by older checkpoints)."""
         live: dict[str, dict[str, Any]] = {}
+        files: set[str] = set()
         for directory in self.dir.all_checkpoints():
             try:
-                live.update(self.manifest(directory).get("blobs", {}))
+                blobs = self.manifest(directory).get("blobs", {})
             except CheckpointInvalid:
                 return None
-        return live
+            live.update(blobs)
+            files.update(self.dir.blob_file(name, entry).name for name, entry in blobs.items())
+        return live, files
 
     def collect_blobs(self) -> dict[str, dict[str, Any]] | None:
         """Delete blobs no kept checkpoint references, and stale blob temporaries; returns the live blobs (None
         when a manifest is unreadable: then nothing is deleted)."""
-        live = self.referenced_blobs()
-        if live is None:
+        found = self._references()
+        if found is None:
             log.error("a checkpoint manifest in %s is unreadable, so no blob can be deleted safely and blobs/ will "
                       "grow; run `python -m telepathy verify %s` and move the damaged checkpoint away",
                       self.dir, self.dir)  # fmt: skip
             return None
+        live, live_files = found
         if self.dir.blobs.is_symlink() or not self.dir.blobs.is_dir():
             return live
         own = f"-{os.getpid()}"
@@ -160,9 +185,9 @@ class Catalog:
                     self.delete(shard)
                 continue
             for path in shard.iterdir():
-                stem = path.name.split(".")[0]
                 stale_tmp = path.name.startswith(TEMP_PREFIX) and not path.name.endswith(own)
-                if (stale_tmp or (is_blob_name(stem) and stem not in live)) and not path.is_dir():
+                dead = is_blob_file_name(path.name) and path.name not in live_files
+                if (stale_tmp or dead) and not path.is_dir():
                     if trash is None:
                         trash = self.dir.blobs / f"{TRASH_PREFIX}blobs-{os.getpid()}-{secrets.token_hex(4)}"
                         trash.mkdir()

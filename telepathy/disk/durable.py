@@ -48,6 +48,28 @@ def hash_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def hash_ranges(path: str | os.PathLike, ranges: list[tuple[int, int]]) -> list[str]:
+    """xxh3-128 of each ``(offset, length)`` range of a file (the blobs of a pack), in one pass when the ranges
+    are in order. A range past the end of the file hashes what is there (and so does not match)."""
+    buffer = memoryview(bytearray(1 << 20))
+    digests = []
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    with open(fd, "rb", buffering=0) as f:
+        if hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            except OSError:
+                pass
+        for offset, length in ranges:
+            digest = xxhash.xxh3_128()
+            f.seek(offset)
+            while length > 0 and (n := f.readinto(buffer[: min(length, len(buffer))])):
+                digest.update(buffer[:n])
+                length -= n
+            digests.append(digest.hexdigest())
+    return digests
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a directory's entries (creations, renames, deletions) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -78,6 +100,24 @@ def write_file_durably(path: str | os.PathLike, write: Callable[[BinaryIO], None
         pause_point("file written, before its fsync")
         os.fsync(f.fileno())
         return f.tell()
+
+
+WRITE_CHUNK = 128 << 10
+
+
+def write_all(file: BinaryIO, data: bytes | memoryview) -> int:
+    """``file.write(data)`` in slices of 128 KiB. On the Linux VMs we measured, one ``write`` of 256 KiB or more
+    into the page cache was now and then ~10x slower (100 MiB in 0.5 MiB writes: 24-450 ms from one save to the
+    next; in 128 KiB slices: 26-39 ms, every time); the slices cost nothing where that does not happen."""
+    view = memoryview(data).cast("B")
+    for start in range(0, len(view), WRITE_CHUNK):
+        file.write(view[start : start + WRITE_CHUNK])
+    return len(view)
+
+
+def create_file(path: str | os.PathLike) -> BinaryIO:
+    """A new file (``path`` must not exist) open for writing, not yet durable (see :func:`fsync_together`)."""
+    return open(path, "xb")
 
 
 def write_file_for_later(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> int:

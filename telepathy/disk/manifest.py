@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import xxhash
 
 from telepathy.disk.contents import MANIFEST as MANIFEST_NAME
-from telepathy.disk.durable import hash_file  # noqa: F401 (re-exported: part of this module's API)
+from telepathy.disk.durable import hash_file, write_all  # noqa: F401 (hash_file: re-exported)
 from telepathy.disk.save_dir import is_blob_name
 from telepathy.errors import CheckpointInvalid  # noqa: F401 (re-exported: raised here)
 
@@ -61,7 +61,7 @@ class HashingWriter:
     def write(self, data: bytes) -> int:
         self.hasher.update(data)
         self.size += len(data)
-        return self.file.write(data)
+        return write_all(self.file, data)
 
     def flush(self) -> None:
         self.file.flush()
@@ -132,8 +132,12 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     for name, entry in blobs.items():
         ok = is_blob_name(name) and isinstance(entry, dict) and entry.get("codec") in ("raw", "zst")
         size = entry.get("bytes") if isinstance(entry, dict) else None
-        if not ok or not isinstance(size, int) or not 0 <= size <= MAX_FILE_BYTES:
+        if not ok or type(size) is not int or not 0 <= size <= MAX_FILE_BYTES:
             raise CheckpointInvalid(directory, MANIFEST_NAME, f"blob entry {name!r} is malformed")
+        if "pack" in entry or "offset" in entry:  # a blob inside a pack: which one, and where
+            offset = entry.get("offset")
+            if not is_blob_name(entry.get("pack")) or type(offset) is not int or not 0 <= offset <= MAX_FILE_BYTES:
+                raise CheckpointInvalid(directory, MANIFEST_NAME, f"blob entry {name!r} has a malformed pack location")
     return doc
 
 

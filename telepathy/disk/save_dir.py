@@ -6,6 +6,7 @@ fraction of a second)::
     SAVE_DIR/checkpoints/.tmp-step_N-<host>-<pid>-…   a save in progress; .trash-…: a prune in progress
     SAVE_DIR/emergency/step_N_<time>/                 after an unexpected exception; never resumed automatically
     SAVE_DIR/blobs/ab/<32 hex>.raw|.zst               shared tensors of differential/compressed checkpoints
+    SAVE_DIR/blobs/cd/<32 hex>.pack                   one save's small new blobs, end to end (see disk/packs.py)
     SAVE_DIR/events.jsonl                             the run's life, one JSON object per line
     SAVE_DIR/.telepathy.lock, .telepathy.lock.json    the writer lock and who holds it
 
@@ -36,6 +37,7 @@ TRASH_PREFIX = ".trash-"  # a pruned checkpoint being deleted
 INVALID_PREFIX = ".invalid-"  # an invalid checkpoint set aside (never deleted)
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _BLOB_NAME = re.compile(r"^[0-9a-f]{32}$")
+BLOB_SUFFIXES = ("raw", "zst", "pack")  # a blob file of one codec, or a pack of several blobs
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,12 @@ def step_dir_name(step: int) -> str:
 def is_blob_name(name: object) -> bool:
     """A blob's name: the 32 hex digits of its xxh3-128 hash."""
     return isinstance(name, str) and bool(_BLOB_NAME.match(name))
+
+
+def is_blob_file_name(name: str) -> bool:
+    """A name telepathy gives a file in a blob shard: ``<32 hex>.raw``, ``.zst`` or ``.pack``."""
+    stem, _, suffix = name.partition(".")
+    return is_blob_name(stem) and suffix in BLOB_SUFFIXES
 
 
 def is_temporary(name: str) -> bool:
@@ -88,6 +96,11 @@ class SaveDir:
 
     def blob_path(self, name: str, codec: str) -> Path:
         return self.blobs / name[:2] / f"{name}.{codec}"
+
+    def blob_file(self, name: str, entry: dict) -> Path:
+        """The file holding a blob, from its manifest entry: a pack (``entry["pack"]``) or its own file."""
+        pack = entry.get("pack")
+        return self.blob_path(pack, "pack") if pack is not None else self.blob_path(name, entry["codec"])
 
     def looks_like_save_dir(self) -> bool:
         """Whether anything telepathy writes is here (checkpoints/, latest or events.jsonl)."""

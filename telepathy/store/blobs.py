@@ -1,12 +1,13 @@
 """Content-addressed tensor blobs: differential and compressed checkpoints.
 
 With ``differential`` (or ``compress``) on, every tensor of at least ``MIN_BLOB_BYTES`` is stored once as a
-blob in ``SAVE_DIR/blobs/<2 hex>/<xxh3-128 of its bytes>.<codec>`` and the part file keeps a small reference in
-its place. A tensor that did not change since any kept checkpoint (frozen layers, unchanged buffers) hashes to
-an existing blob and is not written again. Blobs are written durably (temporary files fsynced together, renamed,
-their directories fsynced) before the checkpoint that references them is committed, and a blob is deleted only
-when no committed or emergency checkpoint references it any more (:meth:`BlobStore.collect_garbage`, run after
-pruning by the single writer).
+blob named by the xxh3-128 of its bytes and the part file keeps a small reference in its place: a large blob in its
+own file ``SAVE_DIR/blobs/<2 hex>/<name>.<codec>``, the smaller new blobs of one save end to end in one pack
+(:mod:`telepathy.disk.packs`). A tensor that did not change since any kept checkpoint (frozen layers, unchanged
+buffers) hashes to an existing blob and is not written again. Blobs are written durably (temporary files fsynced
+together, renamed, their directories fsynced) before the checkpoint that references them is committed, and a blob
+file or pack is deleted only when no committed or emergency checkpoint references it any more
+(:meth:`telepathy.disk.catalog.Catalog.collect_blobs`, run after pruning by the single writer).
 
 Reading back (:meth:`BlobStore.internalize`) checks every reference against the manifest first, then reads,
 inflates and hashes each blob once, however many references name it; a compressed blob is never inflated past the
@@ -38,6 +39,7 @@ import xxhash
 from telepathy import tree
 from telepathy.disk import durable
 from telepathy.disk.catalog import Catalog
+from telepathy.disk.packs import PACK_BELOW, PackWriter, retiring_packs
 from telepathy.disk.save_dir import BLOBS, TEMP_PREFIX, SaveDir, is_blob_name  # noqa: F401 (BLOBS: re-exported)
 
 log = logging.getLogger("telepathy")
@@ -56,11 +58,18 @@ class BlobStore:
         self.compress = compress
         self.level = level
         self.known: dict[str, dict[str, Any]] = {}  # blobs the kept checkpoints reference (manifest entries)
+        self._retiring: set[str] = set()  # packs mostly dead: their blobs are written again, not named there
         self._checked: set[str] = set()  # known blobs re-hashed by this process
         self.bytes_written = 0  # stored bytes written by this process (a benchmark/test figure)
         self._compress_seconds = self._write_seconds = 0.0
         self._compress_in = self._write_out = 0
         self._unpublished: list[tuple[Path, Path]] = []  # (temporary file, final name) of blobs not yet durable
+        self._new_pack: PackWriter | None = None  # this save's pack of small new blobs, once it has one
+
+    def learn(self, live: dict[str, dict[str, Any]]) -> None:
+        """What the kept checkpoints reference (blob name -> newest manifest entry), after a prune or at start."""
+        self.known = live
+        self._retiring = retiring_packs(self.dir, live)
 
     # ------------------------------------------------------------------------------------------ write
     def externalize(self, obj: Any, refs: dict[str, dict[str, Any]]) -> Any:
@@ -89,10 +98,11 @@ class BlobStore:
 
     def _existing(self, name: str) -> dict[str, Any] | None:
         """The manifest entry of a blob a kept checkpoint already references, if its file is in place and
-        intact. Each is re-hashed once per process before its first reuse: a damaged shared blob is rewritten
-        from the tensor in memory (which repairs the older checkpoints too) instead of poisoning every new one."""
+        intact and not in a retiring pack. Each is re-hashed once per process before its first reuse: a damaged
+        shared blob is written again from the tensor in memory instead of poisoning every new one (a blob file is
+        replaced, which repairs the older checkpoints too; a pack is never written in place)."""
         entry = self.known.get(name)
-        if entry is None or not self.path(name, entry["codec"]).is_file():
+        if entry is None or entry.get("pack") in self._retiring or not self.dir.blob_file(name, entry).is_file():
             return None
         if name not in self._checked:
             if self.verify({name: entry}) is not None:
@@ -105,32 +115,41 @@ class BlobStore:
         codec, data = "raw", memoryview(raw)
         if self.compress:
             started = time.perf_counter()
-            packed = self._pack(raw, element_size)
+            packed = self._compress(raw, element_size)
             self._compress_seconds += time.perf_counter() - started
             self._compress_in += raw.nbytes
             if len(packed) < 0.95 * raw.nbytes:
                 codec, data = "zst", memoryview(packed)
-        path = self.path(name, codec)
-        durable.make_dirs(path.parent)
-        tmp = path.with_name(f"{TEMP_PREFIX}{path.name}-{os.getpid()}")
-        if tmp.exists():
-            tmp.unlink()
-        self._unpublished.append((tmp, path))  # before the write: a failed write leaves nothing behind either
         started = time.perf_counter()
-        durable.write_file_for_later(tmp, lambda f: f.write(data))  # durable in _publish(), with the others
+        stored_digest = name if codec == "raw" else xxhash.xxh3_128_hexdigest(data)
+        entry: dict[str, Any] = {"codec": codec, "bytes": len(data), "stored_xxh3_128": stored_digest}
+        if len(data) < PACK_BELOW:
+            if self._new_pack is None:
+                self._new_pack = PackWriter(self.dir)  # published (or discarded) with this save's other new blobs
+            entry.update(pack=self._new_pack.name, offset=self._new_pack.append(name, data))
+        else:
+            path = self.path(name, codec)
+            durable.make_dirs(path.parent)
+            tmp = path.with_name(f"{TEMP_PREFIX}{path.name}-{os.getpid()}")
+            if tmp.exists():
+                tmp.unlink()
+            self._unpublished.append((tmp, path))  # before the write: a failed write leaves nothing behind either
+            durable.write_file_for_later(tmp, lambda f: durable.write_all(f, data))  # durable in _publish()
         self._write_seconds += time.perf_counter() - started
         self._write_out += len(data)
         self.bytes_written += len(data)
-        stored_digest = name if codec == "raw" else xxhash.xxh3_128_hexdigest(data)
-        self.known[name] = {"codec": codec, "bytes": len(data), "stored_xxh3_128": stored_digest}
+        self.known[name] = entry
         self._checked.add(name)
-        return self.known[name]
+        return entry
 
     def _publish(self) -> None:
         """Make this save's new blobs durable and give them their names: every file fsynced, then renamed, then
         every directory that gained one fsynced, the fsyncs issued together so that the file system commits them
         in a few journal transactions instead of one or two per blob (a dense differential save of a few hundred
         tensors otherwise costs ~3x a full write). Only then may a checkpoint reference them."""
+        if self._new_pack is not None:
+            self._new_pack.close()
+            self._unpublished.append((self._new_pack.tmp, self._new_pack.path))
         if not self._unpublished:
             return
         started = time.perf_counter()
@@ -143,17 +162,26 @@ class BlobStore:
             self._discard_unpublished()
             raise
         self._unpublished.clear()
+        self._new_pack = None
         self._write_seconds += time.perf_counter() - started
         self._maybe_stop_compressing()
 
     def _discard_unpublished(self) -> None:
         """After a failed save: remove the new blobs' temporary files (and forget what they were)."""
-        for tmp, path in self._unpublished:
+        forget = [path.name.split(".")[0] for _, path in self._unpublished]
+        if self._new_pack is not None:
+            self._new_pack.close()
+            self._new_pack.tmp.unlink(missing_ok=True)
+            forget += self._new_pack.members
+            self._new_pack = None
+        for tmp, _ in self._unpublished:
             tmp.unlink(missing_ok=True)
-            self.known.pop(path.name.split(".")[0], None)
+        for name in forget:
+            self.known.pop(name, None)
+            self._checked.discard(name)
         self._unpublished.clear()
 
-    def _pack(self, raw: np.ndarray, element_size: int) -> bytes:
+    def _compress(self, raw: np.ndarray, element_size: int) -> bytes:
         import zstandard
 
         planes = raw.reshape(-1, element_size).T.copy() if element_size > 1 else raw
@@ -199,16 +227,18 @@ class BlobStore:
     def _read(self, name: str, entry: Mapping[str, Any], nbytes: int, dtype: torch.dtype) -> torch.Tensor:
         """The ``nbytes`` bytes of one blob, in element order, checked against its name. A compressed blob is
         inflated only up to the size its tensor needs: a small frame claiming gigabytes is refused, not run."""
-        path = self.path(name, entry["codec"])
-        shown = f"{BLOBS}/{name[:2]}/{path.name}"
+        path = self.dir.blob_file(name, entry)
+        shown = f"{BLOBS}/{path.parent.name}/{path.name}"
+        if entry.get("pack") is not None:
+            shown += f" (blob {name} at offset {entry['offset']:,})"
         if self.root.is_symlink() or path.parent.is_symlink():
             raise BlobError(f"{shown}: blobs/ or its shard directory is a symlink; telepathy never reads through one")
-        with _open_regular(path, entry["bytes"], shown) as f:
+        with _open_regular(path, entry, shown) as f:
             if entry["codec"] == "raw":
                 data = torch.empty(nbytes, dtype=torch.uint8)
                 _read_into(f, data.numpy(), shown)
             else:
-                data = _inflate(f.read(), nbytes, dtype.itemsize, shown)
+                data = _inflate(_read_exactly(f, entry["bytes"], shown), nbytes, dtype.itemsize, shown)
         if xxhash.xxh3_128_hexdigest(data.numpy()) != name:
             raise BlobError(f"{shown} does not hash to its name (corrupted)")
         return data
@@ -297,8 +327,9 @@ def _memory_file(data: torch.Tensor) -> BinaryIO:
     return file
 
 
-def _open_regular(path: Path, size: int, shown: str) -> BinaryIO:
-    """``path`` opened for reading, if it is a regular file (not a link, FIFO or device) of ``size`` bytes."""
+def _open_regular(path: Path, entry: Mapping[str, Any], shown: str) -> BinaryIO:
+    """A blob's file opened for reading at the blob's first byte, if it is a regular file (not a link, FIFO or
+    device) that holds the blob: exactly its bytes, or for a pack at least up to the blob's end."""
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):  # never even open a FIFO or a device
             raise BlobError(f"{shown}: not a regular file (symlink or special file)")
@@ -306,11 +337,20 @@ def _open_regular(path: Path, size: int, shown: str) -> BinaryIO:
     except OSError as exc:
         raise BlobError(f"{shown}: missing or not readable ({exc.strerror})") from None
     file = os.fdopen(fd, "rb", buffering=0)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+    st, size, offset = os.fstat(fd), entry["bytes"], entry.get("offset", 0)
+    packed = entry.get("pack") is not None
+    if not stat.S_ISREG(st.st_mode) or (st.st_size < offset + size if packed else st.st_size != size):
         file.close()
-        raise BlobError(f"{shown}: not a regular file of the {size} bytes the manifest lists")
+        where = f"ending at byte {offset + size:,}" if packed else f"of the {size:,} bytes the manifest lists"
+        raise BlobError(f"{shown}: not a regular file holding the blob {where}")
+    file.seek(offset)
     return file
+
+
+def _read_exactly(file: BinaryIO, nbytes: int, shown: str) -> bytes:
+    data = bytearray(nbytes)
+    _read_into(file, np.frombuffer(data, dtype=np.uint8), shown)
+    return bytes(data)
 
 
 def _read_into(file: BinaryIO, out: np.ndarray, shown: str) -> None:

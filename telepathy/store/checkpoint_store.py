@@ -106,8 +106,8 @@ class CheckpointStore:
         compressed mode)."""
         if self.blobs is not None:  # large tensors to content-addressed blobs, written only when new
             if not self.blobs.known:  # first save of this process: learn what the kept checkpoints hold
-                self.blobs.known = self.catalog.referenced_blobs() or {}
-            files = {name: self.blobs.externalize(obj, pending.blob_refs) for name, obj in files.items()}
+                self.blobs.learn(self.catalog.referenced_blobs() or {})
+            files = self.blobs.externalize(dict(files), pending.blob_refs)  # all parts at once: one pack
         for name, obj in files.items():
             formats.write_part(pending, name, obj)
 
@@ -156,5 +156,5 @@ class CheckpointStore:
         if not dry_run and self.blobs is not None:
             live = self.catalog.collect_blobs()
             if live is not None:
-                self.blobs.known = live
+                self.blobs.learn(live)
         return removed

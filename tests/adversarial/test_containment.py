@@ -27,6 +27,7 @@ from adversary import (
     verified,
 )
 
+from telepathy.disk.save_dir import SaveDir
 from telepathy.errors import UsageError
 from telepathy.store.checkpoint_store import CheckpointStore
 from telepathy.train_state import TrainState
@@ -301,8 +302,9 @@ def test_loading_reads_only_the_files_the_manifest_lists(save_dir, outside, fmt,
     save_raw(newest / "optimizer.pt.bak", {"x": 1})
     os.symlink(outside.weights, newest / "linked.pt")
     listed = set(read_manifest_doc(newest)["files"]) | {"manifest.json"}
-    blobs = {f"{n[:2]}/{n}.{e['codec']}" for path in paths  # what any checkpoint's manifest lists
-             for n, e in (read_manifest_doc(path).get("blobs") or {}).items()}  # fmt: skip
+    blob_files = {SaveDir(save_dir).blob_file(n, e) for path in paths  # what any checkpoint's manifest lists
+                  for n, e in (read_manifest_doc(path).get("blobs") or {}).items()}  # fmt: skip
+    blobs = {f"{f.parent.name}/{f.name}" for f in blob_files}
     with audit() as records:
         if operation == "resume":
             with checkpointer(save_dir, fmt=fmt) as ckpt:

@@ -27,6 +27,7 @@ from adversary import (
     verified,
 )
 
+from telepathy.disk.save_dir import SaveDir
 from telepathy.errors import UsageError
 from telepathy.store.checkpoint_store import CheckpointStore
 from telepathy.train_state import TrainState
@@ -159,7 +160,7 @@ def own_weight_blob(save_dir, checkpoint):
     """The blob holding this checkpoint's weight (the weights change at every step: no other checkpoint uses it)."""
     name = load_raw(checkpoint / "model.pt")["weight"]["__telepathy_blob__"]
     entry = read_manifest_doc(checkpoint)["blobs"][name]
-    return save_dir / "blobs" / name[:2] / f"{name}.{entry['codec']}"
+    return SaveDir(save_dir).blob_file(name, entry)  # its own file, or the pack holding it
 
 
 def place(save_dir, paths, position, kind):

@@ -254,3 +254,32 @@ def telepathy_in_process(*args: str) -> subprocess.CompletedProcess:
         except SystemExit as exc:
             code = exc.code
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def blob_location(save_dir: Path, name: str) -> tuple[Path, int, int]:
+    """``(file, offset, bytes)`` of blob ``name`` as the newest manifest naming it says: its own file, or its
+    place in a pack."""
+    from telepathy.disk.manifest import read_manifest
+    from telepathy.disk.save_dir import SaveDir
+
+    for directory in reversed(sorted(Path(save_dir, "checkpoints").glob("step_*"))):
+        entry = (read_manifest(directory).get("blobs") or {}).get(name)
+        if entry is not None:
+            return SaveDir(save_dir).blob_file(name, entry), entry.get("offset", 0), entry["bytes"]
+    raise KeyError(f"no checkpoint in {save_dir} references blob {name}")
+
+
+def damage_blob(save_dir: Path, name: str, how: str = "flip") -> Path:
+    """Damage blob ``name`` in place, only its own bytes (a pack's other blobs stay intact): ``flip`` one bit,
+    or ``zero`` all of it. Returns the file."""
+    path, offset, nbytes = blob_location(save_dir, name)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = bytearray(f.read(nbytes))
+        if how == "flip":
+            data[min(100, nbytes - 1)] ^= 1
+        else:
+            data[:] = bytes(nbytes)
+        f.seek(offset)
+        f.write(data)
+    return path

@@ -6,14 +6,16 @@ from __future__ import annotations
 import os
 import shutil
 
+import pytest
 import torch
 import xxhash
-from harness import deep_equal
+from harness import damage_blob, deep_equal
 from torch import nn
 
 from telepathy.checkpointer import Checkpointer
 from telepathy.disk.manifest import read_manifest, verify_directory
 from telepathy.disk.retention import RetentionPolicy
+from telepathy.errors import CheckpointInvalid
 from telepathy.store.blobs import BLOBS, BlobStore
 from telepathy.store.checkpoint_store import CheckpointStore
 from telepathy.train_state import TrainState
@@ -53,11 +55,12 @@ def test_unchanged_tensors_are_not_written_again(tmp_path):
     # keep_last=1: the old checkpoint is pruned and its blobs collected (renamed aside at once, deleted in the
     # background, gone when the writer closes), but the shared frozen blob stays.
     (kept,) = ckpt.store.committed()
-    referenced = set(ckpt.store.catalog.referenced_blobs())
-    in_shards = {p.name.split(".")[0] for p in (tmp_path / BLOBS).glob("[0-9a-f][0-9a-f]/*") if p.is_file()}
-    assert in_shards == referenced
+    save_dir = ckpt.store.dir
+    referenced = {save_dir.blob_file(n, e).name for n, e in read_manifest(kept.path)["blobs"].items()}
+    in_shards = {p.name for p in (tmp_path / BLOBS).glob("[0-9a-f][0-9a-f]/*") if p.is_file()}
+    assert in_shards == referenced and len(referenced) == 2  # the frozen blobs' pack (step 1), step 2's pack
     ckpt.close()
-    on_disk = {p.name.split(".")[0] for p in (tmp_path / BLOBS).rglob("*") if p.is_file()}
+    on_disk = {p.name for p in (tmp_path / BLOBS).rglob("*") if p.is_file()}
     assert on_disk == referenced and not list((tmp_path / BLOBS).glob(".trash-*"))
     # Resume: exactly the saved tensors.
     frozen2, trained2, optimizer2 = frozen_and_trained()
@@ -81,10 +84,7 @@ def test_a_damaged_blob_is_detected_and_the_previous_checkpoint_used(tmp_path):
         ckpt.save(TrainState(global_step=2), "interval")
     step2 = CheckpointStore(tmp_path).committed()[-1].path
     only_in_2 = set(read_manifest(step2)["blobs"]) - set(read_manifest(tmp_path / "checkpoints/step_00000001")["blobs"])
-    victim = next((tmp_path / BLOBS).rglob(f"{sorted(only_in_2)[0]}.*"))
-    data = bytearray(victim.read_bytes())
-    data[100] ^= 1
-    victim.write_bytes(bytes(data))
+    damage_blob(tmp_path, sorted(only_in_2)[0])
     store = CheckpointStore(tmp_path)
     assert store.newest_valid()[0].step == 1  # step 2 skipped: its blob no longer matches
     assert step2.exists()
@@ -111,13 +111,14 @@ def test_a_damaged_shared_blob_is_rewritten_at_the_next_save(tmp_path):
         ckpt.save(TrainState(global_step=1), "interval")
     step1 = tmp_path / "checkpoints/step_00000001"
     frozen_blob = frozen.weight.detach().reshape(-1).view(torch.uint8).numpy()
-    victim = next((tmp_path / BLOBS).rglob(f"{xxhash.xxh3_128_hexdigest(frozen_blob)}.*"))
-    victim.write_bytes(b"\0" * victim.stat().st_size)  # bit rot in the blob every checkpoint shares
+    damage_blob(tmp_path, xxhash.xxh3_128_hexdigest(frozen_blob), "zero")  # bit rot in the blob they share
     assert CheckpointStore(tmp_path).newest_valid() is None
     with Checkpointer(tmp_path, parts=parts, optimizer=optimizer, differential=True) as ckpt:  # a new process
         ckpt.save(TrainState(global_step=2), "interval")
     store = CheckpointStore(tmp_path)
-    assert store.newest_valid()[0].step == 2 and verify_directory(step1)  # the rewrite repaired step 1 too
+    assert store.newest_valid()[0].step == 2  # written again from the tensor in memory, not named where it rotted
+    with pytest.raises(CheckpointInvalid, match="xxh3_128 does not match"):
+        store.catalog.verify(step1)  # a pack is never written in place: step 1 stays detectably damaged
 
 
 def test_a_dead_blob_written_again_survives_its_slow_background_delete(tmp_path):
