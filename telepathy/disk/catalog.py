@@ -151,7 +151,11 @@ class Catalog:
         (a blob written again into a newer pack is still read from the older one by older checkpoints)."""
         live: dict[str, dict[str, Any]] = {}
         files: set[str] = set()
-        for directory in self.dir.all_checkpoints():
+        # Emergency checkpoints first, then committed ones oldest to newest: the entry kept for each blob is the
+        # newest committed reference, the one a save should reuse (an older emergency checkpoint's must not keep a
+        # retiring pack in use).
+        directories = sorted(self.dir.all_checkpoints(), key=lambda d: d.parent != self.dir.emergency)
+        for directory in directories:
             try:
                 blobs = self.manifest(directory).get("blobs", {})
             except CheckpointInvalid:

@@ -18,6 +18,7 @@ the checkpoints that still name it: the space packs hold stays under about twice
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Mapping
@@ -52,6 +53,13 @@ class PackWriter:
 
     def close(self) -> None:
         self._file.close()
+
+    def discard(self) -> None:
+        """After a failed save: close without caring whether the buffered tail reaches the file (the write that
+        failed may fail again: a full disk), then remove the temporary file."""
+        with contextlib.suppress(OSError):
+            self._file.close()  # (the descriptor is closed even when the final flush raises)
+        self.tmp.unlink(missing_ok=True)
 
 
 def retiring_packs(save_dir: SaveDir, live: Mapping[str, Mapping[str, Any]]) -> set[str]:

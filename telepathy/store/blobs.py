@@ -168,18 +168,16 @@ class BlobStore:
 
     def _discard_unpublished(self) -> None:
         """After a failed save: remove the new blobs' temporary files (and forget what they were)."""
-        forget = [path.name.split(".")[0] for _, path in self._unpublished]
-        if self._new_pack is not None:
-            self._new_pack.close()
-            self._new_pack.tmp.unlink(missing_ok=True)
-            forget += self._new_pack.members
-            self._new_pack = None
-        for tmp, _ in self._unpublished:
-            tmp.unlink(missing_ok=True)
+        pack, self._new_pack = self._new_pack, None  # first: a later save must never append to this one
+        unpublished, self._unpublished = self._unpublished, []
+        forget = [path.name.split(".")[0] for _, path in unpublished] + (pack.members if pack is not None else [])
         for name in forget:
             self.known.pop(name, None)
             self._checked.discard(name)
-        self._unpublished.clear()
+        if pack is not None:
+            pack.discard()
+        for tmp, _ in unpublished:
+            tmp.unlink(missing_ok=True)
 
     def _compress(self, raw: np.ndarray, element_size: int) -> bytes:
         import zstandard

@@ -3,16 +3,20 @@ lies about a pack location refused without reading outside the pack."""
 
 from __future__ import annotations
 
-import json
+import errno
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from adversary import read_manifest_doc, reseal_raw
 from harness import deep_equal
 
+from telepathy.disk import packs
 from telepathy.disk.manifest import read_manifest
 from telepathy.disk.retention import RetentionPolicy
-from telepathy.errors import CheckpointInvalid
+from telepathy.errors import CheckpointInvalid, CheckpointWriteError
 from telepathy.store import blobs as blob_module
 from telepathy.store.blobs import BLOBS
 from telepathy.store.checkpoint_store import CheckpointStore
@@ -95,38 +99,39 @@ def packed_run(tmp_path):
 
 
 def forge(path, change):
-    """Edit one packed blob's manifest entry (the second in the pack)."""
-    doc = json.loads((path / "manifest.json").read_text())
-    name = max(doc["blobs"], key=lambda n: doc["blobs"][n]["offset"])  # the one that is not first in its pack
+    """Edit the manifest entry of the second blob in the pack, then seal the manifest again (its self-hash must
+    match, or it is refused before any pack check runs)."""
+    doc = read_manifest_doc(path)
+    name = max(doc["blobs"], key=lambda n: doc["blobs"][n]["offset"])
     change(doc["blobs"][name])
-    (path / "manifest.json").write_text(json.dumps(doc))
+    reseal_raw(path, doc)
     return name
 
 
-@pytest.mark.parametrize(
-    "lie",
-    [
-        {"offset": -1},
-        {"offset": True},
-        {"offset": 1.5},
-        {"offset": 2**60},
-        {"pack": "../../../etc/passwd"},
-        {"pack": None, "offset": 0},
-        {"pack": 7},
-    ],
-)
+LIES = {"negative offset": {"offset": -1}, "bool offset": {"offset": True}, "float offset": {"offset": 1.5},
+        "text offset": {"offset": "0"}, "huge offset": {"offset": 2**60}, "path": {"pack": "../../../etc/passwd"},
+        "no pack": {"pack": None}, "int pack": {"pack": 7}}  # fmt: skip
+
+
+@pytest.mark.parametrize("lie", [*LIES, "offset without pack", "pack without offset"])
 def test_a_malformed_pack_location_is_a_damaged_manifest(packed_run, lie):
     _, path = packed_run
-    forge(path, lambda entry: entry.update(lie))
-    with pytest.raises(CheckpointInvalid, match="malformed"):
+    forge(path, lambda e: e.pop("pack") if lie == "offset without pack" else e.pop("offset") if lie == "pack "
+          "without offset" else e.update(LIES[lie]))  # fmt: skip
+    with pytest.raises(CheckpointInvalid) as caught:
         read_manifest(path)
+    assert "malformed pack location" in caught.value.reason
 
 
-@pytest.mark.parametrize("how", ["past the end", "overlapping", "truncated pack", "symlinked pack", "fifo pack"])
+HOW = ["past the end", "overlapping", "truncated pack", "symlinked pack", "fifo pack", "directory pack",
+       "missing pack", "pack named after its blob", "huge size"]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", HOW)
 def test_a_pack_that_does_not_hold_the_blob_is_refused_by_verify_and_load(packed_run, how):
     save_dir, path = packed_run
-    entry = read_manifest(path)["blobs"]
-    pack = save_dir / BLOBS / next(iter(entry.values()))["pack"][:2] / f"{next(iter(entry.values()))['pack']}.pack"
+    entry = next(iter(read_manifest(path)["blobs"].values()))
+    pack = save_dir / BLOBS / entry["pack"][:2] / f"{entry['pack']}.pack"
     if how == "past the end":
         forge(path, lambda e: e.update(offset=e["offset"] + 64 * KIB + 1))
     elif how == "overlapping":  # inside the pack, but not where the blob is
@@ -137,15 +142,25 @@ def test_a_pack_that_does_not_hold_the_blob_is_refused_by_verify_and_load(packed
         real = pack.with_name("elsewhere")
         pack.rename(real)
         pack.symlink_to(real.name)
-    else:
+    elif how in ("fifo pack", "directory pack"):
         pack.unlink()
-        os.mkfifo(pack)
+        os.mkfifo(pack) if how == "fifo pack" else pack.mkdir()
+    elif how == "missing pack":
+        forge(path, lambda e: e.update(pack="0" * 32))
+    elif how == "pack named after its blob":
+        name = forge(path, lambda e: None)
+        forge(path, lambda e: e.update(pack=name))
+    else:
+        forge(path, lambda e: e.update(bytes=2**46))
     with pytest.raises(CheckpointInvalid) as caught:
         CheckpointStore(save_dir).catalog.verify(path)
-    assert "pack" in str(caught.value)
+    assert ".pack" in caught.value.file + caught.value.reason, caught.value
     with pytest.raises(CheckpointInvalid):
         load_part(path, "model")  # never blocks on the FIFO, never reads the link's target
     assert CheckpointStore(save_dir).newest_valid() is None
+    shown = subprocess.run([sys.executable, "-m", "telepathy", "verify", str(save_dir)], capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert shown.returncode == 1 and "Traceback" not in shown.stderr, shown.stderr[-2000:]
 
 
 def test_blob_files_of_earlier_saves_stay_readable_and_are_collected_like_packs(tmp_path, monkeypatch):
@@ -167,3 +182,56 @@ def test_blob_files_of_earlier_saves_stay_readable_and_are_collected_like_packs(
     assert sorted("pack" in e for e in entries.values()) == [False, True]  # frozen: still its own file
     assert sorted(n.split(".")[1] for n in files_in_shards(tmp_path)) == ["pack", "pack", "raw"]  # step 1's collected
     assert deep_equal(load_part(path, "model"), {"frozen": frozen, "changing": changing}) == []
+
+
+def test_a_pack_write_that_fails_on_a_full_disk_leaves_nothing_and_the_next_save_works(tmp_path, monkeypatch):
+    """The disk fills while a pack is written: the buffered tail cannot be flushed at close either. The save fails
+    cleanly (no temporary left, nothing remembered of the pack), and once there is room the next save commits."""
+    real_create = packs.durable.create_file
+
+    class FullDisk:
+        def __init__(self, path):
+            self.file, self.written = real_create(path), 0
+
+        def write(self, data):
+            if self.written >= 64 * KIB:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(data)
+            return self.file.write(data)
+
+        def close(self):
+            self.file.close()
+            raise OSError(errno.ENOSPC, "No space left on device")  # the final flush of the buffered tail
+
+    store = store_at(tmp_path)
+    state = {"model": {"a": torch.randn(128, 128 + 1), "b": torch.randn(128, 128 + 1)}}  # tails that stay buffered
+    with monkeypatch.context() as patch:
+        patch.setattr(packs.durable, "create_file", FullDisk)
+        with pytest.raises(CheckpointWriteError, match="ENOSPC"):
+            store.save(1, state, {})
+    assert not [p for p in (tmp_path / BLOBS).rglob("*") if p.is_file()] and not store.blobs.known
+    path = store.save(2, state, {})
+    store.close()
+    assert deep_equal(load_part(path, "model"), state["model"]) == []
+    assert CheckpointStore(tmp_path).newest_valid()[0].path == path
+
+
+def test_an_emergency_checkpoint_does_not_keep_a_frozen_blob_being_written_again(tmp_path):
+    """Retirement moves a frozen blob out of a mostly dead pack once, then every save reuses it: an older
+    emergency checkpoint naming the blob where it was must not count as its newest reference."""
+    generator = torch.Generator().manual_seed(0)
+    frozen = torch.randn(128, 128, generator=generator)
+
+    def state():
+        return {"model": {"frozen": frozen, **{k: torch.randn(128, 128, generator=generator) for k in "gh"}}}
+
+    store = store_at(tmp_path)
+    store.save(1, state(), {})
+    store.save(1, state(), {}, emergency=True)
+    written = []
+    for step in range(2, 8):
+        before = store.blobs.bytes_written
+        store.save(step, state(), {})
+        written.append((store.blobs.bytes_written - before) // (64 * KIB))
+    store.close()
+    assert written.count(3) <= 3, written  # the frozen blob (with g and h) at most every other save, not every save
