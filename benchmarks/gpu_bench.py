@@ -68,7 +68,9 @@ def slot_directory(root: Path, need: int) -> Path:
     """Shared memory when /dev/shm has room for both slots (a container's is often 64 MiB), else ``root``."""
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 3 * need else root
-    return Path(tempfile.mkdtemp(prefix="telepathy-gpu-bench-slots-", dir=base))
+    from telepathy.disk import slots
+
+    return slots.make_slot_dir(base)  # (with the marker a trainer checks before it writes there)
 
 
 # ------------------------------------------------------------------------------------------------------- section 1
@@ -221,7 +223,7 @@ def loop_section(root: Path, mib: int, steps: int, rounds: int) -> None:
         for ckpt in ckpts.values():
             ckpt.close()
         os.environ.pop(slots.SLOT_DIR_ENV, None)
-        shutil.rmtree(slot_dir, ignore_errors=True)
+        slots.remove_slot_dir(slot_dir)
     base = med(per_step["no protection (interval 600 s)"])
     print(f"## 2. Loop overhead: {depth} x Linear({width}, {width}) with AdamW on the GPU ({state_bytes / 2**20:.0f} "
           f"MiB of state), {rounds} round(s) of {steps} steps per variant, alternated; medians\n")  # fmt: skip

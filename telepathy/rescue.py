@@ -47,9 +47,15 @@ def rescue(slot_dir: Path, save_dir: Path, how: str, lock_wait: float = 30.0) ->
     if committed and committed[-1].step >= step:
         return None  # the trainer committed this step (or a later one) itself
     from telepathy.store.checkpoint_store import CheckpointStore  # noqa: PLC0415 (torch, only for a rescue)
-    from telepathy.store.step_snapshots import files_from_slot  # noqa: PLC0415
+    from telepathy.store.step_snapshots import SnapshotInvalid, files_from_slot  # noqa: PLC0415
 
-    options = CheckpointOptions(**meta["store"])
+    try:  # everything checked before anything is written
+        files = files_from_slot(meta, data)
+        options = CheckpointOptions(**meta["store"])
+        info = {**meta["info"], "reason": f"rescue:{how}"}
+    except (SnapshotInvalid, KeyError, TypeError, ValueError, RuntimeError, MemoryError, RecursionError) as exc:
+        raise SnapshotInvalid(f"the trainer's step-{step} snapshot does not describe a state it could have "
+                              f"written ({exc}); nothing committed from it") from None  # fmt: skip
     store = CheckpointStore(save_dir, options.retention(), differential=options.uses_blobs,
                             compress=options.format == "compressed")  # fmt: skip
     deadline = time.monotonic() + lock_wait
@@ -62,7 +68,7 @@ def rescue(slot_dir: Path, save_dir: Path, how: str, lock_wait: float = 30.0) ->
                 raise
             time.sleep(0.2)
     try:
-        path = store.save(step, files_from_slot(meta, data), {**meta["info"], "reason": f"rescue:{how}"})
+        path = store.save(step, files, info)
     finally:
         store.close()
     return step, path

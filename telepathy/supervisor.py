@@ -130,7 +130,8 @@ class Supervisor:
         if not saved and out.ending is not None and self.last_commit and self.last_commit_at is not None:
             for_this_signal = self.last_commit.get("reason") == f"signal:{training_signals.signal_name(out.ending)}"
             saved = for_this_signal and self.last_commit_at >= self.child_started_at
-        if out.code == EXIT_STOPPED_UNSAVED or not saved:
+        rescued = saved and str((self.last_commit or {}).get("reason", "")).startswith("rescue:")
+        if (out.code == EXIT_STOPPED_UNSAVED and not rescued) or not saved:  # (98 then rescued: a step committed)
             print(f"[telepathy] stopped by {training_signals.signal_name(out.ending)} with nothing new saved "
                   f"(exit {EXIT_STOPPED_UNSAVED}). {self._next_run()}", flush=True)  # fmt: skip
             return EXIT_STOPPED_UNSAVED

@@ -14,16 +14,21 @@ trainer can keep its views of a slot instead of rebuilding them at every step.
 
 Writing stores ``seq_begin = n`` first and ``seq_end = n`` last, so a copy torn by a kill (or caught half-way by a
 reader) has ``seq_begin != seq_end`` and is never used; the other slot then holds the previous complete step.
-The directory is made by the supervisor, private to the user (0700), and removed when it exits.
+The directory is made by the supervisor, private to the user (0700), and removed when it exits. It holds a marker
+file (:data:`MARKER`) that the supervisor keeps ``flock``-ed while it lives: a later supervisor removes a directory
+left by one that died (SIGKILL, OOM) only if it carries the marker and the lock can be taken — never a directory
+it did not make, never a live supervisor's in another PID namespace sharing ``/dev/shm``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
 import secrets
 import shutil
+import stat
 import struct
 import tempfile
 from collections.abc import Callable
@@ -37,38 +42,73 @@ HEADER_BYTES = 64
 ALIGN = 64
 SLOTS = 2
 META_ROOM = 64 << 10  # bytes kept for the meta before the data (doubled when a meta outgrows it)
+MARKER = ".telepathy-slots"  # in every slot directory telepathy makes; flock-ed by its supervisor while alive
 
 
 def align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def make_slot_dir() -> Path:
-    """A fresh private directory for one supervisor's slots, in shared memory when the machine has it (and the
-    directories of this user's supervisors that died without removing theirs — SIGKILL, OOM — are removed)."""
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else None
+_held: dict[Path, int] = {}  # slot directory -> the descriptor of its flock-ed marker (this supervisor's)
+
+
+def make_slot_dir(base: Path | None = None) -> Path:
+    """A fresh private directory for one supervisor's slots, in ``base`` or else in shared memory when the machine
+    has it, with its marker locked for as long as this process lives (and the directories of this user's
+    supervisors that died without removing theirs are removed)."""
+    if base is None and Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK):
+        base = Path("/dev/shm")
     remove_orphans(base or Path(tempfile.gettempdir()))
     path = Path(tempfile.mkdtemp(prefix=f"telepathy-{os.getpid()}-{secrets.token_hex(3)}-", dir=base))
     os.chmod(path, 0o700)
+    fd = os.open(path / MARKER, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # (close_fds: the trainer never inherits it)
+    _held[path] = fd
     return path
 
 
 def remove_orphans(base: Path) -> None:
-    """``telepathy-<pid>-*`` slot directories of this user whose supervisor process no longer exists."""
+    """``telepathy-*`` slot directories of this user that carry telepathy's marker and whose supervisor is gone
+    (its lock on the marker can be taken)."""
     for entry in base.glob("telepathy-*-*"):
         try:
-            pid = int(entry.name.split("-")[1])
             if entry.is_symlink() or not entry.is_dir() or entry.stat().st_uid != os.getuid():
                 continue
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry, ignore_errors=True)
-        except (ValueError, IndexError, OSError):
+            fd = os.open(entry / MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # no marker: not a directory telepathy made (or one from before markers): left alone
             continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its supervisor is alive, maybe in another PID namespace
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def remove_slot_dir(path: Path) -> None:
+    fd = _held.pop(path, None)
     shutil.rmtree(path, ignore_errors=True)
+    if fd is not None:
+        os.close(fd)
+
+
+def is_slot_dir(path: str | os.PathLike) -> str | None:
+    """None when ``path`` is a slot directory a trainer may write in: a real directory (not a link), this user's,
+    private (0700), holding telepathy's marker; else why not."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a directory (a symlink or a file)"
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return "it is not private to this user (owner and mode 0700)"
+    if not os.path.isfile(Path(path) / MARKER) or os.path.islink(Path(path) / MARKER):
+        return "it was not made by a telepathy supervisor (no marker)"
+    return None
 
 
 def clear_slots(path: Path) -> None:
@@ -121,9 +161,14 @@ class SlotWriter:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             os.ftruncate(fd, capacity)
+            if hasattr(os, "posix_fallocate"):  # claim the memory now: a full /dev/shm is an error here, not a
+                os.posix_fallocate(fd, 0, capacity)  # SIGBUS in the middle of a copy into a sparse mapping
             mapping = mmap.mmap(fd, capacity)
-        finally:
+        except BaseException:
             os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
         os.replace(tmp, path)  # a reader never sees a half-sized file under the slot's name
         self._maps[slot] = (mapping, capacity)
         return mapping
@@ -155,12 +200,13 @@ def read_newest(directory: str | os.PathLike) -> tuple[dict[str, Any], bytes] | 
 
 def _read_slot(path: Path) -> tuple[int, dict[str, Any], bytes] | None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO put in its place: no hang
     except OSError:
         return None
     try:
-        size = os.fstat(fd).st_size
-        if size < HEADER_BYTES:
+        st = os.fstat(fd)
+        size = st.st_size
+        if not stat.S_ISREG(st.st_mode) or size < HEADER_BYTES:
             return None
         with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapping:
             magic, begin, end, meta_len, data_len, data_at = HEADER.unpack_from(mapping, 0)
@@ -173,7 +219,7 @@ def _read_slot(path: Path) -> tuple[int, dict[str, Any], bytes] | None:
                 return None
         meta = json.loads(meta_bytes)
         return (begin, meta, data) if isinstance(meta, dict) and isinstance(meta.get("step"), int) else None
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, struct.error, RecursionError, MemoryError):  # damaged or hostile: the other slot
         return None
     finally:
         os.close(fd)

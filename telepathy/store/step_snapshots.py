@@ -13,6 +13,7 @@ import array
 import itertools
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from telepathy import tree
-from telepathy.disk.slots import SLOT_DIR_ENV, SlotWriter, align
+from telepathy.disk.slots import SLOT_DIR_ENV, SlotWriter, align, is_slot_dir
 
 log = logging.getLogger("telepathy")
 
@@ -209,7 +210,18 @@ class StepSnapshots:
                 with torch.no_grad():  # (no detach: 177 of them cost more than the copy of a small state)
                     torch._foreach_copy_(destinations, sources)  # one call, not one per tensor
 
-        self.writer.write(step, meta, layout.data_len, fill)
+        try:
+            self.writer.write(step, meta, layout.data_len, fill)
+        except OSError as exc:  # a full /dev/shm, a removed or read-only slot directory: loud, once; training goes on
+            self.disabled = str(exc)
+            log.error(
+                "per-step snapshots are off for this run: they cannot be written to %s (%s; %.1f MiB per "
+                "slot, two slots); a hard kill now loses up to one checkpoint interval. Give /dev/shm more "
+                "room (docker: --shm-size)",
+                self.writer.dir,
+                exc.strerror or exc,
+                layout.data_len / 2**20,
+            )
 
     def _destinations(self, mapping: Any, at: int, length: int, layout: _Layout) -> list[torch.Tensor]:
         cached = self._views.get(id(mapping))
@@ -232,17 +244,79 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
+class SnapshotInvalid(ValueError):
+    """A slot's meta does not describe its bytes the way a trainer writes them: never committed."""
+
+
 def files_from_slot(meta: Mapping[str, Any], data: bytes) -> dict[str, Any]:
-    """The ``files`` a save would have written, rebuilt from a slot's meta and bytes (each tensor its own copy)."""
+    """The ``files`` a save would have written, rebuilt from a slot's meta and bytes (each tensor its own copy).
+    Everything is checked first (raises :class:`SnapshotInvalid`): a table row per tensor with a known dtype, a
+    shape of non-negative ints whose size is the row's byte count, rows in order inside the data without overlap,
+    and a structure that names each tensor exactly once."""
+    rows = meta.get("tensors")
+    if not isinstance(rows, list):
+        raise SnapshotInvalid("the snapshot has no table of tensors")
+    end = 0
+    for i, row in enumerate(rows):
+        ok = isinstance(row, list) and len(row) == 4 and row[0] in _DTYPES and isinstance(row[1], list)
+        ok = ok and all(type(n) is int and n >= 0 for n in row[1]) and all(type(n) is int for n in row[2:])
+        if not ok or row[3] != math.prod(row[1]) * _DTYPES[row[0]].itemsize:
+            raise SnapshotInvalid(f"tensor {i} of the snapshot has an implausible row {str(row)[:80]}")
+        if row[3] and not (end <= row[2] and row[2] + row[3] <= len(data)):
+            raise SnapshotInvalid(f"tensor {i} of the snapshot lies outside its data or over another tensor")
+        end = row[2] + row[3] if row[3] else end
+    _check_references(meta.get("files"), len(rows))
     whole = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     tensors = []
-    for dtype, shape, at, nbytes in meta["tensors"]:
+    for dtype, shape, at, nbytes in rows:
         kind = _DTYPES[dtype]
         if nbytes:
             tensors.append(whole[at : at + nbytes].view(kind).view(shape).clone())
         else:
             tensors.append(torch.empty(shape, dtype=kind))
     return rebuild(meta["files"], tensors)
+
+
+def _check_references(structure: Any, count: int) -> None:
+    """Every tensor reference of a snapshot's structure in range, and each of the ``count`` tensors named once
+    (two references to one tensor would alias after a resume)."""
+    seen: set[int] = set()
+    pending = [structure]
+
+    def take(first: Any, n: int) -> None:
+        if type(first) is not int or first < 0 or first + n > count or seen.intersection(range(first, first + n)):
+            raise SnapshotInvalid(f"the snapshot's structure names tensors {first}..+{n} of {count} wrongly")
+        seen.update(range(first, first + n))
+
+    try:
+        _walk_references(pending, take)
+    except SnapshotInvalid:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise SnapshotInvalid(f"the snapshot's structure: {exc}") from None
+    if len(seen) != count:
+        raise SnapshotInvalid(f"the snapshot's structure names {len(seen)} of its {count} tensors")
+
+
+def _walk_references(pending: list[Any], take: Any) -> None:
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, dict):
+            if _TENSOR in node:
+                take(node[_TENSOR], 1)
+            elif _INTS in node:
+                take(node[_INTS], 1)
+            elif _TENSORS in node:
+                first, keys = node[_TENSORS]
+                take(first, len(keys))
+            elif _TABLE in node:
+                first, keys, columns = node[_TABLE]
+                take(first, len(keys) * len(columns))
+                pending.extend(keys)
+            else:
+                pending.extend(node.values())
 
 
 def from_environment(enabled: bool, several_ranks: bool) -> StepSnapshots | None:
@@ -254,10 +328,29 @@ def from_environment(enabled: bool, several_ranks: bool) -> StepSnapshots | None
 
         raise UsageError("snapshot_every_step is not supported with several ranks or sharded state yet; drop "
                          "--snapshot_every_step (interval and signal saves still work)")  # fmt: skip
-    directory = os.environ.get(SLOT_DIR_ENV)
-    if not directory or not os.path.isdir(directory):
+    directory = slot_dir_from_environment()
+    if not directory:
         log.warning("snapshot_every_step needs the supervising wrapper (python -m telepathy.preemptible_training "
                     "... -- your command) to hold the snapshots; without it a hard kill loses up to one "
                     "checkpoint interval")  # fmt: skip
         return None
+    problem = is_slot_dir(directory)
+    if problem is not None:
+        log.error("per-step snapshots are off: %s=%s is not a snapshot directory of a telepathy supervisor (%s); a "
+                  "hard kill now loses up to one checkpoint interval", SLOT_DIR_ENV, directory, problem)  # fmt: skip
+        return None
     return StepSnapshots(directory)
+
+
+_inherited: tuple[int, str] | None = None  # (pid, directory): the supervisor's slot directory, for this process only
+
+
+def slot_dir_from_environment() -> str | None:
+    """The slot directory the supervisor gave this process. Taken out of the environment on first use, so that
+    a process the trainer starts (an evaluation job with a Checkpointer of its own) cannot write into the
+    trainer's slots and have its state rescued in the trainer's place; a forked child does not use it either."""
+    global _inherited
+    value = os.environ.pop(SLOT_DIR_ENV, None)
+    if value:
+        _inherited = (os.getpid(), value)
+    return _inherited[1] if _inherited is not None and _inherited[0] == os.getpid() else None

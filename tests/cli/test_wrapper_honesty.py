@@ -181,3 +181,25 @@ def test_a_stop_the_trainer_saved_before_the_wrapper_heard_of_it_is_99(tmp_path)
     out = "".join(lines) + proc.stdout.read()
     assert proc.wait(timeout=60) == 99, out[-2000:]
     assert "nothing new saved" not in out
+
+
+def test_a_stop_whose_save_failed_but_whose_last_step_was_rescued_exits_99(tmp_path):
+    """The trainer got SIGTERM, its own save failed (exit 98), and the supervisor then committed the trainer's last
+    step from shared memory: a resumable checkpoint was committed after the signal, so 99. A commit of any other
+    kind after a trainer's 98 does not change its word."""
+    import signal as signals
+    import time as clock
+
+    from telepathy.child import Outcome
+    from telepathy.supervisor import Supervisor
+
+    supervisor = Supervisor(["true"], tmp_path, grace_period=1)
+    signalled = clock.time() - 5
+    out = Outcome(code=98, ending=signals.SIGTERM, ending_at=signalled, aware=True, grace_killed=False, usr1_dropped=0)
+    supervisor.last_commit, supervisor.last_commit_at = {"event": "save", "reason": "rescue:exit 98"}, clock.time()
+    assert supervisor._stop_code(out) == 99
+    supervisor.last_commit = {"event": "save", "reason": "interval"}
+    assert supervisor._stop_code(out) == 98
+    supervisor.last_commit_at = signalled - 1  # rescued, but before the signal: not for this stop
+    supervisor.last_commit = {"event": "save", "reason": "rescue:SIGKILL"}
+    assert supervisor._stop_code(out) == 98
