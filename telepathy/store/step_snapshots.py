@@ -321,6 +321,7 @@ def _walk_references(pending: list[Any], take: Any) -> None:
 
 def from_environment(enabled: bool, several_ranks: bool) -> StepSnapshots | None:
     """The per-step snapshots a Checkpointer takes: on when asked for and a supervisor gave its slot directory."""
+    directory = slot_dir_from_environment()  # taken out of the environment even when not used here
     if not enabled:
         return None
     if several_ranks:
@@ -328,7 +329,6 @@ def from_environment(enabled: bool, several_ranks: bool) -> StepSnapshots | None
 
         raise UsageError("snapshot_every_step is not supported with several ranks or sharded state yet; drop "
                          "--snapshot_every_step (interval and signal saves still work)")  # fmt: skip
-    directory = slot_dir_from_environment()
     if not directory:
         log.warning("snapshot_every_step needs the supervising wrapper (python -m telepathy.preemptible_training "
                     "... -- your command) to hold the snapshots; without it a hard kill loses up to one "
