@@ -14,6 +14,7 @@ An aware process says so on the report pipe when it installs its handlers (the h
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 from telepathy import training_signals
 from telepathy.disk.events import EventLog
+from telepathy.errors import EXIT_USAGE
 
 HANDSHAKE_WAIT = 10.0  # seconds an ending signal is held for a command that has not shaken hands yet
 
@@ -47,16 +49,25 @@ class ChildRun:
         self.grace_period, self.pending, self.events = grace_period, pending, events
         self.on_report, self.preexec = on_report, preexec
         self.aware = False
+        self.aware_pids: list[int] = []  # processes that installed telepathy's handlers (the trainers)
 
     def run(self, read_fd: int) -> Outcome:
         started = time.monotonic()
-        child = subprocess.Popen(self.command, env=self.env, pass_fds=(self.report_w,), preexec_fn=self._in_child)
+        try:
+            child = subprocess.Popen(self.command, env=self.env, pass_fds=(self.report_w,), preexec_fn=self._in_child)
+        except OSError as exc:  # found but not runnable: a bad #! line, no #! at all, not executable
+            os.close(self.report_w)
+            os.close(read_fd)
+            hint = " (a script without a #! line, or one naming a missing interpreter?)" if exc.errno in (
+                errno.ENOEXEC, errno.ENOENT) else ""  # fmt: skip
+            print(f"[telepathy] cannot start {self.command[0]!r}: {exc.strerror}{hint}", flush=True)
+            return Outcome(EXIT_USAGE, None, None, False, False, 0)
         os.close(self.report_w)
         reader = threading.Thread(target=self._read_reports, args=(read_fd,), daemon=True)
         reader.start()
         held: list[int] = []
         ending, ending_at, deadline, grace_killed, said_usr1 = None, None, None, False, False
-        while child.poll() is None:
+        while child.poll() is None or any(map(_running, self.aware_pids)):  # a trainer may outlive its shell
             while self.pending:
                 signum = self.pending.pop(0)
                 if signum != signal.SIGUSR1 and ending is None:
@@ -64,10 +75,15 @@ class ChildRun:
                     deadline = time.monotonic() + self.grace_period
                     self.events.emit("signal", signal=training_signals.signal_name(signum),
                                      grace_period=self.grace_period)  # fmt: skip
+                if signum not in (signal.SIGUSR1, ending):  # the first stop signal decides; another delivered
+                    continue  # with it would win the race (the kernel hands over pending signals lowest first)
                 held.append(signum)
             startup_over = time.monotonic() - started > min(HANDSHAKE_WAIT, self.grace_period / 2)
             for signum in list(held):
-                if self.aware or (signum != signal.SIGUSR1 and startup_over):
+                if self.aware:  # to the trainers only: a shell or `tee` between us and them must not die of it
+                    held.remove(signum)
+                    self._send_trainers(child, signum)
+                elif signum != signal.SIGUSR1 and startup_over:
                     held.remove(signum)
                     _send_group(child, signum)
                 elif signum == signal.SIGUSR1 and startup_over and not said_usr1:
@@ -80,6 +96,8 @@ class ChildRun:
                 self.events.emit("grace_expired")
                 grace_killed = True
                 _send_group(child, signal.SIGKILL)
+                for pid in self.aware_pids:  # one in a session of its own (a launcher's) is outside the group
+                    _kill_quietly(pid, signal.SIGKILL)
                 child.wait()
                 break
             time.sleep(0.05)
@@ -89,6 +107,12 @@ class ChildRun:
             ending = signal.SIGTERM if code == training_signals.EXIT_REQUEUE else signal.SIGINT  # signalled directly
         dropped = sum(1 for s in held if s == signal.SIGUSR1)
         return Outcome(code, ending, ending_at, self.aware, grace_killed, dropped)
+
+    def _send_trainers(self, child: subprocess.Popen, signum: int) -> None:
+        """``signum`` to each process that shook hands and is still there; to the group if none is left."""
+        alive = [pid for pid in self.aware_pids if _kill_quietly(pid, signum)]
+        if not alive:
+            _send_group(child, signum)
 
     def _in_child(self) -> None:
         os.setpgid(0, 0)  # its own process group: signals reach a trainer behind a shell or launcher
@@ -104,6 +128,8 @@ class ChildRun:
                 if not isinstance(record, dict):
                     continue
                 if record.get("event") == "handlers":
+                    if type(record.get("pid")) is int and record["pid"] > 1:
+                        self.aware_pids.append(record["pid"])
                     self.aware = True
                 self.on_report(record)
 
@@ -116,3 +142,26 @@ def _send_group(child: subprocess.Popen, signum: int) -> None:
             child.send_signal(signum)
         except ProcessLookupError:
             pass
+
+
+def _kill_quietly(pid: int, signum: int) -> bool:
+    """Send ``signum`` to ``pid``; False when it is gone."""
+    try:
+        os.kill(pid, signum)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, which only waits to be reaped, does not): the trainer behind
+    `sh -c "train.py; echo done"` or `train.py | tee log` outlives the shell that started it."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) said it is there

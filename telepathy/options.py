@@ -156,6 +156,19 @@ def positive_float(text: str) -> float:
     return value
 
 
+def at_most(parse: Any, limit: float, said: str) -> Any:
+    """``parse`` with an upper bound: a value no run could mean (1e308 seconds) refused at parse time, not met as a
+    crash at the first restart."""
+
+    def parse_bounded(text: str) -> float:
+        value = parse(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"must be at most {limit:g} ({said}), got {text!r}")
+        return value
+
+    return parse_bounded
+
+
 def non_negative_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value < 0:
@@ -240,7 +253,7 @@ def add_checkpoint_flags(group: Any, *, interval_flags: tuple[str, ...] = ("--ch
 def add_supervisor_flags(group: Any) -> None:
     """The flags of the supervising wrapper (any trainer): where, how long to wait after SIGTERM, restarts."""
     group.add_argument("--save_dir", type=path_text, default="runs/preemptible_exp")
-    group.add_argument("--grace_period", type=positive_float, default=120.0,
+    group.add_argument("--grace_period", type=at_most(positive_float, 7 * 86400, "a week"), default=120.0,
                        help="seconds the trainer gets after SIGTERM")  # fmt: skip
     group.add_argument("--auto_resume", action="store_true", help="resume from SAVE_DIR/latest when present")
     group.add_argument(
@@ -249,7 +262,7 @@ def add_supervisor_flags(group: Any) -> None:
         default=2,
         help="restarts after trainer failures in a row (one that made progress resets the count)",
     )
-    group.add_argument("--restart_backoff", type=positive_float, default=2.0,
+    group.add_argument("--restart_backoff", type=at_most(positive_float, 3600, "an hour"), default=2.0,
                        help="seconds before the first restart (doubled for each failure in a row)")  # fmt: skip
 
 

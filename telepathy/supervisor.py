@@ -110,7 +110,13 @@ class Supervisor:
                 print(f"[telepathy] trainer failed with exit code {code}; restart {restarts}/{self.max_restarts} "
                       f"from the newest valid checkpoint in {delay:.0f}s", flush=True)  # fmt: skip
                 self.events.emit("restart", after_exit_code=code, restart=restarts)
-                time.sleep(delay)
+                stop = self._sleep_unless_stopped(delay)
+                if stop is not None:  # asked to stop while waiting: no new trainer to start and save nothing
+                    print(f"[telepathy] stopped by {training_signals.signal_name(stop)} while waiting to restart the "
+                          f"trainer; not restarted, nothing new saved (exit {EXIT_STOPPED_UNSAVED}). "
+                          f"{self._next_run()}", flush=True)  # fmt: skip
+                    self.events.emit("exit", exit_code=EXIT_STOPPED_UNSAVED, last_commit=self.last_commit)
+                    return EXIT_STOPPED_UNSAVED
                 self.command = self.restart_command
                 continue
             self.events.emit("exit", exit_code=code, last_commit=self.last_commit)
@@ -122,10 +128,25 @@ class Supervisor:
                       flush=True)  # fmt: skip
             return code
 
+    def _sleep_unless_stopped(self, seconds: float) -> int | None:
+        """Sleep, unless a stop signal (SIGTERM, SIGINT, SIGHUP) arrives: then return it at once (the grace period
+        runs; under SLURM a restart backoff longer than it would end in SIGKILL and no requeue)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            stop = next((s for s in self.pending if s != signal.SIGUSR1), None)
+            if stop is not None:
+                return stop
+            time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
+        return None
+
     def _stop_code(self, out: Outcome) -> int:
         """99 (130 after SIGINT, 129 after SIGHUP) only when a checkpoint was committed for this stop; else 98.
         For this stop: committed after the signal reached this process, or — when the signal reached the trainer
         first (SLURM signals every process of a job step) — a save this trainer reported for that signal."""
+        final = (self.last_commit or {}).get("reason") == "final"
+        final = final and (self.last_commit_at or 0) >= self.child_started_at
+        if out.code == training_signals.EXIT_COMPLETE and final:  # it had finished (its final save) by then
+            return training_signals.EXIT_COMPLETE  # (the exit code alone would not say: a shell's may be 0)
         saved = self.last_commit_at is not None and (out.ending_at is None or self.last_commit_at >= out.ending_at)
         if not saved and out.ending is not None and self.last_commit and self.last_commit_at is not None:
             for_this_signal = self.last_commit.get("reason") == f"signal:{training_signals.signal_name(out.ending)}"

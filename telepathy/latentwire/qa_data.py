@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from telepathy.errors import UsageError
 from telepathy.latentwire.model import PAD_BYTE
 
 NAMES = ["Alice", "Bob", "Chen", "Dana", "Emil", "Fatima", "Goran", "Hana", "Ivan", "Jun", "Kofi", "Lena"]
@@ -52,9 +53,9 @@ def squad_qa(path: str | Path, samples: int | None = None) -> list[dict[str, str
             if qa.get("answers")
         ]
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise ValueError(f"{path} is not a readable SQuAD-format JSON file ({exc!r}); see --data_path") from exc
+        raise UsageError(f"{path} is not a readable SQuAD-format JSON file ({exc!r}); see --data_path") from None
     if not out:
-        raise ValueError(f"{path} holds no answerable questions")
+        raise UsageError(f"{path} holds no answerable questions; see --data_path")
     return out[:samples] if samples else out
 
 

@@ -44,6 +44,13 @@ def command(kind: str, save_dir: Path) -> list[str]:
         return [sys.executable, "-c", UNAWARE]
     if kind == "shell":  # no exec: bash stays the parent and would not pass a signal on
         return ["bash", "-c", " ".join(aware(save_dir)) + "; echo shell-after-trainer"]
+    if kind == "pipe":  # bash and tee stay between us and the trainer; a signal to the group would kill them
+        return ["bash", "-c", " ".join(aware(save_dir)) + f" 2>&1 | tee {save_dir.parent / 'tee.log'}"]
+    if kind == "sh":  # sh forks the trainer and dies of a SIGTERM at once; the trainer goes on saving
+        return ["sh", "-c", " ".join(aware(save_dir)) + "; echo shell-after-trainer"]
+    if kind == "aware_short":  # finishes in a few steps
+        return [sys.executable, "-m", "telepathy.latentwire.train", "--save_dir", str(save_dir), "--epochs", "1",
+                "--samples", "64"]  # fmt: skip
     if kind == "ignores_term":
         return [sys.executable, "-c", IGNORES_TERM]
     return aware(save_dir)
@@ -203,3 +210,85 @@ def test_a_stop_whose_save_failed_but_whose_last_step_was_rescued_exits_99(tmp_p
     supervisor.last_commit_at = signalled - 1  # rescued, but before the signal: not for this stop
     supervisor.last_commit = {"event": "save", "reason": "rescue:SIGKILL"}
     assert supervisor._stop_code(out) == 98
+
+
+@pytest.mark.parametrize("kind", ["pipe", "sh"])
+def test_the_wrapper_waits_for_a_trainer_that_outlives_its_shell_and_tells_the_truth(tmp_path, kind):
+    """`train | tee log` and `sh -c "train; echo"`: the shell may end before the trainer has saved. The wrapper
+    waits for the trainer that shook hands, so its 99 comes with the checkpoint, and nothing runs on after it."""
+    save_dir = tmp_path / "save"
+    code, out = run(kind, save_dir, [signal.SIGTERM])
+    assert code == 99 and SaveDir(save_dir).committed(), out[-2000:]
+    left = subprocess.run(["pgrep", "-f", str(save_dir)], capture_output=True, text=True).stdout.split()
+    assert not left, f"still running after the wrapper exited: {left}"
+
+
+def test_sigusr1_through_a_pipe_saves_and_training_goes_on(tmp_path):
+    """Before, SIGUSR1 went to the whole group: bash and tee died of it, the wrapper restarted the command, which
+    found the live trainer's lock, and the pipeline's status (tee's 0) ended the job as complete."""
+    save_dir = tmp_path / "save"
+    code, out = run("pipe", save_dir, [signal.SIGUSR1, signal.SIGTERM])
+    assert code == 99 and "reason: signal:SIGUSR1" in (tmp_path / "tee.log").read_text(), out[-2000:]
+    assert "restart" not in out and "SaveDirBusy" not in out, out[-2000:]
+
+
+def test_sigterm_after_the_trainer_completed_is_exit_0(tmp_path):
+    code, out = run("aware_short", tmp_path, [signal.SIGTERM], wait_for="training complete")
+    assert code == 0, out[-2000:]
+
+
+def test_a_stop_signal_during_the_restart_backoff_stops_at_once_and_starts_nothing(tmp_path):
+    fails = [sys.executable, "-c", "import time, sys; print('iteration 0', flush=True); time.sleep(1); sys.exit(1)"]
+    proc = subprocess.Popen([*MAIN, "--save_dir", str(tmp_path), "--grace_period", "10", "--restart_backoff", "60",
+                             "--", *fails], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    out = ""
+    for line in proc.stdout:
+        out += line
+        if "restart 1/" in line:
+            break
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out += proc.stdout.read()
+    assert proc.wait(timeout=60) == 98 and time.monotonic() - started < 10, out[-2000:]
+    assert "while waiting to restart" in out and out.count("iteration 0") == 1, out[-2000:]
+
+
+@pytest.mark.parametrize("script", ["#!/nonexistent/python\nprint(1)\n", "print(1)\n"])
+def test_a_command_that_cannot_be_started_is_one_line_and_exit_2(tmp_path, script):
+    path = tmp_path / "train.sh"
+    path.write_text(script)
+    path.chmod(0o755)
+    done = subprocess.run([*MAIN, "--save_dir", str(tmp_path / "save"), "--", str(path)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    assert f"cannot start {str(path)!r}" in done.stdout
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--restart_backoff", "1e308"), ("--grace_period", "1e12")])
+def test_absurd_wrapper_durations_are_refused_at_parse_time(tmp_path, flag, value):
+    done = subprocess.run([*MAIN, "--save_dir", str(tmp_path), flag, value, "--", "true"], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "must be at most" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_dataset_file_that_is_not_squad_is_a_usage_error_not_three_tracebacks(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": 1}')
+    done = subprocess.run([*MAIN, "--save_dir", str(tmp_path / "save"), "--dataset", str(bad), "--epochs", "1",
+                           "--samples", "8"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in out and "not a readable SQuAD-format" in out, out[-2000:]
+    assert "restart" not in out
+
+
+def test_of_two_stop_signals_held_during_start_up_the_first_decides(tmp_path):
+    """Released together, pending signals are handled lowest number first: SIGINT (2) would overtake an earlier
+    SIGTERM (15). Only the first stop signal is passed on."""
+    wrapped = [*MAIN, "--save_dir", str(tmp_path), "--grace_period", "30", "--", *aware(tmp_path)]
+    proc = subprocess.Popen(wrapped, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 99 and "reason: signal:SIGTERM" in out, out[-2000:]
