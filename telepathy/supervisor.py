@@ -24,8 +24,10 @@ from pathlib import Path
 from telepathy import training_signals
 from telepathy.child import ChildRun, Outcome
 from telepathy.disk import slots
+from telepathy.disk.contents import MANIFEST
 from telepathy.disk.events import EventLog
 from telepathy.disk.lock import busy_message
+from telepathy.disk.manifest import read_manifest
 from telepathy.disk.save_dir import SaveDir
 from telepathy.errors import (
     EXIT_HANGUP,
@@ -34,6 +36,7 @@ from telepathy.errors import (
     EXIT_SAVE_DIR_BUSY,
     EXIT_STOPPED_UNSAVED,
     NOT_RESTARTED,
+    CheckpointInvalid,
 )
 from telepathy.rescue import how_it_ended, rescue
 from telepathy.training_signals import REPORT_FD_ENV
@@ -151,12 +154,30 @@ class Supervisor:
         if not saved and out.ending is not None and self.last_commit and self.last_commit_at is not None:
             for_this_signal = self.last_commit.get("reason") == f"signal:{training_signals.signal_name(out.ending)}"
             saved = for_this_signal and self.last_commit_at >= self.child_started_at
+        if not saved and out.ending is not None:
+            saved = self._committed_unannounced(out.ending)
         rescued = saved and str((self.last_commit or {}).get("reason", "")).startswith("rescue:")
         if (out.code == EXIT_STOPPED_UNSAVED and not rescued) or not saved:  # (98 then rescued: a step committed)
             print(f"[telepathy] stopped by {training_signals.signal_name(out.ending)} with nothing new saved "
                   f"(exit {EXIT_STOPPED_UNSAVED}). {self._next_run()}", flush=True)  # fmt: skip
             return EXIT_STOPPED_UNSAVED
         return {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGHUP: EXIT_HANGUP}.get(out.ending, EXIT_REQUEUE)
+
+    def _committed_unannounced(self, ending: int) -> bool:
+        """A checkpoint for this signal that the trainer committed without telling us: a launcher that closes
+        inherited descriptors (torchrun starts its workers with ``close_fds``) cuts the report pipe. The newest
+        committed checkpoint counts when its manifest names this signal and was written while this trainer ran."""
+        committed = SaveDir(self.save_dir).committed()
+        if not committed:
+            return False
+        try:
+            doc = read_manifest(committed[-1].path)
+            written = (committed[-1].path / MANIFEST).stat().st_mtime
+        except (CheckpointInvalid, OSError):
+            return False
+        return (
+            doc.get("reason") == f"signal:{training_signals.signal_name(ending)}" and written >= self.child_started_at
+        )
 
     def _next_run(self) -> str:
         committed = SaveDir(self.save_dir).committed()

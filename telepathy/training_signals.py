@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -118,15 +119,24 @@ def install_signal_handlers(extra: Mapping[int, Action] | None = None) -> None:
 _exit_hook_registered = False
 
 
+def report_fd() -> int | None:
+    """The supervisor's report pipe, if this process really has it: a launcher that closes inherited descriptors
+    (torchrun starts its workers with ``close_fds``) leaves the number in the environment, and by then it may name
+    a socket or file of this process that a JSON line must not be written into."""
+    fd = os.environ.get(REPORT_FD_ENV, "")
+    try:
+        return int(fd) if fd.isdigit() and stat.S_ISFIFO(os.fstat(int(fd)).st_mode) else None
+    except OSError:
+        return None
+
+
 def _tell_supervisor() -> None:
     """The handshake: a supervising wrapper learns that this process saves on signals (so it may forward SIGUSR1,
     and signals it held during start-up)."""
-    fd = os.environ.get(REPORT_FD_ENV, "")
-    if fd.isdigit():
+    fd = report_fd()
+    if fd is not None:
         try:
-            os.write(
-                int(fd), (json.dumps({"event": "handlers", "pid": os.getpid(), "time": time.time()}) + "\n").encode()
-            )
+            os.write(fd, (json.dumps({"event": "handlers", "pid": os.getpid(), "time": time.time()}) + "\n").encode())
         except OSError:
             pass
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from telepathy.disk.save_dir import EVENTS as EVENTS_FILE  # noqa: F401 (re-exported)
 from telepathy.disk.save_dir import SaveDir
-from telepathy.training_signals import REPORT_FD_ENV
+from telepathy.training_signals import report_fd
 
 log = logging.getLogger("telepathy")
 PROGRESS_EVERY_ENV = "TELEPATHY_PROGRESS_EVERY"  # seconds between progress records [2]
@@ -25,8 +25,7 @@ class EventLog:
         self.path = SaveDir(save_dir).events
         self.source = source
         self.failed = False  # an append failed (warned once)
-        fd = os.environ.get(REPORT_FD_ENV)
-        self.report_fd = int(fd) if fd and fd.isdigit() else None
+        self.report_fd = report_fd()  # (only a real pipe: the number may name another file in a launcher's worker)
 
     def emit(self, kind: str, **fields: Any) -> None:
         record = {"time": round(time.time(), 3), "event": kind, "source": self.source, "pid": os.getpid(), **fields}

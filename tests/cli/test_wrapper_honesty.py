@@ -292,3 +292,39 @@ def test_of_two_stop_signals_held_during_start_up_the_first_decides(tmp_path):
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=180)[0]
     assert proc.returncode == 99 and "reason: signal:SIGTERM" in out, out[-2000:]
+
+
+def test_a_trainer_under_torchrun_that_commits_for_the_stop_is_99(tmp_path):
+    """torchrun starts its workers with close_fds: no handshake and no report reach the wrapper. The checkpoint the
+    worker commits for the signal is found in the save dir (before: exit 98, "nothing new saved", beside it)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m",
+                *aware(tmp_path)[2:]]  # fmt: skip
+    proc = subprocess.Popen([*MAIN, "--save_dir", str(tmp_path), "--grace_period", "60", "--", *torchrun],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    out = ""
+    for line in proc.stdout:
+        out += line
+        if line.startswith("step 3 "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out += proc.communicate(timeout=180)[0]
+    assert proc.returncode == 99 and SaveDir(tmp_path).committed(), out[-3000:]
+    assert "nothing new saved" not in out
+
+
+def test_a_report_descriptor_that_is_not_the_supervisors_pipe_is_never_written(tmp_path, monkeypatch):
+    """In a launcher's worker the inherited number may name one of its own files or sockets."""
+    from telepathy import training_signals
+    from telepathy.disk.events import EventLog
+
+    with open(tmp_path / "unrelated.bin", "wb") as unrelated:
+        monkeypatch.setenv(training_signals.REPORT_FD_ENV, str(unrelated.fileno()))
+        training_signals._tell_supervisor()
+        EventLog(tmp_path / "save", "trainer").emit("save", step=1)
+    assert (tmp_path / "unrelated.bin").read_bytes() == b""
+    read, write = os.pipe()
+    monkeypatch.setenv(training_signals.REPORT_FD_ENV, str(write))
+    training_signals._tell_supervisor()
+    os.close(write)
+    assert b'"handlers"' in os.read(read, 4096)
+    os.close(read)
