@@ -307,8 +307,8 @@ def test_a_trainer_under_torchrun_that_commits_for_the_stop_is_99(tmp_path):
         if line.startswith("step 3 "):
             break
     proc.send_signal(signal.SIGTERM)
-    out += proc.communicate(timeout=180)[0]
-    assert proc.returncode == 99 and SaveDir(tmp_path).committed(), out[-3000:]
+    out += proc.stdout.read()  # (the same stream: communicate would skip what it has buffered)
+    assert proc.wait(timeout=180) == 99 and SaveDir(tmp_path).committed(), out[-3000:]
     assert "nothing new saved" not in out
 
 

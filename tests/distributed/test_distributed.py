@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,7 +48,14 @@ class Run:
         raise AssertionError("the run ended before the awaited line:\n" + self.output[-3000:])
 
     def finish(self, timeout: float = 180) -> Run:
-        self.lines.append(self.proc.communicate(timeout=timeout)[0])
+        """Wait for the run and keep the rest of its output. Read through the same text stream as ``read_until``:
+        ``communicate`` reads the pipe itself and would lose the lines that stream had already buffered (a step
+        line of the other rank that arrived with the awaited one went missing on a loaded machine)."""
+        reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        reader.start()
+        self.proc.wait(timeout=timeout)
+        reader.join(timeout=60)
+        assert not reader.is_alive(), "the run's output never ended"
         return self
 
     @property
