@@ -30,19 +30,26 @@ def pause_point(label: str = "") -> None:
         time.sleep(_STEP_PAUSE_S)
 
 
+def _open_to_hash(path: str | os.PathLike, extra_flags: int = 0) -> BinaryIO:
+    """``path`` opened for one sequential read: ``O_NONBLOCK`` (a FIFO swapped in after the caller's check does not
+    hang us) and, where the OS has it, a larger read-ahead."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | extra_flags)
+    file = open(fd, "rb", buffering=0)
+    if hasattr(os, "posix_fadvise"):  # Linux; not macOS
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError:  # not a regular file: it will not match its hash
+            pass
+    return file
+
+
 def hash_file(path: str | os.PathLike) -> str:
     """xxh3-128 of a file's bytes (manifests and blobs are checked with it), read into one reused 1 MiB buffer:
     a fresh 8 MiB ``bytes`` per chunk made the pass ~30% slower than ``dd`` from a cold cache. This read is
     also the load's disk read: the load that follows finds the pages in the page cache."""
     digest = xxhash.xxh3_128()
     buffer = memoryview(bytearray(1 << 20))
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in after the caller's check: no hang
-    with open(fd, "rb", buffering=0) as f:
-        if hasattr(os, "posix_fadvise"):  # Linux; not macOS
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead
-            except OSError:  # not a regular file: it will not match its hash
-                pass
+    with _open_to_hash(path) as f:
         while n := f.readinto(buffer):
             digest.update(buffer[:n])
     return digest.hexdigest()
@@ -53,13 +60,7 @@ def hash_ranges(path: str | os.PathLike, ranges: list[tuple[int, int]]) -> list[
     are in order. A range past the end of the file hashes what is there (and so does not match)."""
     buffer = memoryview(bytearray(1 << 20))
     digests = []
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    with open(fd, "rb", buffering=0) as f:
-        if hasattr(os, "posix_fadvise"):
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            except OSError:
-                pass
+    with _open_to_hash(path, os.O_NOFOLLOW) as f:
         for offset, length in ranges:
             digest = xxhash.xxh3_128()
             f.seek(offset)
