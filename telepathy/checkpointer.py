@@ -53,6 +53,9 @@ OPTIMIZER_PART = OPTIMIZER  # older names
 STATE_PART = STATE
 
 
+_MODULE_STATE = nn.Module.state_dict  # (a module whose class overrides it may not take keep_vars)
+
+
 @dataclass(frozen=True)
 class SaveReport:
     path: Path
@@ -178,10 +181,14 @@ class Checkpointer:
         self.close()
 
     # ------------------------------------------------------------------------------------------ save
-    def _files(self, state: TrainState) -> dict[str, Any]:
+    def _files(self, state: TrainState, live: bool = False) -> dict[str, Any]:
         """The files rank 0 writes: parts, optimizer and state (in sharded mode only scheduler, scaler and
-        state: parts and optimizer are in the DCP shards)."""
-        files: dict[str, Any] = {} if self.sharded else {name: part.state_dict() for name, part in self.parts.items()}
+        state: parts and optimizer are in the DCP shards). ``live``: a module's parameters themselves, not
+        detached aliases (a per-step snapshot copies them at once; the detaches were a tenth of its cost)."""
+        files: dict[str, Any] = {}
+        for name, part in {} if self.sharded else self.parts.items():
+            own = type(part).state_dict is _MODULE_STATE
+            files[name] = part.state_dict(keep_vars=True) if live and own else part.state_dict()
         files[OPTIMIZER] = {
             "optimizer": self.optimizer.state_dict() if self.optimizer and not self.sharded else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
@@ -291,7 +298,7 @@ class Checkpointer:
             record_step(os.environ[STEP_LOG_ENV], state.global_step, metric)
         if self._snapshots is not None:  # what the supervisor commits if this process dies before the next step
             info = self._info(state, "rescue", metric)
-            self._snapshots.capture(state.global_step, self._files(state), info, self._options_record,
+            self._snapshots.capture(state.global_step, self._files(state, live=True), info, self._options_record,
                                     self._resolved_save_dir)  # fmt: skip
         if interval is not None and interval != self.policy.interval:
             self.policy.interval = check_interval(interval)

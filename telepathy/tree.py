@@ -4,6 +4,7 @@ container" is decided once. No torch import: callers decide what a leaf is."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,16 +16,34 @@ def transform(obj: Any, leaf: Callable[[Any, str], Any], *, key: Callable[[Any],
     """A copy of ``obj`` with every value for which ``leaf(value, path)`` returns something other than
     :data:`KEEP` replaced by that. Mappings become dicts (their keys passed through ``key`` when given), lists
     stay lists, tuples stay tuples (sets become lists). ``path`` names a value's position (``/a/b[2]``), stable
-    across calls on same-shaped state: reusable buffers are keyed by it."""
+    across calls on same-shaped state: reusable buffers are keyed by it. A module's state dict keeps its
+    ``_metadata`` (see :func:`module_versions`)."""
     replacement = leaf(obj, path)
     if replacement is not KEEP:
         return replacement
     if isinstance(obj, Mapping):
-        return {(key(k) if key else k): transform(v, leaf, key=key, path=f"{path}/{k}") for k, v in obj.items()}
+        copy = {(key(k) if key else k): transform(v, leaf, key=key, path=f"{path}/{k}") for k, v in obj.items()}
+        versions = module_versions(obj)
+        return copy if versions is None else with_module_versions(copy, versions)
     if isinstance(obj, (list, tuple, set, frozenset)):
         items = [transform(v, leaf, key=key, path=f"{path}[{i}]") for i, v in enumerate(obj)]
         return tuple(items) if isinstance(obj, tuple) else items
     return obj
+
+
+def module_versions(obj: Any) -> Any:
+    """The ``_metadata`` of a module's state dict (an OrderedDict attribute: each submodule's ``_version``), or
+    None. ``load_state_dict`` hands it to every module's ``_load_from_state_dict``: without it a module believes
+    its state comes from an old version and converts it (a quantization observer resets its ``eps``), so every
+    copy of a state dict must keep it."""
+    return getattr(obj, "_metadata", None) if isinstance(obj, OrderedDict) else None
+
+
+def with_module_versions(state_dict: Mapping[Any, Any], versions: Any) -> OrderedDict[Any, Any]:
+    """``state_dict`` as an OrderedDict carrying ``versions`` as its ``_metadata``, the way torch makes one."""
+    copy = OrderedDict(state_dict)
+    copy._metadata = OrderedDict(versions)  # type: ignore[attr-defined]
+    return copy
 
 
 def leaves(obj: Any) -> list[Any]:

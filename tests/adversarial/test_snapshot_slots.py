@@ -23,7 +23,8 @@ from telepathy.disk import slots
 from telepathy.disk.save_dir import SaveDir
 from telepathy.rescue import rescue
 from telepathy.store import step_snapshots
-from telepathy.store.step_snapshots import SnapshotInvalid, StepSnapshots, files_from_slot
+from telepathy.store.snapshot_format import SnapshotInvalid, files_from_slot
+from telepathy.store.step_snapshots import StepSnapshots
 
 
 def state(width: int = 64) -> dict:
@@ -153,13 +154,30 @@ def hostile(meta: dict, how: str) -> None:
     elif how == "negative index":
         files["state"]["global_step"] = {"__T__": -1}
     elif how == "a tensor named twice":
-        files["model"]["__TS__"][0] = 1
+        model_node(files)["__TS__"][0] = 1
     elif how == "no table":
         del meta["tensors"]
+    elif how == "no constants":
+        del meta["constants"]
+    elif how == "a key set out of range":
+        model_node(files)["__TS__"][1] = 99
+    elif how == "a key set that repeats a key":
+        keys = meta["constants"][model_node(files)["__TS__"][1]]
+        keys[1] = keys[0]
+    elif how == "versions that are a key set":
+        files["model"]["__V__"][0] = model_node(files)["__TS__"][1]
+    elif how == "a key set that is versions":
+        model_node(files)["__TS__"][1] = files["model"]["__V__"][0]
+
+
+def model_node(files: dict) -> dict:
+    """The model's tensor dict node, inside the node carrying its module versions."""
+    return files["model"]["__V__"][1]
 
 
 HOSTILE = ["zero bytes, real shape", "negative offset", "overlapping rows", "past the data", "unknown dtype",
-           "huge shape", "negative index", "a tensor named twice", "no table"]  # fmt: skip
+           "huge shape", "negative index", "a tensor named twice", "no table", "no constants", "a key set out of range",
+           "a key set that repeats a key", "versions that are a key set", "a key set that is versions"]  # fmt: skip
 
 
 @pytest.mark.parametrize("how", HOSTILE)

@@ -1,0 +1,283 @@
+"""How a step snapshot lays out the training state: :func:`describe` turns the ``files`` a save would write into
+a small JSON structure, the tensors to copy and the constants (what changes only with the state's layout);
+:func:`files_from_slot` checks a slot's meta and bytes and rebuilds those ``files`` (the supervisor's side).
+
+Only tensors, containers and plain values can be described; JSON keeps each plain value's type (an int stays an
+int, a float its exact value, a tuple is marked as one), so the rebuilt state is the captured one, bit for bit.
+"""
+
+from __future__ import annotations
+
+import array
+import functools
+import itertools
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from telepathy import tree
+
+DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                               torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
+                               torch.complex128)}  # fmt: skip
+_DTYPE_SET = frozenset(DTYPES.values())
+_TENSOR, _TENSORS, _TABLE = "__T__", "__TS__", "__TT__"
+_TUPLE, _DICT, _INTS, _VERSIONS = "__t__", "__d__", "__L__", "__V__"
+_LONG_LIST = 32  # a list of this many ints or more (Python's RNG state: 625) is copied as one int64 tensor
+_PLAIN = (type(None), bool, int, float, str)
+_PLAIN_SET = frozenset(_PLAIN)
+_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})  # (a module's state dict with keep_vars=True)
+
+
+class UnsupportedState(TypeError):
+    """The state holds a value a slot cannot describe (only tensors, containers and plain values)."""
+
+
+def describe(files: Mapping[str, Any], check: bool = True) -> tuple[Any, list[torch.Tensor], list[Any]]:
+    """The JSON-able structure of ``files``, the tensors it holds (each replaced in the structure by its index in
+    that list) and its constants. A dict of tensors (a module's state dict, a parameter's optimizer state: most of
+    the state) is one node naming its first tensor and its keys. What changes only when the state changes layout
+    is an index into the constants, so that a step's structure stays small: key sets, and the module versions a
+    state dict carries (``_metadata``, see :func:`telepathy.tree.module_versions`). ``check=False`` skips the
+    per-tensor checks of dtype and layout (the caller checks them only when the tensors' layout changed).
+
+    It walks on its own rather than through :func:`telepathy.tree.transform`: it runs at every training step, and
+    the generic walker's call and path string per value were most of its cost."""
+    tensors: list[torch.Tensor] = []
+    constants: list[Any] = []
+    keysets: dict[tuple[Any, ...], int] = {}
+
+    def keyset(keys: tuple[Any, ...]) -> int:
+        at = keysets.get(keys)
+        if at is None:
+            at = keysets[keys] = len(constants)
+            constants.append(keys)
+        return at
+
+    def module_versions(versions: Any, node: Any, path: str) -> Any:
+        if check and not (isinstance(versions, Mapping) and all(
+            type(k) is str and type(v) is dict and set(map(type, v.values())) <= _PLAIN_SET and _plain_names(tuple(v))
+            for k, v in versions.items()
+        )):  # fmt: skip
+            raise UnsupportedState(f"{path}: a state dict whose _metadata is not module names and plain values")
+        constants.append(versions)
+        return {_VERSIONS: [len(constants) - 1, node]}
+
+    def tensor(value: torch.Tensor, path: str) -> None:
+        if check and (value.dtype not in _DTYPE_SET or value.layout != torch.strided):
+            raise UnsupportedState(
+                f"{path}: a {value.dtype} tensor{'' if value.layout == torch.strided else ' (sparse)'}"
+            )
+        tensors.append(value)
+
+    def tensor_dict(value: dict[Any, torch.Tensor], path: str) -> dict[str, Any] | None:
+        keys = tuple(value)
+        if not _plain_names(keys):
+            return None
+        first = len(tensors)
+        if check:
+            for k, v in value.items():
+                tensor(v, f"{path}/{k}")
+        else:
+            tensors.extend(value.values())
+        return {_TENSORS: [first, keyset(keys)]}
+
+    def tensor_table(value: dict[Any, Any], path: str) -> dict[str, Any] | None:
+        """An optimizer's per-parameter state: rows of tensor dicts with the same keys (a node, not a row each)."""
+        rows = list(value.values())
+        columns = tuple(rows[0])
+        if not (set(map(type, rows)) == {dict} and all(tuple(row) == columns for row in rows)
+                and set(map(type, value)) <= _PLAIN_SET and _plain_names(columns)):  # fmt: skip
+            return None
+        cells = list(itertools.chain.from_iterable(row.values() for row in rows))
+        if not set(map(type, cells)) <= _TENSOR_TYPES:
+            return None
+        first = len(tensors)
+        if check:
+            for key, row in value.items():
+                for column, v in row.items():
+                    tensor(v, f"{path}/{key}/{column}")
+        else:
+            tensors.extend(cells)
+        return {_TABLE: [first, keyset(tuple(value)), keyset(columns)]}
+
+    def mapping(value: Mapping[Any, Any], path: str) -> Any:
+        node = mapping_node(value, path)
+        versions = tree.module_versions(value)
+        return node if versions is None else module_versions(versions, node, path)
+
+    def mapping_node(value: Mapping[Any, Any], path: str) -> Any:
+        if isinstance(value, dict) and value:
+            types = set(map(type, value.values()))
+            node = None
+            if types <= _TENSOR_TYPES:
+                node = tensor_dict(value, path)
+            elif types <= _PLAIN_SET:
+                node = value if _plain_names(tuple(value)) else None
+            elif type(next(iter(value.values()))) is dict:
+                node = tensor_table(value, path)
+            if node is not None:
+                return node
+        if _plain_names(tuple(value)):
+            return {k: v if type(v) in _PLAIN_SET else walk(v, f"{path}/{k}") for k, v in value.items()}
+        return {_DICT: [[k if type(k) in _PLAIN_SET else walk(k, path), walk(v, f"{path}/{k}")]
+                        for k, v in value.items()]}  # fmt: skip
+
+    def walk(value: Any, path: str) -> Any:
+        kind = type(value)
+        if kind in _PLAIN_SET:
+            return value
+        if kind in _TENSOR_TYPES or isinstance(value, torch.Tensor):
+            tensor(value, path)
+            return {_TENSOR: len(tensors) - 1}
+        if kind is dict or kind is OrderedDict or isinstance(value, Mapping):
+            return mapping(value, path)
+        if kind is list:
+            types = set(map(type, value))
+            if len(value) >= _LONG_LIST and types == {int}:  # ints only (no bools, no floats): one int64 tensor
+                try:
+                    tensors.append(torch.frombuffer(array.array("q", value), dtype=torch.int64))
+                    return {_INTS: len(tensors) - 1}
+                except OverflowError:  # an int past 64 bits: kept as a list
+                    pass
+            if types <= _PLAIN_SET:
+                return list(value)  # (JSON keeps each plain value's type)
+            return [walk(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, tuple):
+            return {_TUPLE: [walk(v, f"{path}[{i}]") for i, v in enumerate(value)]}
+        raise UnsupportedState(f"{path}: a value of type {type(value).__name__}")
+
+    structure = mapping(dict(files), "")
+    return structure, tensors, constants
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_names(keys: tuple[Any, ...]) -> bool:
+    """Keys a JSON object can carry as they are: strings that cannot be mistaken for this module's markers.
+    (Cached: the same state dicts' keys come back at every step.)"""
+    return all(type(k) is str and not k.startswith("__") for k in keys)
+
+
+def rebuild(structure: Any, tensors: list[torch.Tensor], constants: list[Any]) -> Any:
+    """The inverse of :func:`describe`."""
+    keysets = constants
+    if isinstance(structure, dict):
+        if _TENSOR in structure:
+            return tensors[structure[_TENSOR]]
+        if _TENSORS in structure:
+            first, k = structure[_TENSORS]
+            keys = keysets[k]
+            return dict(zip(keys, tensors[first : first + len(keys)], strict=True))
+        if _TABLE in structure:
+            first, k_rows, k_columns = structure[_TABLE]
+            keys, columns = keysets[k_rows], keysets[k_columns]
+            width = len(columns)
+            rows = [tensors[first + i * width : first + (i + 1) * width] for i in range(len(keys))]
+            return {key: dict(zip(columns, row, strict=True)) for key, row in zip(keys, rows, strict=True)}
+        if _INTS in structure:
+            return tensors[structure[_INTS]].tolist()
+        if _VERSIONS in structure:
+            k, node = structure[_VERSIONS]
+            return tree.with_module_versions(rebuild(node, tensors, constants), constants[k])
+        if _TUPLE in structure:
+            return tuple(rebuild(v, tensors, keysets) for v in structure[_TUPLE])
+        if _DICT in structure:
+            return {rebuild(k, tensors, keysets): rebuild(v, tensors, keysets) for k, v in structure[_DICT]}
+        return {k: rebuild(v, tensors, keysets) for k, v in structure.items()}
+    if isinstance(structure, list):
+        return [rebuild(v, tensors, keysets) for v in structure]
+    return structure
+
+
+class SnapshotInvalid(ValueError):
+    """A slot's meta does not describe its bytes the way a trainer writes them: never committed."""
+
+
+def files_from_slot(meta: Mapping[str, Any], data: bytes) -> dict[str, Any]:
+    """The ``files`` a save would have written, rebuilt from a slot's meta and bytes (each tensor its own copy).
+    Everything is checked first (raises :class:`SnapshotInvalid`): a table row per tensor with a known dtype, a
+    shape of non-negative ints whose size is the row's byte count, rows in order inside the data without overlap,
+    key sets of distinct plain values, and a structure that names each tensor exactly once."""
+    rows, constants = meta.get("tensors"), meta.get("constants")
+    if not isinstance(rows, list):
+        raise SnapshotInvalid("the snapshot has no table of tensors")
+    end = 0
+    for i, row in enumerate(rows):
+        ok = isinstance(row, list) and len(row) == 4 and row[0] in DTYPES and isinstance(row[1], list)
+        ok = ok and all(type(n) is int and n >= 0 for n in row[1]) and all(type(n) is int for n in row[2:])
+        if not ok or row[3] != math.prod(row[1]) * DTYPES[row[0]].itemsize:
+            raise SnapshotInvalid(f"tensor {i} of the snapshot has an implausible row {str(row)[:80]}")
+        if row[3] and not (end <= row[2] and row[2] + row[3] <= len(data)):
+            raise SnapshotInvalid(f"tensor {i} of the snapshot lies outside its data or over another tensor")
+        end = row[2] + row[3] if row[3] else end
+    if not isinstance(constants, list):
+        raise SnapshotInvalid("the snapshot has no list of constants")
+    _check_references(meta.get("files"), len(rows), constants)
+    whole = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    tensors = []
+    for dtype, shape, at, nbytes in rows:
+        kind = DTYPES[dtype]
+        if nbytes:
+            tensors.append(whole[at : at + nbytes].view(kind).view(shape).clone())
+        else:
+            tensors.append(torch.empty(shape, dtype=kind))
+    return rebuild(meta["files"], tensors, constants)
+
+
+def _check_references(structure: Any, count: int, constants: list[Any]) -> None:
+    """Every tensor and constant a snapshot's structure names in range and of its kind (key sets: lists of
+    distinct plain values; module versions: names to plain values), and each of the ``count`` tensors named once
+    (two references to one tensor would alias after a resume)."""
+    seen: set[int] = set()
+    pending = [structure]
+
+    def take(first: Any, n: int) -> None:
+        if type(first) is not int or first < 0 or first + n > count or seen.intersection(range(first, first + n)):
+            raise SnapshotInvalid(f"the snapshot's structure names tensors {first}..+{n} of {count} wrongly")
+        seen.update(range(first, first + n))
+
+    def constant(k: Any, kind: str) -> Any:
+        value = constants[k] if type(k) is int and 0 <= k < len(constants) else None
+        keys = isinstance(value, list) and set(map(type, value)) <= _PLAIN_SET and len(set(value)) == len(value)
+        versions = isinstance(value, dict) and all(
+            isinstance(v, dict) and set(map(type, v.values())) <= _PLAIN_SET for v in value.values()
+        )
+        if not (keys if kind == "keys" else versions):
+            raise SnapshotInvalid(f"the snapshot's structure names constant {str(k)[:20]} as {kind}: not that")
+        return value
+
+    try:
+        _walk_references(pending, take, constant)
+    except SnapshotInvalid:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise SnapshotInvalid(f"the snapshot's structure: {exc}") from None
+    if len(seen) != count:
+        raise SnapshotInvalid(f"the snapshot's structure names {len(seen)} of its {count} tensors")
+
+
+def _walk_references(pending: list[Any], take: Any, constant: Any) -> None:
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, dict):
+            if _TENSOR in node:
+                take(node[_TENSOR], 1)
+            elif _INTS in node:
+                take(node[_INTS], 1)
+            elif _TENSORS in node:
+                first, k = node[_TENSORS]
+                take(first, len(constant(k, "keys")))
+            elif _TABLE in node:
+                first, k_rows, k_columns = node[_TABLE]
+                take(first, len(constant(k_rows, "keys")) * len(constant(k_columns, "keys")))
+            elif _VERSIONS in node:
+                k, inner = node[_VERSIONS]
+                constant(k, "versions")
+                pending.append(inner)
+            else:
+                pending.extend(node.values())
