@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from telepathy import training_signals
-from telepathy.child import ChildRun, Outcome
+from telepathy.child import ChildRun, Outcome, become_subreaper
 from telepathy.disk import slots
 from telepathy.disk.contents import MANIFEST
 from telepathy.disk.events import EventLog
@@ -81,9 +81,11 @@ class Supervisor:
         previous = {s: signal.signal(s, self._on_signal) for s in FORWARDED}
         self.pending.extend(early_signals or [])
         self.slot_dir = slots.make_slot_dir()
+        become_subreaper()  # a trainer whose shell or launcher dies stays within reach of the grace period's SIGKILL
         try:
             return self._run()
         finally:
+            become_subreaper(False)
             slots.remove_slot_dir(self.slot_dir)
             for s, handler in previous.items():
                 signal.signal(s, handler)

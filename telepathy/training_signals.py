@@ -22,6 +22,7 @@ import enum
 import json
 import logging
 import os
+import select
 import signal
 import stat
 import sys
@@ -138,7 +139,36 @@ def _tell_supervisor() -> None:
         try:
             os.write(fd, (json.dumps({"event": "handlers", "pid": os.getpid(), "time": time.time()}) + "\n").encode())
         except OSError:
-            pass
+            return
+        _follow_supervisor(fd)
+
+
+_following: int | None = None  # the pid whose thread watches the supervisor's pipe (a forked child has none)
+
+
+def _follow_supervisor(fd: int) -> None:
+    """Stop as on SIGTERM (save, then exit 99) when the supervisor is gone: a trainer behind a shell or launcher
+    is not its child, so its death (``kill -9``, the OOM killer) reaches it as nothing but the report pipe's read
+    end closing. Without this it would train on unsupervised, holding the save dir's lock."""
+    global _following
+    if _following == os.getpid():
+        return
+    _following = os.getpid()
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(fd, select.POLLERR | select.POLLHUP)  # a pipe's write end: POLLERR once no reader is left
+        try:
+            while not poller.poll():
+                pass
+        except OSError:
+            return
+        if installed() and _following == os.getpid():
+            say("the supervising wrapper is gone (its end of the report pipe closed): saving and stopping as on "
+                "SIGTERM")  # fmt: skip
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="telepathy-supervisor-watch", daemon=True).start()
 
 
 def ignore_at_exit(signals: tuple[int, ...]) -> None:

@@ -328,3 +328,84 @@ def test_a_report_descriptor_that_is_not_the_supervisors_pipe_is_never_written(t
     os.close(write)
     assert b'"handlers"' in os.read(read, 4096)
     os.close(read)
+
+
+@pytest.mark.parametrize("kind", ["sh", "pipe"])
+def test_a_trainer_behind_a_shell_saves_and_stops_when_the_wrapper_is_killed(tmp_path, kind):
+    """`kill -9` of the wrapper: its direct child (the shell) dies with it, the trainer behind it is nobody's child
+    and hears of it only by the report pipe closing; it must save and stop, not train on unsupervised."""
+    save_dir = tmp_path / "save"
+    proc = subprocess.Popen([*MAIN, "--save_dir", str(save_dir), "--grace_period", "20", "--max_restarts", "0", "--",
+                             *command(kind, save_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not any(line.startswith("step 3 ") for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.02)
+    trainer = int(next(line for line in lines if line.startswith("PID ")).split()[1])
+    proc.kill()
+    proc.wait(timeout=30)
+    try:
+        deadline = time.monotonic() + 90
+        while _alive(trainer) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(trainer), "the trainer trains on without its wrapper"
+    finally:
+        if _alive(trainer):
+            os.kill(trainer, signal.SIGKILL)
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert "the supervising wrapper is gone" in out and "checkpoint committed" in out, out[-2000:]
+    assert SaveDir(save_dir).committed()[-1].step >= 3, out[-2000:]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except OSError:
+        return False
+
+
+HANGS_ON_TERM = textwrap.dedent("""
+    import os, signal, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a save that hangs, as far as the wrapper can tell
+    print(f"worker {os.getpid()}", flush=True)
+    time.sleep(3600)
+""")
+
+
+def test_at_grace_expiry_a_torchrun_worker_in_a_session_of_its_own_is_killed_too(tmp_path):
+    """The group SIGKILL misses a launcher's worker in a session of its own, which then trained on unsupervised.
+    The wrapper is a child subreaper and kills every descendant."""
+    script = tmp_path / "hangs.py"
+    script.write_text(HANGS_ON_TERM)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(script)]
+    proc = subprocess.Popen([*MAIN, "--save_dir", str(tmp_path / "save"), "--grace_period", "3", "--max_restarts",
+                             "0", "--", *torchrun], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # (a survivor keeps it open)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not any(line.startswith("worker ") for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.05)
+    worker = int(next(line for line in lines if line.startswith("worker ")).split()[1])
+    time.sleep(HANDSHAKE_SETTLE)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=120) == 98, "".join(lines)[-3000:]
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker), "the worker survived the grace period's kill"
+    finally:
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+HANDSHAKE_SETTLE = 1.0  # seconds: past torchrun's own start-up, so the SIGTERM meets a running worker
