@@ -348,18 +348,22 @@ def test_a_trainer_behind_a_shell_saves_and_stops_when_the_wrapper_is_killed(tmp
     trainer = int(next(line for line in lines if line.startswith("PID ")).split()[1])
     proc.kill()
     proc.wait(timeout=30)
-    try:
-        deadline = time.monotonic() + 90
-        while _alive(trainer) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(trainer), "the trainer trains on without its wrapper"
-    finally:
-        if _alive(trainer):
-            os.kill(trainer, signal.SIGKILL)
+    assert _gone_within(trainer, 90), "the trainer trains on without its wrapper"
     reader.join(timeout=10)
     out = "".join(lines)
     assert "the supervising wrapper is gone" in out and "checkpoint committed" in out, out[-2000:]
     assert SaveDir(save_dir).committed()[-1].step >= 3, out[-2000:]
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    """Whether ``pid`` ends within ``seconds``; SIGKILLed if not (a failing test leaves nothing behind)."""
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not _alive(pid):
+        return True
+    os.kill(pid, signal.SIGKILL)
+    return False
 
 
 def _alive(pid: int) -> bool:
@@ -397,15 +401,9 @@ def test_at_grace_expiry_a_torchrun_worker_in_a_session_of_its_own_is_killed_too
     worker = int(next(line for line in lines if line.startswith("worker ")).split()[1])
     time.sleep(HANDSHAKE_SETTLE)
     proc.send_signal(signal.SIGTERM)
-    try:
-        assert proc.wait(timeout=120) == 98, "".join(lines)[-3000:]
-        deadline = time.monotonic() + 10
-        while _alive(worker) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(worker), "the worker survived the grace period's kill"
-    finally:
-        if _alive(worker):
-            os.kill(worker, signal.SIGKILL)
+    code = proc.wait(timeout=120)
+    assert _gone_within(worker, 10), "the worker survived the grace period's kill"
+    assert code == 98, "".join(lines)[-3000:]
 
 
 HANDSHAKE_SETTLE = 1.0  # seconds: past torchrun's own start-up, so the SIGTERM meets a running worker
