@@ -14,13 +14,11 @@ An aware process says so on the report pipe when it installs its handlers (the h
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,9 +27,8 @@ from dataclasses import dataclass
 from telepathy import training_signals
 from telepathy.disk.events import EventLog
 from telepathy.errors import EXIT_USAGE
+from telepathy.process_tree import JobTree
 
-PR_SET_CHILD_SUBREAPER = 36
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 HANDSHAKE_WAIT = 10.0  # seconds an ending signal is held for a command that has not shaken hands yet
 
 
@@ -48,8 +45,9 @@ class Outcome:
 class ChildRun:
     def __init__(self, command: Sequence[str], env: dict[str, str], report_w: int, grace_period: float,
                  pending: list[int], events: EventLog, on_report: Callable[[dict], None],
-                 preexec: Callable[[], None]) -> None:  # fmt: skip
+                 preexec: Callable[[], None], tree: JobTree) -> None:  # fmt: skip
         self.command, self.env, self.report_w = list(command), env, report_w
+        self.tree = tree  # the supervisor's: which processes are the run's, to kill at grace expiry and reap
         self.grace_period, self.pending, self.events = grace_period, pending, events
         self.on_report, self.preexec = on_report, preexec
         self.aware = False
@@ -57,7 +55,6 @@ class ChildRun:
 
     def run(self, read_fd: int) -> Outcome:
         started = time.monotonic()
-        keep = own_children()  # (a program that runs the supervisor in-process may have children of its own)
         try:
             child = subprocess.Popen(self.command, env=self.env, pass_fds=(self.report_w,), preexec_fn=self._in_child)
         except OSError as exc:  # found but not runnable: a bad #! line, no #! at all, not executable
@@ -72,7 +69,7 @@ class ChildRun:
         reader.start()
         held: list[int] = []
         ending, ending_at, deadline, grace_killed, said_usr1 = None, None, None, False, False
-        while child.poll() is None or any(map(_running, self.aware_pids)):  # a trainer may outlive its shell
+        while self._running(child, ending):
             while self.pending:
                 signum = self.pending.pop(0)
                 if signum != signal.SIGUSR1 and ending is None:
@@ -100,17 +97,24 @@ class ChildRun:
                       flush=True)  # fmt: skip
                 self.events.emit("grace_expired")
                 grace_killed = True
-                kill_tree(child)
+                self.tree.kill(child.pid, self.aware_pids)
                 child.wait()
                 break
             time.sleep(0.05)
-        reap_orphans(keep | {child.pid})
+        self.tree.reap(child.pid)
         reader.join(timeout=2)
         code = child.returncode
         if ending is None and code in (training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED):
             ending = signal.SIGTERM if code == training_signals.EXIT_REQUEUE else signal.SIGINT  # signalled directly
         dropped = sum(1 for s in held if s == signal.SIGUSR1)
         return Outcome(code, ending, ending_at, self.aware, grace_killed, dropped)
+
+    def _running(self, child: subprocess.Popen, ending: int | None) -> bool:
+        """The run goes on while its command runs, while a trainer that shook hands runs (it may outlive its shell),
+        and after a stop signal while any process of the run is left (it has the grace period, then SIGKILL)."""
+        if child.poll() is None or any(map(_running, self.aware_pids)):
+            return True
+        return ending is not None and bool(self.tree.members(child.pid))
 
     def _send_trainers(self, child: subprocess.Popen, signum: int) -> None:
         """``signum`` to each process that shook hands and is still there; to the group if none is left."""
@@ -136,72 +140,6 @@ class ChildRun:
                         self.aware_pids.append(record["pid"])
                     self.aware = True
                 self.on_report(record)
-
-
-def kill_tree(child: subprocess.Popen) -> None:
-    """SIGKILL the child's process group and every descendant of this process: a launcher's worker in a session of
-    its own (torchrun's) is outside the group, and one whose parent already died was handed to this process (the
-    supervisor is a child subreaper, :func:`become_subreaper`). Again while new ones appear (one forked meanwhile)."""
-    _send_group(child, signal.SIGKILL)
-    for _ in range(10):
-        alive = [pid for pid in descendants(os.getpid()) if _running(pid)]
-        if not alive:
-            return
-        for pid in alive:
-            _kill_quietly(pid, signal.SIGKILL)
-        time.sleep(0.05)
-
-
-def descendants(root: int) -> list[int]:
-    """The processes whose chain of parents leads to ``root`` (read from /proc; none where there is no /proc)."""
-    children: dict[int, list[int]] = {}
-    for pid, parent in _parents().items():
-        children.setdefault(parent, []).append(pid)
-    found, pending = [], [root]
-    while pending:
-        for pid in children.get(pending.pop(), ()):
-            found.append(pid)
-            pending.append(pid)
-    return found
-
-
-def _parents() -> dict[int, int]:
-    """Each process's parent, from /proc (empty where there is none)."""
-    try:
-        names = [name for name in os.listdir("/proc") if name.isdigit()]
-    except OSError:
-        return {}
-    parents = {}
-    for name in names:
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                parents[int(name)] = int(f.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-    return parents
-
-
-def become_subreaper(on: bool = True) -> None:
-    """Linux: processes orphaned below this one (a trainer whose shell or launcher died) become its children, not
-    init's, so they stay in reach of :func:`kill_tree`; a no-op elsewhere."""
-    if _LIBC is not None:
-        _LIBC.prctl(PR_SET_CHILD_SUBREAPER, int(on))
-
-
-def own_children() -> set[int]:
-    me = os.getpid()
-    return {pid for pid, parent in _parents().items() if parent == me}
-
-
-def reap_orphans(keep: set[int]) -> None:
-    """Collect the exit status of orphans handed to this subreaper (else each stays a zombie): children of this
-    process that it did not start itself (``keep``: the children it had before the run, and the run's own, whose
-    exit code ``subprocess`` must collect)."""
-    for pid in own_children() - keep:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
 
 
 def _send_group(child: subprocess.Popen, signum: int) -> None:

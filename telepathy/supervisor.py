@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from telepathy import training_signals
-from telepathy.child import ChildRun, Outcome, become_subreaper
+from telepathy.child import ChildRun, Outcome
 from telepathy.disk import slots
 from telepathy.disk.contents import MANIFEST
 from telepathy.disk.events import EventLog
@@ -38,6 +38,7 @@ from telepathy.errors import (
     NOT_RESTARTED,
     CheckpointInvalid,
 )
+from telepathy.process_tree import JobTree
 from telepathy.rescue import how_it_ended, rescue
 from telepathy.training_signals import REPORT_FD_ENV
 
@@ -81,11 +82,11 @@ class Supervisor:
         previous = {s: signal.signal(s, self._on_signal) for s in FORWARDED}
         self.pending.extend(early_signals or [])
         self.slot_dir = slots.make_slot_dir()
-        become_subreaper()  # a trainer whose shell or launcher dies stays within reach of the grace period's SIGKILL
+        self.tree = JobTree()  # a trainer whose shell or launcher dies stays within reach of the grace period's SIGKILL
         try:
             return self._run()
         finally:
-            become_subreaper(False)
+            self.tree.close()
             slots.remove_slot_dir(self.slot_dir)
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -194,7 +195,7 @@ class Supervisor:
         slots.clear_slots(self.slot_dir)  # a new trainer's snapshots only
         env = {**os.environ, REPORT_FD_ENV: str(write_fd), slots.SLOT_DIR_ENV: str(self.slot_dir)}
         run = ChildRun(self.command, env, write_fd, self.grace_period, self.pending, self.events, self._on_report,
-                       functools.partial(_die_with_parent, os.getpid()))  # fmt: skip
+                       functools.partial(_die_with_parent, os.getpid()), self.tree)  # fmt: skip
         out = run.run(read_fd)
         if out.usr1_dropped:
             print(f"[telepathy] {out.usr1_dropped} SIGUSR1 not delivered: the command never installed telepathy's "

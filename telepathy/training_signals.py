@@ -135,40 +135,57 @@ def _tell_supervisor() -> None:
     """The handshake: a supervising wrapper learns that this process saves on signals (so it may forward SIGUSR1,
     and signals it held during start-up)."""
     fd = report_fd()
-    if fd is not None:
-        try:
-            os.write(fd, (json.dumps({"event": "handlers", "pid": os.getpid(), "time": time.time()}) + "\n").encode())
-        except OSError:
-            return
-        _follow_supervisor(fd)
+    if fd is None:
+        return
+    try:
+        os.write(fd, (json.dumps({"event": "handlers", "pid": os.getpid(), "time": time.time()}) + "\n").encode())
+    except BrokenPipeError:
+        _supervisor_lost()  # gone before this process could shake hands
+        return
+    except OSError:
+        return
+    if _lost_supervisor == os.getpid():  # it went while the handlers were out (uninstalled, being reinstalled)
+        _supervisor_lost()
+    _follow_supervisor(fd)
 
 
 _following: int | None = None  # the pid whose thread watches the supervisor's pipe (a forked child has none)
+_lost_supervisor: int | None = None  # the pid that saw the pipe close (acted on at its next install if not then)
 
 
 def _follow_supervisor(fd: int) -> None:
     """Stop as on SIGTERM (save, then exit 99) when the supervisor is gone: a trainer behind a shell or launcher
     is not its child, so its death (``kill -9``, the OOM killer) reaches it as nothing but the report pipe's read
-    end closing. Without this it would train on unsupervised, holding the save dir's lock."""
+    end closing. Without this it would train on unsupervised, holding the save dir's lock. The thread watches a
+    private duplicate of the descriptor, so the program closing or reusing the number cannot look like that."""
     global _following
     if _following == os.getpid():
         return
+    own = os.dup(fd)  # (not inherited by a process this one starts)
     _following = os.getpid()
 
     def watch() -> None:
         poller = select.poll()
-        poller.register(fd, select.POLLERR | select.POLLHUP)  # a pipe's write end: POLLERR once no reader is left
+        poller.register(own, select.POLLERR | select.POLLHUP)  # a pipe's write end: POLLERR once no reader is left
         try:
-            while not poller.poll():
-                pass
+            events = 0
+            while not events:
+                events = sum(e for _, e in poller.poll())
         except OSError:
             return
-        if installed() and _following == os.getpid():
-            say("the supervising wrapper is gone (its end of the report pipe closed): saving and stopping as on "
-                "SIGTERM")  # fmt: skip
-            os.kill(os.getpid(), signal.SIGTERM)
+        if events & select.POLLNVAL or _following != os.getpid():
+            return
+        _supervisor_lost()
 
     threading.Thread(target=watch, name="telepathy-supervisor-watch", daemon=True).start()
+
+
+def _supervisor_lost() -> None:
+    global _lost_supervisor
+    _lost_supervisor = os.getpid()
+    if installed():
+        say("the supervising wrapper is gone (its end of the report pipe closed): saving and stopping as on SIGTERM")
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def ignore_at_exit(signals: tuple[int, ...]) -> None:

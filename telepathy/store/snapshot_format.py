@@ -26,9 +26,11 @@ DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch
 _DTYPE_SET = frozenset(DTYPES.values())
 _TENSOR, _TENSORS, _TABLE = "__T__", "__TS__", "__TT__"
 _TUPLE, _DICT, _INTS, _VERSIONS = "__t__", "__d__", "__L__", "__V__"
+_MARKERS = frozenset({_TENSOR, _TENSORS, _TABLE, _TUPLE, _DICT, _INTS, _VERSIONS})
 _LONG_LIST = 32  # a list of this many ints or more (Python's RNG state: 625) is copied as one int64 tensor
 _PLAIN = (type(None), bool, int, float, str)
 _PLAIN_SET = frozenset(_PLAIN)
+_STR, _ROW_KEYS = frozenset({str}), frozenset({int, str})  # key sets hold these only: equal ones have equal types
 _TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})  # (a module's state dict with keep_vars=True)
 
 
@@ -90,7 +92,7 @@ def describe(files: Mapping[str, Any], check: bool = True) -> tuple[Any, list[to
         rows = list(value.values())
         columns = tuple(rows[0])
         if not (set(map(type, rows)) == {dict} and all(tuple(row) == columns for row in rows)
-                and set(map(type, value)) <= _PLAIN_SET and _plain_names(columns)):  # fmt: skip
+                and set(map(type, value)) <= _ROW_KEYS and _plain_names(columns)):  # fmt: skip
             return None
         cells = list(itertools.chain.from_iterable(row.values() for row in rows))
         if not set(map(type, cells)) <= _TENSOR_TYPES:
@@ -154,11 +156,16 @@ def describe(files: Mapping[str, Any], check: bool = True) -> tuple[Any, list[to
     return structure, tensors, constants
 
 
-@functools.lru_cache(maxsize=256)
 def _plain_names(keys: tuple[Any, ...]) -> bool:
-    """Keys a JSON object can carry as they are: strings that cannot be mistaken for this module's markers.
-    (Cached: the same state dicts' keys come back at every step.)"""
-    return all(type(k) is str and not k.startswith("__") for k in keys)
+    """Keys a JSON object can carry as they are: strings (not a subclass: an Enum's would come back a plain str)
+    that cannot be mistaken for this module's markers."""
+    return set(map(type, keys)) <= _STR and _no_markers(keys)
+
+
+@functools.lru_cache(maxsize=256)
+def _no_markers(keys: tuple[str, ...]) -> bool:
+    """(Cached: the same state dicts' keys come back at every step.)"""
+    return not any(k.startswith("__") for k in keys)
 
 
 def rebuild(structure: Any, tensors: list[torch.Tensor], constants: list[Any]) -> Any:
@@ -224,7 +231,13 @@ def files_from_slot(meta: Mapping[str, Any], data: bytes) -> dict[str, Any]:
             tensors.append(whole[at : at + nbytes].view(kind).view(shape).clone())
         else:
             tensors.append(torch.empty(shape, dtype=kind))
-    return rebuild(meta["files"], tensors, constants)
+    try:
+        files = rebuild(meta["files"], tensors, constants)
+    except (TypeError, ValueError, KeyError, IndexError) as exc:  # (a node the walk let through, rebuilt wrongly)
+        raise SnapshotInvalid(f"the snapshot's structure cannot be rebuilt: {str(exc)[:120]}") from None
+    if not isinstance(files, dict):
+        raise SnapshotInvalid("the snapshot's structure is not a mapping of files")
+    return files
 
 
 def _check_references(structure: Any, count: int, constants: list[Any]) -> None:
@@ -241,9 +254,10 @@ def _check_references(structure: Any, count: int, constants: list[Any]) -> None:
 
     def constant(k: Any, kind: str) -> Any:
         value = constants[k] if type(k) is int and 0 <= k < len(constants) else None
-        keys = isinstance(value, list) and set(map(type, value)) <= _PLAIN_SET and len(set(value)) == len(value)
+        keys = isinstance(value, list) and set(map(type, value)) <= _ROW_KEYS and len(set(value)) == len(value)
         versions = isinstance(value, dict) and all(
-            isinstance(v, dict) and set(map(type, v.values())) <= _PLAIN_SET for v in value.values()
+            isinstance(v, dict) and set(map(type, v.values())) <= _PLAIN_SET and type(v.get("version", 0)) is int
+            for v in value.values()
         )
         if not (keys if kind == "keys" else versions):
             raise SnapshotInvalid(f"the snapshot's structure names constant {str(k)[:20]} as {kind}: not that")
@@ -265,19 +279,28 @@ def _walk_references(pending: list[Any], take: Any, constant: Any) -> None:
         if isinstance(node, list):
             pending.extend(node)
         elif isinstance(node, dict):
-            if _TENSOR in node:
-                take(node[_TENSOR], 1)
-            elif _INTS in node:
-                take(node[_INTS], 1)
-            elif _TENSORS in node:
-                first, k = node[_TENSORS]
-                take(first, len(constant(k, "keys")))
-            elif _TABLE in node:
-                first, k_rows, k_columns = node[_TABLE]
-                take(first, len(constant(k_rows, "keys")) * len(constant(k_columns, "keys")))
-            elif _VERSIONS in node:
-                k, inner = node[_VERSIONS]
-                constant(k, "versions")
-                pending.append(inner)
-            else:
+            markers = [k for k in node if type(k) is str and k.startswith("__")]
+            if not markers:
                 pending.extend(node.values())
+                continue
+            if len(node) != 1 or markers[0] not in _MARKERS:
+                raise SnapshotInvalid(f"the snapshot's structure has a node {str(list(node))[:60]}")
+            marker, value = markers[0], node[markers[0]]
+            if marker in (_TENSOR, _INTS):
+                take(value, 1)
+            elif marker == _TENSORS:
+                first, k = value
+                take(first, len(constant(k, "keys")))
+            elif marker == _TABLE:
+                first, k_rows, k_columns = value
+                take(first, len(constant(k_rows, "keys")) * len(constant(k_columns, "keys")))
+            elif marker == _VERSIONS:
+                k, inner = value
+                constant(k, "versions")
+                if not isinstance(inner, dict):
+                    raise SnapshotInvalid("the snapshot's module versions go with something other than a mapping")
+                pending.append(inner)
+            elif not isinstance(value, list) or (marker == _DICT and not all(len(p) == 2 for p in value)):
+                raise SnapshotInvalid(f"the snapshot's {marker} node holds {str(value)[:40]}")
+            else:
+                pending.extend(value)

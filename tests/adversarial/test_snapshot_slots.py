@@ -168,6 +168,18 @@ def hostile(meta: dict, how: str) -> None:
         files["model"]["__V__"][0] = model_node(files)["__TS__"][1]
     elif how == "a key set that is versions":
         model_node(files)["__TS__"][1] = files["model"]["__V__"][0]
+    elif how == "versions with a plain value inside":
+        files["model"]["__V__"][1] = 5
+    elif how == "a version that is not a number":
+        meta["constants"][files["model"]["__V__"][0]][""]["version"] = "x"
+    elif how == "two markers in one node":
+        files["model"]["__V__"][1] = {"__L__": 0, "__TS__": [0, 99]}
+    elif how == "a dict node with a pair of three":
+        files["state"]["rng"] = {"__d__": [[1, 2, 3]]}
+    elif how == "a tuple node that is a number":
+        files["state"]["rng"] = {"__t__": 5}
+    elif how == "an unknown marker":
+        files["state"]["rng"] = {"__Q__": 1}
 
 
 def model_node(files: dict) -> dict:
@@ -177,7 +189,9 @@ def model_node(files: dict) -> dict:
 
 HOSTILE = ["zero bytes, real shape", "negative offset", "overlapping rows", "past the data", "unknown dtype",
            "huge shape", "negative index", "a tensor named twice", "no table", "no constants", "a key set out of range",
-           "a key set that repeats a key", "versions that are a key set", "a key set that is versions"]  # fmt: skip
+           "a key set that repeats a key", "versions that are a key set", "a key set that is versions",
+           "versions with a plain value inside", "a version that is not a number", "two markers in one node",
+           "a dict node with a pair of three", "a tuple node that is a number", "an unknown marker"]  # fmt: skip
 
 
 @pytest.mark.parametrize("how", HOSTILE)

@@ -21,6 +21,7 @@ LAYERS = {
     "telepathy.checkpointer": 3, "telepathy.restore": 3, "telepathy.loop": 3, "telepathy.hf_trainer": 3,
     "telepathy.lightning": 3,
     "telepathy.supervisor": 4, "telepathy.rescue": 4, "telepathy.child": 4, "telepathy.slurm": 4, "telepathy.tools": 4,
+    "telepathy.process_tree": 4,
     "telepathy.__main__": 4,
     "telepathy.test_preemption": 4,
     "telepathy.latentwire": 5, "telepathy.preemptible_training": 5,  # the main job runs the LatentWire workload

@@ -109,3 +109,32 @@ def test_a_tensor_resized_in_place_is_copied_with_its_new_shape(tmp_path):
         assert torch.equal(files_from_slot(meta, data)["model"]["w"], torch.arange(10.0).view(2, 5))
     finally:
         snapshots.close()
+
+
+def test_keys_keep_their_types_through_a_slot_even_when_equal_keys_of_another_type_came_first(tmp_path):
+    """From a review: key sets were shared by equality, so {0.0: ...} and {False: ...} came back with the int keys
+    of an earlier {0: ...}; and a str-Enum key was taken for a plain str once a plain one had been seen."""
+    import enum
+
+    class Color(str, enum.Enum):
+        RED = "red"
+
+    row = {"exp_avg": torch.ones(1)}
+    files = {
+        "ints": {0: dict(row), 1: dict(row)},
+        "floats": {0.0: dict(row), 1.0: dict(row)},
+        "bools": {False: dict(row), True: dict(row)},
+        "plain": {"red": 1},
+    }
+    snapshots = StepSnapshots(tmp_path)
+    try:
+        snapshots.capture(1, files, {"reason": "rescue"}, {})
+        back = files_from_slot(*slots.read_newest(tmp_path))
+        assert deep_equal(back, files) == []
+        for name, kind in (("ints", int), ("floats", float), ("bools", bool)):
+            assert [type(k) for k in back[name]] == [kind, kind], name
+        snapshots.capture(2, {**files, "enum": {Color.RED: 2}}, {"reason": "rescue"}, {})
+        assert snapshots.disabled is not None, "an Enum key was written as a plain str"
+        assert slots.read_newest(tmp_path)[0]["step"] == 1
+    finally:
+        snapshots.close()
