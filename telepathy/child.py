@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from telepathy import training_signals
 from telepathy.disk.events import EventLog
 from telepathy.errors import EXIT_USAGE
-from telepathy.process_tree import JobTree
+from telepathy.process_tree import JobTree, kill_quietly, running
 
 HANDSHAKE_WAIT = 10.0  # seconds an ending signal is held for a command that has not shaken hands yet
 
@@ -69,7 +69,7 @@ class ChildRun:
         reader.start()
         held: list[int] = []
         ending, ending_at, deadline, grace_killed, said_usr1 = None, None, None, False, False
-        while self._running(child, ending):
+        while self._goes_on(child, ending):
             while self.pending:
                 signum = self.pending.pop(0)
                 if signum != signal.SIGUSR1 and ending is None:
@@ -109,16 +109,16 @@ class ChildRun:
         dropped = sum(1 for s in held if s == signal.SIGUSR1)
         return Outcome(code, ending, ending_at, self.aware, grace_killed, dropped)
 
-    def _running(self, child: subprocess.Popen, ending: int | None) -> bool:
+    def _goes_on(self, child: subprocess.Popen, ending: int | None) -> bool:
         """The run goes on while its command runs, while a trainer that shook hands runs (it may outlive its shell),
         and after a stop signal while any process of the run is left (it has the grace period, then SIGKILL)."""
-        if child.poll() is None or any(map(_running, self.aware_pids)):
+        if child.poll() is None or any(map(running, self.aware_pids)):
             return True
         return ending is not None and bool(self.tree.members(child.pid))
 
     def _send_trainers(self, child: subprocess.Popen, signum: int) -> None:
         """``signum`` to each process that shook hands and is still there; to the group if none is left."""
-        alive = [pid for pid in self.aware_pids if _kill_quietly(pid, signum)]
+        alive = [pid for pid in self.aware_pids if kill_quietly(pid, signum)]
         if not alive:
             _send_group(child, signum)
 
@@ -150,26 +150,3 @@ def _send_group(child: subprocess.Popen, signum: int) -> None:
             child.send_signal(signum)
         except ProcessLookupError:
             pass
-
-
-def _kill_quietly(pid: int, signum: int) -> bool:
-    """Send ``signum`` to ``pid``; False when it is gone."""
-    try:
-        os.kill(pid, signum)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie, which only waits to be reaped, does not): the trainer behind
-    `sh -c "train.py; echo done"` or `train.py | tee log` outlives the shell that started it."""
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): kill(0) said it is there

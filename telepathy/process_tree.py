@@ -45,13 +45,13 @@ class JobTree:
 
     def kill(self, child: int, aware: Iterable[int] = ()) -> None:
         """SIGKILL the child's process group and every member, again while new ones appear (forked meanwhile)."""
-        _kill_quietly(-child, signal.SIGKILL)
+        kill_quietly(-child, signal.SIGKILL)
         for _ in range(10):
             alive = self.members(child, aware)
             if not alive:
                 return
             for pid in alive:
-                _kill_quietly(pid, signal.SIGKILL)
+                kill_quietly(pid, signal.SIGKILL)
             time.sleep(0.05)
 
     def reap(self, child: int) -> None:
@@ -73,13 +73,29 @@ def processes() -> dict[int, tuple[str, int, int]]:
         return {}
     table = {}
     for name in names:
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            table[int(name)] = (fields[0].decode(), int(fields[1]), int(fields[2]))
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
+        fields = _stat(int(name))
+        if fields is not None:  # (else gone meanwhile)
+            table[int(name)] = fields
     return table
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, which only waits to be reaped, does not): the trainer behind
+    `sh -c "train.py; echo done"` or `train.py | tee log` outlives the shell that started it."""
+    if not kill_quietly(pid, 0):
+        return False
+    fields = _stat(pid)
+    return fields is None or fields[0] not in ("Z", "X")  # no /proc (macOS): kill(0) said it is there
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """State letter, parent and process group of ``pid`` from /proc/PID/stat, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0].decode(), int(fields[1]), int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def descendants(root: int, table: dict[int, tuple[str, int, int]] | None = None) -> list[int]:
@@ -108,8 +124,10 @@ def _set_subreaper(on: bool) -> None:
         _LIBC.prctl(PR_SET_CHILD_SUBREAPER, int(on))
 
 
-def _kill_quietly(pid: int, signum: int) -> None:
+def kill_quietly(pid: int, signum: int) -> bool:
+    """Send ``signum`` to ``pid``; False when it is gone."""
     try:
         os.kill(pid, signum)
+        return True
     except (ProcessLookupError, PermissionError):
-        pass
+        return False

@@ -170,17 +170,16 @@ def _no_markers(keys: tuple[str, ...]) -> bool:
 
 def rebuild(structure: Any, tensors: list[torch.Tensor], constants: list[Any]) -> Any:
     """The inverse of :func:`describe`."""
-    keysets = constants
     if isinstance(structure, dict):
         if _TENSOR in structure:
             return tensors[structure[_TENSOR]]
         if _TENSORS in structure:
             first, k = structure[_TENSORS]
-            keys = keysets[k]
+            keys = constants[k]
             return dict(zip(keys, tensors[first : first + len(keys)], strict=True))
         if _TABLE in structure:
             first, k_rows, k_columns = structure[_TABLE]
-            keys, columns = keysets[k_rows], keysets[k_columns]
+            keys, columns = constants[k_rows], constants[k_columns]
             width = len(columns)
             rows = [tensors[first + i * width : first + (i + 1) * width] for i in range(len(keys))]
             return {key: dict(zip(columns, row, strict=True)) for key, row in zip(keys, rows, strict=True)}
@@ -190,12 +189,12 @@ def rebuild(structure: Any, tensors: list[torch.Tensor], constants: list[Any]) -
             k, node = structure[_VERSIONS]
             return tree.with_module_versions(rebuild(node, tensors, constants), constants[k])
         if _TUPLE in structure:
-            return tuple(rebuild(v, tensors, keysets) for v in structure[_TUPLE])
+            return tuple(rebuild(v, tensors, constants) for v in structure[_TUPLE])
         if _DICT in structure:
-            return {rebuild(k, tensors, keysets): rebuild(v, tensors, keysets) for k, v in structure[_DICT]}
-        return {k: rebuild(v, tensors, keysets) for k, v in structure.items()}
+            return {rebuild(k, tensors, constants): rebuild(v, tensors, constants) for k, v in structure[_DICT]}
+        return {k: rebuild(v, tensors, constants) for k, v in structure.items()}
     if isinstance(structure, list):
-        return [rebuild(v, tensors, keysets) for v in structure]
+        return [rebuild(v, tensors, constants) for v in structure]
     return structure
 
 

@@ -29,7 +29,7 @@ class _Layout:
     only when a tensor changes dtype, shape or layout or a dict its keys (the optimizer's state appears, a model
     grows), not at every step."""
 
-    def __init__(self, key: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]], tensors: list[torch.Tensor]) -> None:
+    def __init__(self, key: tuple[list[tuple[Any, ...]], list[Any]], tensors: list[torch.Tensor]) -> None:
         self.key = key
         table, offset = [], 0
         for t in tensors:
