@@ -184,7 +184,8 @@ class Checkpointer:
     def _files(self, state: TrainState, live: bool = False) -> dict[str, Any]:
         """The files rank 0 writes: parts, optimizer and state (in sharded mode only scheduler, scaler and
         state: parts and optimizer are in the DCP shards). ``live``: a module's parameters themselves, not
-        detached aliases (a per-step snapshot copies them at once; the detaches were a tenth of its cost)."""
+        detached aliases (a per-step snapshot copies them at once; the detaches were a tenth of its cost), and
+        Python's RNG state packed (:class:`telepathy.rng.PackedInts`)."""
         files: dict[str, Any] = {}
         for name, part in {} if self.sharded else self.parts.items():
             own = type(part).state_dict is _MODULE_STATE
@@ -194,7 +195,7 @@ class Checkpointer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
         }
-        rng_state = rng.capture_rng_state(self.generators)
+        rng_state = rng.capture_rng_state(self.generators, packed=live)
         files[STATE] = state_to_dict(state, rng_state, self.signature, self.metadata)
         return files
 

@@ -6,6 +6,7 @@ The captured state contains only tensors, ints, floats, strings and lists, so it
 
 from __future__ import annotations
 
+import array
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -14,13 +15,30 @@ import numpy as np
 import torch
 
 
-def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+class PackedInts:
+    """A list of ints held as an int64 tensor (``tensor.tolist()`` is the list). A per-step snapshot takes Python's
+    RNG state (625 ints) in this form, so that it is converted only when it changed, not at every step. Only in a
+    state handed to a snapshot (:mod:`telepathy.store.snapshot_format`), never in a saved file."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+_packed_python: tuple[tuple[int, ...], PackedInts] | None = None  # the last state packed, and its packing
+
+
+def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None, *, packed: bool = False
+                      ) -> dict[str, Any]:  # fmt: skip
     """Snapshot Python ``random``, NumPy's global generator, torch CPU, each CUDA device (when CUDA is
-    initialised) and the caller's named ``torch.Generator`` objects."""
+    initialised) and the caller's named ``torch.Generator`` objects. ``packed``: Python's state as
+    :class:`PackedInts` (for a per-step snapshot) instead of a list."""
     version, internal, gauss_next = random.getstate()
     np_state = np.random.get_state(legacy=False)
+    python_internal = _packed(internal) if packed else list(internal)
     state: dict[str, Any] = {
-        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "python": {"version": version, "internal": python_internal, "gauss_next": gauss_next},
         "numpy": {
             "bit_generator": np_state["bit_generator"],
             "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
@@ -35,6 +53,18 @@ def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
+
+
+def _packed(internal: tuple[int, ...]) -> PackedInts:
+    """The packing of Python's state, made again only when the state changed (ints only: equal is identical;
+    the tensor is never written to, only copied)."""
+    global _packed_python
+    last = _packed_python
+    if last is not None and last[0] == internal:
+        return last[1]
+    packing = PackedInts(torch.frombuffer(array.array("q", internal), dtype=torch.int64))
+    _packed_python = (internal, packing)
+    return packing
 
 
 def check_rng_state(state: Any, generators: Mapping[str, torch.Generator] | None = None) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from telepathy import tree
+from telepathy.rng import PackedInts
 
 DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
                                torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
@@ -137,6 +138,9 @@ def describe(files: Mapping[str, Any], check: bool = True) -> tuple[Any, list[to
             return {_TENSOR: len(tensors) - 1}
         if kind is dict or kind is OrderedDict or isinstance(value, Mapping):
             return mapping(value, path)
+        if kind is PackedInts:  # a long list of ints the caller packed already (Python's RNG state)
+            tensor(value.tensor, path)
+            return {_INTS: len(tensors) - 1}
         if kind is list:
             types = set(map(type, value))
             if len(value) >= _LONG_LIST and types == {int}:  # ints only (no bools, no floats): one int64 tensor

@@ -138,3 +138,28 @@ def test_keys_keep_their_types_through_a_slot_even_when_equal_keys_of_another_ty
         assert slots.read_newest(tmp_path)[0]["step"] == 1
     finally:
         snapshots.close()
+
+
+def test_pythons_rng_state_packed_for_a_snapshot_comes_back_as_the_list_a_save_writes(tmp_path):
+    """The per-step snapshot takes Python's RNG state packed (converted only when it changed): each step's slot
+    must still hold that step's state, as the list of ints a normal save writes."""
+    random.seed(11)
+    snapshots = StepSnapshots(tmp_path)
+    try:
+        for step in range(1, 6):
+            if step in (3, 4):
+                random.random()  # the state moves at steps 3 and 4 only
+            packed = rng.capture_rng_state(packed=True)
+            assert type(packed["python"]["internal"]) is rng.PackedInts
+            snapshots.capture(step, {"state": {"rng": packed}}, {"reason": "rescue"}, {})
+            back = files_from_slot(*slots.read_newest(tmp_path))["state"]["rng"]
+            expected = rng.capture_rng_state()
+            assert deep_equal(back, expected) == [], f"step {step}"
+            assert type(back["python"]["internal"]) is list
+            assert {type(v) for v in back["python"]["internal"]} == {int}
+            assert rng.rng_states_equal(back, expected)
+    finally:
+        snapshots.close()
+    assert rng.capture_rng_state(packed=True)["python"]["internal"] is packed["python"]["internal"], (
+        "an unchanged state was packed again"
+    )
