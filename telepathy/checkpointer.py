@@ -34,7 +34,7 @@ from torch import nn
 from telepathy import distributed, restore, rng, training_signals
 from telepathy.disk.contents import OPTIMIZER, RESERVED_PARTS, STATE
 from telepathy.disk.events import RunRecorder
-from telepathy.errors import CheckpointInvalid, CheckpointWriteError, UsageError
+from telepathy.errors import CheckpointWriteError, UsageError
 from telepathy.options import SAVE_DIR_ENV, CheckpointOptions, wrapper_resume_flags
 from telepathy.save_policy import SavePolicy, check_interval
 from telepathy.step_log import STEP_LOG_ENV, record_step
@@ -385,32 +385,4 @@ class Checkpointer:
         """:meth:`resume`'s steps; ``read_more(directory)`` loads and checks what an integration keeps beside the
         parts (raising CheckpointInvalid makes the checkpoint unusable). Returns the state, what ``read_more``
         returned and the checkpoint used (None, None when starting from scratch)."""
-        if self.collective:  # rank 0 verifies and decides; every rank loads the same checkpoint
-            chosen = collective.choose_on_rank0(lambda: self.store.resume_point(resume_from, strict))
-            candidates = iter([] if chosen is None else [chosen])
-        elif resume_from is not None or strict:
-            chosen = self.store.resume_point(resume_from, strict)
-            candidates = iter([] if chosen is None else [chosen])
-        else:
-            candidates = self.store.catalog.valid_newest_first()
-        for directory in candidates:
-            try:
-                read = restore.read_checkpoint(self, directory, check)
-                more = read_more(directory) if read_more is not None else None
-            except CheckpointInvalid as exc:
-                if self.collective or resume_from is not None or strict:
-                    raise
-                log.warning("skipping checkpoint %s: %s: %s; trying the next older one", directory, exc.file,
-                            exc.reason)  # fmt: skip
-                self.store.unusable.add(directory)  # this run's own save at that step replaces it
-                continue
-            return restore.apply_checkpoint(self, directory, read), more, directory
-        if self.store.committed() and not self.collective:
-            newest = self.store.committed()[-1].path
-            raise CheckpointInvalid(newest.parent, newest.name, f"none of the {len(self.store.committed())} "
-                                    "checkpoints verifies and loads (see the warnings above); starting from scratch "
-                                    "would hide that: move them away or use a new --save_dir")  # fmt: skip
-        log.info("no checkpoint in %s; starting from scratch", self.store.save_dir)
-        if self.recorder is not None:
-            self.recorder.start(0, 0)
-        return TrainState(), None, None
+        return restore.resume(self, resume_from, strict, check, read_more)

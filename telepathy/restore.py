@@ -9,6 +9,7 @@ exactly as for a corrupt one; settings that differ (a mismatch) are the user's t
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from telepathy import rng, training_signals
 from telepathy.disk.contents import OPTIMIZER, STATE, part_file, rank_part
 from telepathy.disk.manifest import read_manifest
 from telepathy.errors import CheckpointInvalid, ResumeMismatchError
+from telepathy.store import collective
 from telepathy.train_state import TrainState, check_shapes, check_signature, state_from_dict
 
 if TYPE_CHECKING:
@@ -150,3 +152,39 @@ def apply_checkpoint(ckpt: Checkpointer, directory: Path, read: Loaded) -> Train
     if ckpt.recorder is not None:
         ckpt.recorder.start(state.global_step, state.epoch, resumed_from=str(directory))
     return state
+
+
+def resume(ckpt: Checkpointer, resume_from: str | os.PathLike | None, strict: bool,
+           check: Callable[[TrainState], None] | None, read_more: Callable[[Path], Any] | None,
+           ) -> tuple[TrainState, Any, Path | None]:  # fmt: skip
+    """:meth:`Checkpointer.resume_with`: the newest checkpoint that reads and checks (or exactly the one asked
+    for), applied; an unusable one is skipped for the next older one unless a particular one was asked for."""
+    if ckpt.collective:  # rank 0 verifies and decides; every rank loads the same checkpoint
+        chosen = collective.choose_on_rank0(lambda: ckpt.store.resume_point(resume_from, strict))
+        candidates = iter([] if chosen is None else [chosen])
+    elif resume_from is not None or strict:
+        chosen = ckpt.store.resume_point(resume_from, strict)
+        candidates = iter([] if chosen is None else [chosen])
+    else:
+        candidates = ckpt.store.catalog.valid_newest_first()
+    for directory in candidates:
+        try:
+            read = read_checkpoint(ckpt, directory, check)
+            more = read_more(directory) if read_more is not None else None
+        except CheckpointInvalid as exc:
+            if ckpt.collective or resume_from is not None or strict:
+                raise
+            log.warning("skipping checkpoint %s: %s: %s; trying the next older one", directory, exc.file,
+                        exc.reason)  # fmt: skip
+            ckpt.store.unusable.add(directory)  # this run's own save at that step replaces it
+            continue
+        return apply_checkpoint(ckpt, directory, read), more, directory
+    if ckpt.store.committed() and not ckpt.collective:
+        newest = ckpt.store.committed()[-1].path
+        raise CheckpointInvalid(newest.parent, newest.name, f"none of the {len(ckpt.store.committed())} "
+                                "checkpoints verifies and loads (see the warnings above); starting from scratch "
+                                "would hide that: move them away or use a new --save_dir")  # fmt: skip
+    log.info("no checkpoint in %s; starting from scratch", ckpt.store.save_dir)
+    if ckpt.recorder is not None:
+        ckpt.recorder.start(0, 0)
+    return TrainState(), None, None

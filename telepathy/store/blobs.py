@@ -41,14 +41,14 @@ from telepathy.disk import durable
 from telepathy.disk.catalog import Catalog
 from telepathy.disk.packs import PACK_BELOW, PackWriter, retiring_packs
 from telepathy.disk.save_dir import BLOBS, TEMP_PREFIX, SaveDir, is_blob_name  # noqa: F401 (BLOBS: re-exported)
+from telepathy.store.dtypes import DTYPES
 
 log = logging.getLogger("telepathy")
 
 # Smaller tensors stay inside the part file. Test hook: TELEPATHY_TEST_MIN_BLOB_BYTES=1 makes every tensor a blob.
 MIN_BLOB_BYTES = int(os.environ.get("TELEPATHY_TEST_MIN_BLOB_BYTES", "") or 64 * 1024)
 BLOB_KEY = "__telepathy_blob__"
-_DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
-                               torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}  # fmt: skip
+_DTYPES = {name: d for name, d in DTYPES.items() if not d.is_complex}  # (complex tensors stay in torch.save)
 
 
 class BlobStore:

@@ -20,10 +20,8 @@ import torch
 
 from telepathy import tree
 from telepathy.rng import PackedInts
+from telepathy.store.dtypes import DTYPES
 
-DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-                               torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
-                               torch.complex128)}  # fmt: skip
 _DTYPE_SET = frozenset(DTYPES.values())
 _TENSOR, _TENSORS, _TABLE = "__T__", "__TS__", "__TT__"
 _TUPLE, _DICT, _INTS, _VERSIONS = "__t__", "__d__", "__L__", "__V__"
