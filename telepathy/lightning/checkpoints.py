@@ -63,14 +63,14 @@ class LightningCheckpointer(Checkpointer):
         self._warned_about: set[str] = set()
         super().__init__(save_dir, parts={}, **options)
 
-    def _files(self, state: TrainState) -> dict[str, Any]:
+    def _files(self, state: TrainState, live: bool = False) -> dict[str, Any]:
         checkpoint, replaced = plain_checkpoint(self._dump())
         new = sorted(set(replaced) - self._warned_about)
         if new:
             self._warned_about.update(new)
             log.warning("these entries of Lightning's checkpoint dict are not plain data and are stored as their str "
                         "(a checkpoint is loaded without running code): %s", ", ".join(new[:10]))  # fmt: skip
-        return {LIGHTNING: checkpoint, **super()._files(state)}  # state.pt stays the last file written
+        return {LIGHTNING: checkpoint, **super()._files(state, live)}  # state.pt stays the last file written
 
     def resume_lightning(self) -> tuple[TrainState, dict[str, Any] | None, Path | None]:
         """Like :meth:`Checkpointer.resume` (whose steps this follows), also loading ``lightning.pt``: the newest

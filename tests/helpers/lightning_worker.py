@@ -2,7 +2,7 @@
 and a per-step LR schedule, on shuffled data with a random augmentation drawn from the global torch RNG.
 
     python tests/helpers/lightning_worker.py SAVE_DIR [--epochs 3] [--delay S | --delay_file F] [--devices 2]
-        [--val] [--every_steps N] [--signal_at STEP:SIGNAL ...]
+        [--val] [--every_steps N] [--signal_at STEP:SIGNAL ...] [--snapshot_every_step]
 
 Prints ``step N rank R loss HEX`` after every optimizer step (``float.hex``: compared to the last bit) and
 ``exit CODE`` at the end. ``--signal_at 12:TERM`` makes the process signal itself right after step 12's loss is
@@ -58,6 +58,7 @@ def main() -> int:
     parser.add_argument("--val", action="store_true")
     parser.add_argument("--every_steps", type=int, default=None)
     parser.add_argument("--signal_at", action="append", default=[])
+    parser.add_argument("--snapshot_every_step", action="store_true")
     args = parser.parse_args()
     signal_at = {int(s): getattr(signal, f"SIG{name}") for s, name in (a.split(":") for a in args.signal_at)}
     torch.set_num_threads(1)
@@ -70,7 +71,7 @@ def main() -> int:
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2 if args.val else 0,
                         callbacks=[Report(args.delay_file or args.delay, signal_at)])  # fmt: skip
     code = fit_preemptible(trainer, Net(), train, val, save_dir=args.save_dir, interval=None,
-                           every_steps=args.every_steps)  # fmt: skip
+                           every_steps=args.every_steps, snapshot_every_step=args.snapshot_every_step)  # fmt: skip
     say(f"exit {code} rank {trainer.global_rank}")
     return code
 

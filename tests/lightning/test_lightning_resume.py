@@ -6,10 +6,15 @@ equal those of an uninterrupted run, bit for bit. 3 epochs x 12 batches = 36 ste
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
-from lightning_runs import assert_same_training, reference_run, run_worker
+from lightning_runs import WORKER, Run, assert_same_training, losses_in, reference_run, run_worker
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +62,41 @@ def test_sigkill_resumes_from_the_last_checkpoint_and_replays_bit_identically(tm
     assert second.code == 0, second.output[-3000:]
     assert second.steps() == list(range(last_saved + 1, 37))  # the steps after the last save are replayed
     assert_same_training(lightning_reference, tmp_path, first, second)  # ... with the same losses
+
+
+def test_per_step_snapshots_under_the_wrapper_lose_at_most_the_step_in_flight_to_a_sigkill(
+    tmp_path, lightning_reference
+):
+    """``snapshot_every_step`` with the supervising wrapper: the trainer SIGKILLed after step 13, the wrapper commits
+    its newest snapshot and restarts it, and the run goes on from the step in flight with the same losses. (From a
+    self-review: the Lightning checkpointer's files did not take the per-step snapshot's arguments, so this
+    combination crashed at the first step.)"""
+    command = [sys.executable, "-m", "telepathy.preemptible_training", "--save_dir", str(tmp_path), "--max_restarts",
+               "1", "--restart_backoff", "0.1", "--", sys.executable, str(WORKER), str(tmp_path), "--val", "--delay",
+               "0.05", "--snapshot_every_step"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    lines, killed_after = [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if killed_after is None and line.startswith("step 13 rank 0 "):
+                trainer = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+                os.kill(trainer, signal.SIGKILL)
+                killed_after = 13
+        code = proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    output = "".join(lines)
+    assert code == 0 and killed_after == 13, output[-3000:]
+    assert "snapshot from shared memory" in output and "Traceback" not in output, output[-3000:]
+    first, second = output.split("snapshot from shared memory", 1)
+    resumed = min(step for step, rank in losses_in(second))
+    assert resumed in (13, 14), output[-3000:]  # step 13 printed, its boundary (snapshot) done or not yet
+    runs = [Run(0, first, losses_in(first)), Run(0, second, losses_in(second))]
+    assert_same_training(lightning_reference, tmp_path, *runs)
 
 
 def test_ddp_two_ranks_stop_together_and_resume_bit_identically(tmp_path, tmp_path_factory):
