@@ -4,7 +4,7 @@ container" is decided once. No torch import: callers decide what a leaf is."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,21 +14,42 @@ KEEP = object()  # returned by a leaf function: "not a leaf for me, walk into it
 def transform(obj: Any, leaf: Callable[[Any, str], Any], *, key: Callable[[Any], Any] | None = None,
               path: str = "") -> Any:  # fmt: skip
     """A copy of ``obj`` with every value for which ``leaf(value, path)`` returns something other than
-    :data:`KEEP` replaced by that. Mappings become dicts (their keys passed through ``key`` when given), lists
-    stay lists, tuples stay tuples (sets become lists). ``path`` names a value's position (``/a/b[2]``), stable
-    across calls on same-shaped state: reusable buffers are keyed by it. A module's state dict keeps its
-    ``_metadata`` (see :func:`module_versions`)."""
+    :data:`KEEP` replaced by that. Mappings become dicts (their keys passed through ``key`` when given) except
+    the kinds a checkpoint loads as they are (OrderedDict, Counter); lists, tuples, sets and torch.Size keep
+    their kind (frozensets and other tuples become lists and tuples). ``path`` names a value's position
+    (``/a/b[2]``), stable across calls on same-shaped state: reusable buffers are keyed by it. A module's state
+    dict keeps its ``_metadata`` (see :func:`module_versions`)."""
     replacement = leaf(obj, path)
     if replacement is not KEEP:
         return replacement
     if isinstance(obj, Mapping):
         copy = {(key(k) if key else k): transform(v, leaf, key=key, path=f"{path}/{k}") for k, v in obj.items()}
         versions = module_versions(obj)
-        return copy if versions is None else with_module_versions(copy, versions)
+        if versions is not None:
+            return with_module_versions(copy, versions)
+        return type(obj)(copy) if type(obj) in KEPT_MAPPINGS else copy
     if isinstance(obj, (list, tuple, set, frozenset)):
         items = [transform(v, leaf, key=key, path=f"{path}[{i}]") for i, v in enumerate(obj)]
+        kind = type(obj)
+        if kind is set:
+            try:
+                return set(items)
+            except TypeError:  # a set whose tensors became blob references (dicts): kept a list, as before
+                return items
+        if is_size(kind):
+            return kind(items)
         return tuple(items) if isinstance(obj, tuple) else items
     return obj
+
+
+# Containers other than dict, list and tuple that ``torch.load(weights_only=True)`` reads back, and so a full save
+# keeps: every copy keeps them too (a resumed MultiStepLR's milestones stay a Counter; set, torch.Size alike).
+KEPT_MAPPINGS = frozenset({OrderedDict, Counter})
+
+
+def is_size(kind: type) -> bool:
+    """``torch.Size`` (named, not imported: this module stays torch-free)."""
+    return kind.__name__ == "Size" and kind.__module__ == "torch"
 
 
 def module_versions(obj: Any) -> Any:

@@ -12,7 +12,7 @@ import array
 import functools
 import itertools
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +25,9 @@ from telepathy.store.dtypes import DTYPES
 _DTYPE_SET = frozenset(DTYPES.values())
 _TENSOR, _TENSORS, _TABLE = "__T__", "__TS__", "__TT__"
 _TUPLE, _DICT, _INTS, _VERSIONS = "__t__", "__d__", "__L__", "__V__"
-_MARKERS = frozenset({_TENSOR, _TENSORS, _TABLE, _TUPLE, _DICT, _INTS, _VERSIONS})
+_ORDERED, _COUNTER, _SET, _SIZE = "__O__", "__C__", "__s__", "__S__"  # kinds a full save keeps (tree.transform)
+_MAPPING_KINDS = {_ORDERED: OrderedDict, _COUNTER: Counter}
+_MARKERS = frozenset({_TENSOR, _TENSORS, _TABLE, _TUPLE, _DICT, _INTS, _VERSIONS, *_MAPPING_KINDS, _SET, _SIZE})
 _LONG_LIST = 32  # a list of this many ints or more (Python's RNG state: 625) is copied as one int64 tensor
 _PLAIN = (type(None), bool, int, float, str)
 _PLAIN_SET = frozenset(_PLAIN)
@@ -108,7 +110,12 @@ def describe(files: Mapping[str, Any], check: bool = True) -> tuple[Any, list[to
     def mapping(value: Mapping[Any, Any], path: str) -> Any:
         node = mapping_node(value, path)
         versions = tree.module_versions(value)
-        return node if versions is None else module_versions(versions, node, path)
+        if versions is not None:
+            return module_versions(versions, node, path)
+        kind = type(value)
+        if kind is dict or kind not in tree.KEPT_MAPPINGS:  # (another Mapping: a dict, as tree.transform makes it)
+            return node
+        return {_ORDERED if kind is OrderedDict else _COUNTER: node}
 
     def mapping_node(value: Mapping[Any, Any], path: str) -> Any:
         if isinstance(value, dict) and value:
@@ -150,7 +157,11 @@ def describe(files: Mapping[str, Any], check: bool = True) -> tuple[Any, list[to
             if types <= _PLAIN_SET:
                 return list(value)  # (JSON keeps each plain value's type)
             return [walk(v, f"{path}[{i}]") for i, v in enumerate(value)]
-        if isinstance(value, tuple):
+        if kind is set:
+            return {_SET: [walk(v, f"{path}[{i}]") for i, v in enumerate(value)]}
+        if tree.is_size(kind):
+            return {_SIZE: list(value)}
+        if isinstance(value, tuple):  # (a tuple subclass: a tuple, as tree.transform makes it)
             return {_TUPLE: [walk(v, f"{path}[{i}]") for i, v in enumerate(value)]}
         raise UnsupportedState(f"{path}: a value of type {type(value).__name__}")
 
@@ -192,6 +203,13 @@ def rebuild(structure: Any, tensors: list[torch.Tensor], constants: list[Any]) -
             return tree.with_module_versions(rebuild(node, tensors, constants), constants[k])
         if _TUPLE in structure:
             return tuple(rebuild(v, tensors, constants) for v in structure[_TUPLE])
+        if _ORDERED in structure or _COUNTER in structure:
+            ((marker, node),) = structure.items()
+            return _MAPPING_KINDS[marker](rebuild(node, tensors, constants))
+        if _SET in structure:
+            return {rebuild(v, tensors, constants) for v in structure[_SET]}
+        if _SIZE in structure:
+            return torch.Size(structure[_SIZE])
         if _DICT in structure:
             return {rebuild(k, tensors, constants): rebuild(v, tensors, constants) for k, v in structure[_DICT]}
         return {k: rebuild(v, tensors, constants) for k, v in structure.items()}
@@ -301,6 +319,12 @@ def _walk_references(pending: list[Any], take: Any, constant: Any) -> None:
                 if not isinstance(inner, dict):
                     raise SnapshotInvalid("the snapshot's module versions go with something other than a mapping")
                 pending.append(inner)
+            elif marker in _MAPPING_KINDS:
+                if not isinstance(value, dict):
+                    raise SnapshotInvalid(f"the snapshot's {marker} node holds {str(value)[:40]}")
+                pending.append(value)
+            elif marker == _SIZE and not (isinstance(value, list) and all(type(n) is int and n >= 0 for n in value)):
+                raise SnapshotInvalid(f"the snapshot's torch.Size node holds {str(value)[:40]}")
             elif not isinstance(value, list) or (marker == _DICT and not all(len(p) == 2 for p in value)):
                 raise SnapshotInvalid(f"the snapshot's {marker} node holds {str(value)[:40]}")
             else:
