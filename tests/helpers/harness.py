@@ -283,3 +283,13 @@ def damage_blob(save_dir: Path, name: str, how: str = "flip") -> Path:
         f.seek(offset)
         f.write(data)
     return path
+
+
+# Every way a Checkpointer can write a checkpoint (its options): a state must come back the same from each.
+SAVE_MODES = {
+    "full": {},
+    "async": {"async_save": True},
+    "differential": {"differential": True},
+    "compressed": {"format": "compressed"},
+    "differential async": {"differential": True, "async_save": True},
+}

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from harness import deep_equal
+from harness import SAVE_MODES, deep_equal
 
 from telepathy.checkpointer import Checkpointer
 from telepathy.disk import slots
@@ -19,13 +19,7 @@ from telepathy.store.snapshot_format import SnapshotInvalid, describe, files_fro
 from telepathy.store.step_snapshots import StepSnapshots
 from telepathy.train_state import TrainState
 
-MODES = {
-    "full": {},
-    "async": {"async_save": True},
-    "differential": {"differential": True},
-    "compressed": {"format": "compressed"},
-    "differential async": {"differential": True, "async_save": True},
-}
+MODES = SAVE_MODES
 
 
 def holder_state() -> dict[str, Any]:

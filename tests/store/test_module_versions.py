@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness import SAVE_MODES
 from torch import nn
 from torch.ao.quantization import MovingAverageMinMaxObserver
 
@@ -17,13 +18,7 @@ from telepathy.store.snapshot_format import describe, files_from_slot, rebuild
 from telepathy.store.step_snapshots import StepSnapshots
 from telepathy.train_state import TrainState
 
-MODES = {
-    "full": {},
-    "async": {"async_save": True},
-    "differential": {"differential": True},
-    "compressed": {"format": "compressed"},
-    "differential async": {"differential": True, "async_save": True},
-}
+MODES = SAVE_MODES
 
 
 def model() -> nn.Module:
