@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -32,7 +33,13 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 class PreemptionCallback(TrainerCallback):
     """SIGTERM/SIGINT: save at this step boundary and stop; SIGUSR1: save and go on (the spec's signal
-    table). Seals every checkpoint Trainer writes, whatever asked for it."""
+    table). Seals every checkpoint Trainer writes, whatever asked for it, and then applies ``keep_last`` (what
+    :func:`train_preemptible` takes over from ``save_total_limit``: Trainer prunes before a new checkpoint is
+    sealed, so a kill in between left nothing sealed to resume from)."""
+
+    def __init__(self) -> None:
+        self.sealed_step: int | None = None  # the step of the last checkpoint this run sealed
+        self.keep_last: int | None = None
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
         if not training_signals.installed():
@@ -48,6 +55,9 @@ class PreemptionCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
         if args.should_save:  # the process that writes (rank 0)
             seal(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+            if self.keep_last:
+                prune_sealed(Path(args.output_dir), self.keep_last, state.best_model_checkpoint)
+        self.sealed_step = state.global_step
         training_signals.mark_checkpoint_saved()
 
 
@@ -65,24 +75,57 @@ def seal(directory: Path, step: int) -> None:
     durable.fsync_dir(directory.parent)
 
 
+def prune_sealed(output_dir: Path, keep_last: int, best: str | None) -> None:
+    """Keep the newest ``keep_last`` sealed checkpoints (and Trainer's best one): remove every ``checkpoint-N``
+    older than them, sealed or torn. Runs after a seal, so a sealed checkpoint is always left."""
+    found = sorted(_checkpoints(output_dir), key=lambda r: r.step, reverse=True)
+    sealed = [r for r in found if (r.path / MANIFEST_NAME).is_file()]
+    if len(sealed) <= keep_last:
+        return
+    oldest_kept = sealed[keep_last - 1].step
+    for ref in found:
+        if ref.step < oldest_kept and not (best and Path(best).resolve() == ref.path.resolve()):
+            shutil.rmtree(ref.path, ignore_errors=True)
+
+
+def _checkpoints(output_dir: Path) -> list[CheckpointRef]:
+    """Trainer's ``checkpoint-N`` directories (not links)."""
+    return [CheckpointRef(int(m.group(1)), p) for p in (output_dir.iterdir() if output_dir.is_dir() else ())
+            if (m := _CHECKPOINT.match(p.name)) and p.is_dir() and not p.is_symlink()]  # fmt: skip
+
+
 def last_sealed_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest ``checkpoint-N`` that is sealed and verifies; unsealed or damaged ones are skipped with a
     warning (a save interrupted by a kill)."""
-    root = Path(output_dir)
-    found = [CheckpointRef(int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
-             if (m := _CHECKPOINT.match(p.name)) and p.is_dir() and not p.is_symlink()]  # fmt: skip
-    newest = first_valid(sorted(found, key=lambda r: r.step, reverse=True))
+    newest = first_valid(sorted(_checkpoints(Path(output_dir)), key=lambda r: r.step, reverse=True))
     return None if newest is None else newest[0].path
 
 
 def train_preemptible(trainer: Trainer) -> int:
     """Add the callback, resume from the newest sealed checkpoint (if any), train; return the exit code:
-    0 when training finished, 99 (or 130 after SIGINT) when a signal stopped it after a save."""
+    0 when training finished (a signal after the last step included), 99 (130 after SIGINT) when a signal
+    stopped it after a sealed save at the step it stopped, 98 when it stopped with nothing new saved."""
     training_signals.install_signal_handlers()
-    if not any(isinstance(cb, PreemptionCallback) for cb in trainer.callback_handler.callbacks):
-        trainer.add_callback(PreemptionCallback())
+    callback = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionCallback)), None)
+    if callback is None:
+        callback = PreemptionCallback()
+        trainer.add_callback(callback)
+    limit, trainer.args.save_total_limit = trainer.args.save_total_limit, None  # pruned after sealing instead
+    callback.keep_last = limit if limit and limit > 0 else None
     checkpoint = last_sealed_checkpoint(trainer.args.output_dir)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if training_signals.should_exit_training():
-        return training_signals.exit_code()
-    return training_signals.EXIT_COMPLETE
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        trainer.args.save_total_limit = limit
+    if not training_signals.should_exit_training():
+        return training_signals.EXIT_COMPLETE
+    state, name = trainer.state, training_signals.signal_name(training_signals.exit_signal())
+    if state.max_steps > 0 and state.global_step >= state.max_steps:
+        training_signals.say(f"{name} after the last step ({state.global_step}): training is complete; exit 0")
+        return training_signals.EXIT_COMPLETE
+    if callback.sealed_step != state.global_step:  # the stop came after the last save Trainer made
+        training_signals.mark_stop_unsaved()
+    code = training_signals.exit_code()
+    saved = "checkpoint sealed" if code != training_signals.EXIT_STOPPED_UNSAVED else "nothing new saved"
+    training_signals.say(f"{name} at step {state.global_step}: {saved}; stopping with exit code {code}")
+    return code

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from telepathy.step_log import STEP_LOG_ENV, read_steps
+from telepathy.step_log import STEP_HOLD_ENV, STEP_LOG_ENV, read_steps
 
 PLACEHOLDER = "{save_dir}"
 
@@ -33,16 +33,24 @@ class Trial:
 
 
 def run_trial(name: str, command: list[str], work: Path, interrupt: tuple[int, int] | None, timeout: float) -> Trial:
-    """Run ``command`` to completion; with ``interrupt`` (signal, step) send the signal once that step is logged."""
+    """Run ``command`` to completion; with ``interrupt`` (signal, step) send the signal once that step is logged
+    (the loop holds at that step until it arrives: ``TELEPATHY_STEP_HOLD``)."""
     trial = Trial(name, save_dir=work / name)
     log = work / f"{name}.steps"
     argv = [a.replace(PLACEHOLDER, str(trial.save_dir)) for a in command]
     env = {**os.environ, STEP_LOG_ENV: str(log)}
+    env.pop(STEP_HOLD_ENV, None)
     pending = interrupt
     for attempt in range(6):
         before = len(read_steps(log))
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)  # fmt: skip
+        hold = {STEP_HOLD_ENV: str(pending[1])} if pending is not None else {}
+        errors = open(work / f"{name}.stderr", "w+b")  # (a file, not a pipe: a chatty command must not block on it)
+        try:
+            proc = subprocess.Popen(argv, env={**env, **hold}, stdout=subprocess.DEVNULL, stderr=errors,
+                                    start_new_session=True)  # fmt: skip
+        except OSError as exc:
+            errors.close()
+            raise RuntimeError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
         deadline = time.monotonic() + timeout
         while proc.poll() is None:
             if time.monotonic() > deadline:
@@ -52,7 +60,9 @@ def run_trial(name: str, command: list[str], work: Path, interrupt: tuple[int, i
                 os.killpg(proc.pid, pending[0])
                 pending = None
             time.sleep(0.02)
-        stderr = proc.stderr.read() if proc.stderr else ""
+        errors.seek(max(0, errors.seek(0, os.SEEK_END) - 2000))
+        stderr = errors.read().decode(errors="replace")
+        errors.close()
         records = read_steps(log)[before:]
         if attempt and records:
             trial.resumed_at.append(records[0]["step"] - 1)
@@ -61,7 +71,7 @@ def run_trial(name: str, command: list[str], work: Path, interrupt: tuple[int, i
         if proc.returncode == 0 and pending is None:
             return trial
         if proc.returncode not in (0, 98, 99, 130, -signal.SIGKILL, -signal.SIGTERM):
-            raise RuntimeError(f"{name}: the command exited {proc.returncode}:\n{stderr[-2000:]}")
+            raise RuntimeError(f"{name}: the command exited {proc.returncode}:\n{stderr}")
     raise RuntimeError(f"{name}: the command did not finish in 6 runs")
 
 
@@ -137,12 +147,19 @@ def check(command: list[str], sigterm_at: int, sigkill_at: int, timeout: float =
             if not reference.steps:
                 return ["the command logged no steps: does it call Checkpointer.step_boundary (or "
                         "PreemptibleRun.step_done) with metric=?"], 2  # fmt: skip
+            last = max(reference.steps)
+            if max(sigterm_at, sigkill_at) >= last:
+                return [f"--sigterm_at {sigterm_at} and --sigkill_at {sigkill_at} must be steps before the last one "
+                        f"({last}) of the uninterrupted run, or nothing is resumed to compare"], 2  # fmt: skip
             trials = [run_trial("sigterm", command, work, (signal.SIGTERM, sigterm_at), timeout),
                       run_trial("sigkill", command, work, (signal.SIGKILL, sigkill_at), timeout)]  # fmt: skip
         except RuntimeError as exc:
             return [f"could not check: {exc}"], 2
         lines, failed = [], False
         for trial in trials:
+            if not trial.resumed_at:  # the signal found nothing to interrupt: nothing was tested
+                return [f"could not check: the {trial.name} run was never resumed (it ended before the signal, or "
+                        "its rerun logged no steps): nothing after a resume to compare"], 2  # fmt: skip
             step = first_difference(reference, trial)
             differs = final_differences(reference, trial)
             where = ", ".join(f"resumed after step {r}" for r in trial.resumed_at) or "not interrupted"

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 WORKER = Path(__file__).resolve().parents[1] / "helpers" / "hf_worker.py"
 
 
-def run(out: Path, delay: float, sigterm_at: int | None = None) -> tuple[int, dict[int, str]]:
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(out), str(delay)], stdout=subprocess.PIPE,
+def run(out: Path, delay: float, sigterm_at: int | None = None, *flags: str) -> tuple[int, dict[int, str]]:
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(out), str(delay), *flags], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     lines = []
     for line in proc.stdout:
@@ -73,3 +73,30 @@ def test_a_torn_checkpoint_is_skipped_and_the_run_still_matches(tmp_path, refere
     assert {**first, **second} == ref_losses
     weights = torch.load(tmp_path / "final.pt", weights_only=True)
     assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+
+
+def checkpoint_names(out: Path) -> list[str]:
+    return sorted((p.name for p in out.glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
+
+
+def test_a_sigterm_after_the_last_step_is_a_completed_run_and_an_early_end_without_a_save_is_98(tmp_path, reference):
+    """From review 5: the exit code followed the signal alone, so a SIGTERM during the final logging returned 99
+    with no checkpoint for it; and a run another callback ended early, with the signal after the last save, too."""
+    code, losses = run(tmp_path / "late", 0.0, None, "--term_at", "24")
+    assert code == 0 and losses == reference[1]
+    code, losses = run(tmp_path / "early", 0.0, None, "--stop_at", "13")
+    assert code == 98 and max(losses) == 13  # checkpoint-10 is the newest: nothing saved for this stop
+    assert last_sealed_checkpoint(tmp_path / "early").name == "checkpoint-10"
+
+
+def test_save_total_limit_never_leaves_a_kill_without_a_sealed_checkpoint(tmp_path, reference):
+    """From review 5: Trainer prunes to save_total_limit before the new checkpoint is sealed, so a kill in between
+    left nothing to resume from. telepathy prunes after sealing: a kill in the save of step 20 (checkpoint-20
+    written, not sealed) resumes from checkpoint-10, and a finished run keeps one sealed checkpoint."""
+    code, first = run(tmp_path, 0.0, None, "--save_total_limit", "1", "--kill_in_save_at", "20")
+    assert code == -signal.SIGKILL and max(first) == 20
+    assert last_sealed_checkpoint(tmp_path).name == "checkpoint-10"
+    code, second = run(tmp_path, 0.0, None, "--save_total_limit", "1")
+    assert code == 0 and min(second) == 11
+    assert {**first, **second} == reference[1]
+    assert checkpoint_names(tmp_path) == ["checkpoint-24"] and last_sealed_checkpoint(tmp_path).name == "checkpoint-24"
