@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from telepathy.errors import EXIT_SAVE_DIR_BUSY, EXIT_USAGE
 from telepathy.options import path_problem, path_text, positive_int
@@ -188,6 +189,11 @@ def _export(args: argparse.Namespace) -> int:
         print(f"telepathy export: {args.save_dir} has no committed checkpoint yet", file=sys.stderr)
         return 1
     out = args.out or args.save_dir / "export" / Path(checkpoint).name
+    inside = _inside_checkpoint_tree(SaveDir(args.save_dir), Path(out))
+    if inside:
+        return _refuse("export", f"--out {out} is inside the save dir's {inside}, where telepathy keeps checkpoints "
+                       "(a file there changes a committed one, a directory looks like a damaged one); pick a path "
+                       "outside it")  # fmt: skip
     if os.path.lexists(out) and not os.path.isdir(out):  # a new directory is made, an existing one used
         return _refuse("export", f"--out {out} exists and is not a directory; give a new or empty directory")
     try:
@@ -200,6 +206,15 @@ def _export(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _inside_checkpoint_tree(save_dir: Any, out: Path) -> str | None:
+    """The part of the save dir (checkpoints/, emergency/, blobs/, latest) that ``out`` lies in, or None."""
+    where = out.resolve()
+    for part in (save_dir.checkpoints, save_dir.emergency, save_dir.blobs, save_dir.latest):
+        if where == part.resolve() or where.is_relative_to(part.resolve()):
+            return part.name + ("" if part == save_dir.latest else "/")
+    return None
 
 
 def _refuse(verb: str, problem: str) -> int:

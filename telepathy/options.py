@@ -184,10 +184,27 @@ def positive_int(text: str) -> int:
 
 
 def path_text(text: str) -> str:
-    """A path argument as given; an empty one is refused (it would silently mean the current directory)."""
+    """A path argument as given; an empty one is refused (it would silently mean the current directory), and
+    so is one torch cannot open (:func:`unreadable_by_torch`)."""
     if not text.strip() or "\0" in text:
         raise argparse.ArgumentTypeError(f"must name a path, got {text!r}")
+    problem = unreadable_by_torch(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return text
+
+
+def unreadable_by_torch(path: str | os.PathLike) -> str | None:
+    """Why torch could not load checkpoints under ``path``, or None: a name with bytes that are not UTF-8 saves
+    fine but ``torch.load`` cannot open it, so every checkpoint there would be written and never resumed."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return (f"{shown} is not a valid UTF-8 path: torch cannot load checkpoints from it (saves would be written "
+                "and never resumed); rename it or pick another")  # fmt: skip
+    return None
 
 
 def existing_directory(text: str) -> str:

@@ -112,7 +112,7 @@ class Supervisor:
                 code = self._stop_code(out)
             elif code not in KNOWN_EXITS + NOT_RESTARTED and restarts < self.max_restarts:
                 restarts += 1
-                delay = self.restart_backoff * 2 ** (restarts - 1)
+                delay = restart_delay(self.restart_backoff, restarts)
                 print(f"[telepathy] trainer failed with exit code {code}; restart {restarts}/{self.max_restarts} "
                       f"from the newest valid checkpoint in {delay:.0f}s", flush=True)  # fmt: skip
                 self.events.emit("restart", after_exit_code=code, restart=restarts)
@@ -237,3 +237,11 @@ def supervise(command: Sequence[str], save_dir: str | os.PathLike, grace_period:
     training_signals.ignore_at_exit(FORWARDED)  # the exit code is decided here: a late signal must not replace it
     supervisor = Supervisor(command, save_dir, grace_period, max_restarts, restart_backoff, restart_command)
     return supervisor.run(early_signals)
+
+
+MAX_RESTART_DELAY = 3600.0  # the backoff doubles per failure in a row, up to an hour (never days of a held allocation)
+
+
+def restart_delay(backoff: float, restarts: int) -> float:
+    """Seconds to wait before restart number ``restarts`` (1, 2, ...) of failures in a row."""
+    return min(backoff * 2.0 ** min(restarts - 1, 64), max(backoff, MAX_RESTART_DELAY))

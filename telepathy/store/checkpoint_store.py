@@ -24,6 +24,7 @@ from telepathy.disk.manifest import FileEntry
 from telepathy.disk.retention import RetentionPolicy
 from telepathy.disk.save_dir import CheckpointRef, SaveDir
 from telepathy.errors import CheckpointWriteError, UnsafeCheckpointError, UsageError  # noqa: F401 (re-exported)
+from telepathy.options import unreadable_by_torch
 from telepathy.store import formats
 from telepathy.store.save_errors import describe_failure, os_error_in
 
@@ -61,6 +62,9 @@ class CheckpointStore:
     def prepare(self) -> None:
         """Create the layout, check it is writable, become its only writer (:class:`SaveDirBusy` otherwise),
         remove stale temporaries of earlier runs."""
+        problem = unreadable_by_torch(self.save_dir.resolve())
+        if problem:
+            raise UsageError(problem)
         if self.save_dir.exists() and not self.save_dir.is_dir():
             raise NotADirectoryError(f"save dir {self.save_dir} exists and is not a directory; pick another path")
         problems = self.dir.layout_problems()

@@ -23,6 +23,7 @@ from adversary import (
 )
 
 from telepathy import test_preemption as tool
+from telepathy.disk.save_dir import SaveDir
 from telepathy.latentwire import config
 
 VERBS = ["status", "list", "verify", "prune", "plot", "export"]
@@ -119,6 +120,17 @@ def test_export_to_a_bad_out_is_one_line_and_exit_2(tmp_path, run_with_events, k
     done = cli("export", str(run_with_events), "--out", out, cwd=tmp_path)
     assert_one_line_error(done, 2)
     assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "notes.txt").is_dir()
+
+
+@pytest.mark.parametrize("inside", ["latest", "checkpoints/step_99999999", "checkpoints", "blobs/x", "emergency/x"])
+def test_export_into_the_save_dirs_own_checkpoint_tree_is_refused(tmp_path, run_with_events, inside):
+    """From review 5: --out SAVE_DIR/latest wrote into a committed checkpoint; --out SAVE_DIR/checkpoints/step_N
+    made a directory every later resume skipped as damaged."""
+    before = sorted(p.relative_to(run_with_events) for p in run_with_events.rglob("*"))
+    done = cli("export", str(run_with_events), "--out", str(run_with_events / inside), cwd=tmp_path)
+    assert_one_line_error(done, 2)
+    assert sorted(p.relative_to(run_with_events) for p in run_with_events.rglob("*")) == before
+    assert_still_verified([ref.path for ref in SaveDir(run_with_events).committed()])
 
 
 @pytest.mark.parametrize("kind", ["missing", "a file", "empty", "/proc", "the save dir itself"])
@@ -374,3 +386,35 @@ def test_the_test_tool_refuses_a_bad_value_its_parser_lets_through(tmp_path, fla
 @pytest.mark.parametrize("argv", [["status", "/nonexistent"], ["prune", "/proc", "--keep_last", "0"], []], ids=repr)
 def test_the_telepathy_program_answers_bad_input_in_one_line(argv):
     assert_one_line_error(program("telepathy", *argv, timeout=60), 2)
+
+
+NOT_UTF8 = os.fsdecode(b"run\xff")  # a name with a byte that is not UTF-8 (decoded with surrogateescape)
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_a_save_dir_whose_name_is_not_utf8_is_refused_by_every_verb(tmp_path, verb):
+    """From review 5: torch cannot open a path that is not UTF-8, so such a save dir saved fine and could never be
+    loaded: the resume skipped every checkpoint as damaged and advised moving them away; export and plot crashed."""
+    assert_one_line_error(cli(verb, str(tmp_path / NOT_UTF8)), 2)
+
+
+def test_the_main_job_and_the_library_refuse_a_save_dir_whose_name_is_not_utf8(tmp_path):
+    from telepathy import Checkpointer
+    from telepathy.errors import UsageError
+
+    parsed = parse_in_process(config.parse, ["--save_dir", str(tmp_path / NOT_UTF8)])
+    assert_one_line_error(parsed, 2)
+    assert "not a valid UTF-8 path" in parsed.err
+    with pytest.raises(UsageError, match="not a valid UTF-8 path"):
+        Checkpointer(tmp_path / NOT_UTF8, parts={})
+    assert not (tmp_path / NOT_UTF8).exists(), "a save dir was created before the refusal"
+
+
+def test_the_restart_backoff_doubles_up_to_an_hour_however_many_failures():
+    """From review 5: --max_restarts 10**30 was accepted and the doubled delay had no cap (restart 20 of the
+    default 2 s backoff slept about 12 days, holding the allocation)."""
+    from telepathy.supervisor import restart_delay
+
+    assert [restart_delay(2.0, n) for n in (1, 2, 3)] == [2.0, 4.0, 8.0]
+    assert restart_delay(2.0, 20) == restart_delay(2.0, 10**30) == 3600.0
+    assert restart_delay(0.0, 10**30) == 0.0
