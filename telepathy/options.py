@@ -101,8 +101,10 @@ class CheckpointOptions:
                     log.warning("the wrapper asked for %s=%r but this script sets %s=%r; using the script's",
                                 name, value, name, fields[name])  # fmt: skip
             return cls(**{**wrapper, **fields})
-        if wrapper and any(getattr(options, k) != v for k, v in wrapper.items()):
-            log.warning("the wrapper's checkpoint flags %s are overridden by the options this script passes", wrapper)
+        differ = {k: v for k, v in wrapper.items() if getattr(options, k) != v}
+        if differ:  # (only those that differ: the ones that agree are applied, and saying otherwise misleads)
+            log.warning("the wrapper's checkpoint flags %s are overridden by the options this script passes (%s)",
+                        differ, ", ".join(f"{k}={getattr(options, k)!r}" for k in differ))  # fmt: skip
         return options.replace(**fields)
 
     @classmethod

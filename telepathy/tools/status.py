@@ -105,18 +105,30 @@ def _state(save_dir: Path, events: list[dict[str, Any]], last_exit: int | None) 
         return "not started" if not SaveDir(save_dir).committed() else "unknown (no events.jsonl)"
     if last_exit is None:
         return "failed (ended without an exit record: killed?)"
+    if last_exit == 0 and _last_save_reason(events) == "duration":
+        return "paused (its --duration ran out; rerun to continue)"
     return EXIT_MEANING.get(last_exit, f"failed (exit code {last_exit})")
 
 
+def _last_save_reason(events: list[dict[str, Any]]) -> str | None:
+    """The reason of the newest save of the last run (since its start or resume)."""
+    for e in reversed(events):
+        if e["event"] == "save":
+            return e.get("reason")
+        if e["event"] in ("start", "resume"):
+            return None
+    return None
+
+
 def last_exit_code(events: list[dict[str, Any]]) -> int | None:
-    """The exit code of the run's last ending (supervisor exit, preempt, or a final save = 0); None when a
+    """The exit code of the run's last ending (supervisor exit, preempt, or a final or --duration save = 0); None when a
     process started after it and left no ending (killed) or nothing ended yet."""
     for e in reversed(events):
         if e["event"] == "exit":
             return int(e["exit_code"])
         if e["event"] == "preempt":
             return int(e["exit_code"])
-        if e["event"] == "save" and e.get("reason") == "final":
+        if e["event"] == "save" and e.get("reason") in ("final", "duration"):
             return 0
         if e["event"] in ("start", "resume"):
             return None

@@ -146,3 +146,13 @@ def test_the_module_and_console_entry_points_run(tmp_path):
     if script is not None:
         done = subprocess.run([script, "list", str(tmp_path)], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.startswith("    step"), done.stderr
+
+
+def test_status_of_a_run_that_stopped_at_its_duration_says_paused(tmp_path):
+    """From review 5: a --duration stop (exit 0, saved, rerun to continue) was reported as failed."""
+    done = subprocess.run([sys.executable, "-m", "telepathy.test_preemption", "--save_dir", str(tmp_path), "--duration",
+                           "1", "--samples", "2048", "--step_delay", "0.05"], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0 and "duration reached" in done.stdout, done.stdout + done.stderr
+    status = json.loads(cli("status", str(tmp_path), "--json").stdout)
+    assert status["state"].startswith("paused") and status["last_exit_code"] == 0, status

@@ -36,3 +36,16 @@ def test_the_checkpointer_takes_them_as_defaults_and_says_when_the_script_overri
     assert CheckpointOptions.resolve(None, {}) == CheckpointOptions(keep_last=5, interval=30.0, format="compressed")
     assert CheckpointOptions.resolve(None, {"keep_last": 2}).keep_last == 2
     assert "the wrapper asked for keep_last=5 but this script sets keep_last=2" in caplog.text
+
+
+def test_options_passed_whole_are_said_to_override_only_the_wrapper_flags_they_change(monkeypatch, caplog):
+    """From review 5: under Lightning (which passes whole options) the warning listed every wrapper flag as
+    overridden, snapshot_every_step included, although the ones that agreed were applied."""
+    monkeypatch.setenv(DEFAULTS_ENV, json.dumps({"snapshot_every_step": True, "checkpoint_interval": 30.0}))
+    options = CheckpointOptions(interval=60.0, snapshot_every_step=True)
+    assert CheckpointOptions.resolve(options, {}) == options
+    assert "'interval': 30.0" in caplog.text and "interval=60.0" in caplog.text
+    assert "snapshot_every_step" not in caplog.text
+    caplog.clear()
+    CheckpointOptions.resolve(CheckpointOptions(interval=30.0, snapshot_every_step=True), {})
+    assert "overridden" not in caplog.text
