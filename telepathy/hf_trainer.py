@@ -76,15 +76,13 @@ def seal(directory: Path, step: int) -> None:
 
 
 def prune_sealed(output_dir: Path, keep_last: int, best: str | None) -> None:
-    """Keep the newest ``keep_last`` sealed checkpoints (and Trainer's best one): remove every ``checkpoint-N``
-    older than them, sealed or torn. Runs after a seal, so a sealed checkpoint is always left."""
-    found = sorted(_checkpoints(output_dir), key=lambda r: r.step, reverse=True)
-    sealed = [r for r in found if (r.path / MANIFEST_NAME).is_file()]
-    if len(sealed) <= keep_last:
-        return
-    oldest_kept = sealed[keep_last - 1].step
-    for ref in found:
-        if ref.step < oldest_kept and not (best and Path(best).resolve() == ref.path.resolve()):
+    """Keep the newest ``keep_last`` sealed checkpoints (and Trainer's best one): remove the older sealed ones.
+    Runs after a seal, so a sealed checkpoint is always left; a ``checkpoint-N`` without telepathy's seal (torn by a
+    kill, or the user's own) is never removed."""
+    sealed = sorted((r for r in _checkpoints(output_dir) if (r.path / MANIFEST_NAME).is_file()),
+                    key=lambda r: r.step, reverse=True)  # fmt: skip
+    for ref in sealed[keep_last:]:
+        if not (best and Path(best).resolve() == ref.path.resolve()):
             shutil.rmtree(ref.path, ignore_errors=True)
 
 

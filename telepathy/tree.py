@@ -8,6 +8,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from telepathy.errors import UsageError
+
 KEEP = object()  # returned by a leaf function: "not a leaf for me, walk into it or keep it as it is"
 
 
@@ -34,8 +36,10 @@ def transform(obj: Any, leaf: Callable[[Any, str], Any], *, key: Callable[[Any],
         if kind is set:
             try:
                 return set(items)
-            except TypeError:  # a set whose tensors became blob references (dicts): kept a list, as before
-                return items
+            except TypeError:  # its tensors became blob references (dicts): a list would come back instead
+                raise UsageError(f"{path or 'the state'}: a set holding tensors of 64 KiB or more cannot be kept by "
+                                 "the differential and compressed formats (they store such tensors apart); hold "
+                                 "them in a list, or use format 'full'") from None  # fmt: skip
         if is_size(kind):
             return kind(items)
         return tuple(items) if isinstance(obj, tuple) else items

@@ -62,7 +62,7 @@ class CheckpointStore:
     def prepare(self) -> None:
         """Create the layout, check it is writable, become its only writer (:class:`SaveDirBusy` otherwise),
         remove stale temporaries of earlier runs."""
-        problem = unreadable_by_torch(self.save_dir.resolve())
+        problem = unreadable_by_torch(self.save_dir.absolute())  # (a UTF-8 link to such a place works)
         if problem:
             raise UsageError(problem)
         if self.save_dir.exists() and not self.save_dir.is_dir():

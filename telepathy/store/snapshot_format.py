@@ -205,7 +205,10 @@ def rebuild(structure: Any, tensors: list[torch.Tensor], constants: list[Any]) -
             return tuple(rebuild(v, tensors, constants) for v in structure[_TUPLE])
         if _ORDERED in structure or _COUNTER in structure:
             ((marker, node),) = structure.items()
-            return _MAPPING_KINDS[marker](rebuild(node, tensors, constants))
+            inner = rebuild(node, tensors, constants)
+            if type(inner) is not dict:
+                raise ValueError(f"a {marker} node around a {type(inner).__name__}")
+            return _MAPPING_KINDS[marker](inner)
         if _SET in structure:
             return {rebuild(v, tensors, constants) for v in structure[_SET]}
         if _SIZE in structure:
@@ -254,7 +257,7 @@ def files_from_slot(meta: Mapping[str, Any], data: bytes) -> dict[str, Any]:
         files = rebuild(meta["files"], tensors, constants)
     except (TypeError, ValueError, KeyError, IndexError) as exc:  # (a node the walk let through, rebuilt wrongly)
         raise SnapshotInvalid(f"the snapshot's structure cannot be rebuilt: {str(exc)[:120]}") from None
-    if not isinstance(files, dict):
+    if type(files) is not dict:
         raise SnapshotInvalid("the snapshot's structure is not a mapping of files")
     return files
 
@@ -323,7 +326,8 @@ def _walk_references(pending: list[Any], take: Any, constant: Any) -> None:
                 if not isinstance(value, dict):
                     raise SnapshotInvalid(f"the snapshot's {marker} node holds {str(value)[:40]}")
                 pending.append(value)
-            elif marker == _SIZE and not (isinstance(value, list) and all(type(n) is int and n >= 0 for n in value)):
+            elif marker == _SIZE and not (isinstance(value, list) and all(type(n) is int and 0 <= n < 2**63
+                                                                          for n in value)):  # fmt: skip
                 raise SnapshotInvalid(f"the snapshot's torch.Size node holds {str(value)[:40]}")
             elif not isinstance(value, list) or (marker == _DICT and not all(len(p) == 2 for p in value)):
                 raise SnapshotInvalid(f"the snapshot's {marker} node holds {str(value)[:40]}")

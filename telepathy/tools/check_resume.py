@@ -157,9 +157,10 @@ def check(command: list[str], sigterm_at: int, sigkill_at: int, timeout: float =
             return [f"could not check: {exc}"], 2
         lines, failed = [], False
         for trial in trials:
-            if not trial.resumed_at:  # the signal found nothing to interrupt: nothing was tested
-                return [f"could not check: the {trial.name} run was never resumed (it ended before the signal, or "
-                        "its rerun logged no steps): nothing after a resume to compare"], 2  # fmt: skip
+            if not any(step > 0 for step in trial.resumed_at):  # nothing after a resume was tested
+                return [f"could not check: the {trial.name} run was never resumed from a checkpoint (it ended before "
+                        "the signal, its rerun logged no steps, or it started over: no checkpoint before the "
+                        "signal; pick a later step or save more often)"], 2  # fmt: skip
             step = first_difference(reference, trial)
             differs = final_differences(reference, trial)
             where = ", ".join(f"resumed after step {r}" for r in trial.resumed_at) or "not interrupted"

@@ -418,3 +418,18 @@ def test_the_restart_backoff_doubles_up_to_an_hour_however_many_failures():
     assert [restart_delay(2.0, n) for n in (1, 2, 3)] == [2.0, 4.0, 8.0]
     assert restart_delay(2.0, 20) == restart_delay(2.0, 10**30) == 3600.0
     assert restart_delay(0.0, 10**30) == 0.0
+
+
+def test_a_utf8_link_to_a_save_dir_whose_name_is_not_utf8_is_accepted(tmp_path):
+    """(Review 6: the check looked at the resolved path, but torch opens the files through the link's name.)"""
+    import torch
+
+    from telepathy import Checkpointer, TrainState
+
+    (tmp_path / NOT_UTF8).mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / NOT_UTF8)
+    model = torch.nn.Linear(2, 2)
+    with Checkpointer(tmp_path / "link", parts={"model": model}) as ckpt:
+        ckpt.save(TrainState(global_step=3), "test")
+    with Checkpointer(tmp_path / "link", parts={"model": torch.nn.Linear(2, 2)}) as ckpt:
+        assert ckpt.resume().global_step == 3

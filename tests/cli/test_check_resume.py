@@ -49,6 +49,13 @@ def test_signals_at_or_after_the_last_step_are_refused_not_passed():
     assert code == 2 and "before the last one (30)" in out and "bit-identical" not in out, out
 
 
+def test_a_sigkill_before_the_first_checkpoint_tests_nothing_and_says_so():
+    """From review 6: a SIGKILL before the example's first save (it saves every 10 steps) restarted the run from
+    scratch, and the trial passed as "bit-identical (resumed after step 0)", a broken port included."""
+    code, out = check("--bug", "rng", at=("12", "5"))
+    assert code == 2 and "never resumed from a checkpoint" in out, out
+
+
 def test_a_command_that_cannot_start_is_named_without_a_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "telepathy", "check-resume", "--", str(tmp_path / "missing"),
                            "{save_dir}"], capture_output=True, text=True, timeout=60)  # fmt: skip

@@ -93,10 +93,14 @@ def test_save_total_limit_never_leaves_a_kill_without_a_sealed_checkpoint(tmp_pa
     """From review 5: Trainer prunes to save_total_limit before the new checkpoint is sealed, so a kill in between
     left nothing to resume from. telepathy prunes after sealing: a kill in the save of step 20 (checkpoint-20
     written, not sealed) resumes from checkpoint-10, and a finished run keeps one sealed checkpoint."""
+    (tmp_path / "checkpoint-1").mkdir()  # the user's own, not sealed by telepathy: never removed (review 6)
+    (tmp_path / "checkpoint-1" / "notes.txt").write_text("mine")
     code, first = run(tmp_path, 0.0, None, "--save_total_limit", "1", "--kill_in_save_at", "20")
     assert code == -signal.SIGKILL and max(first) == 20
     assert last_sealed_checkpoint(tmp_path).name == "checkpoint-10"
     code, second = run(tmp_path, 0.0, None, "--save_total_limit", "1")
     assert code == 0 and min(second) == 11
     assert {**first, **second} == reference[1]
-    assert checkpoint_names(tmp_path) == ["checkpoint-24"] and last_sealed_checkpoint(tmp_path).name == "checkpoint-24"
+    assert checkpoint_names(tmp_path) == ["checkpoint-1", "checkpoint-24"]
+    assert last_sealed_checkpoint(tmp_path).name == "checkpoint-24"
+    assert (tmp_path / "checkpoint-1" / "notes.txt").read_text() == "mine"

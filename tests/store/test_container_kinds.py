@@ -15,6 +15,7 @@ from harness import SAVE_MODES, deep_equal
 
 from telepathy.checkpointer import Checkpointer
 from telepathy.disk import slots
+from telepathy.errors import UsageError
 from telepathy.store.snapshot_format import SnapshotInvalid, describe, files_from_slot, rebuild
 from telepathy.store.step_snapshots import StepSnapshots
 from telepathy.train_state import TrainState
@@ -103,12 +104,37 @@ def test_a_per_step_snapshot_gives_back_the_saved_container_kinds(tmp_path):
     assert kinds(rescued) == kinds(saved) and deep_equal(rescued, saved) == []
 
 
+FLOATS, INTS = [["torch.float32", [1, 2], 0, 8]], [["torch.int64", [40], 0, 320]]
+
+
 @pytest.mark.parametrize(
-    "node",
-    [{"__O__": [1]}, {"__C__": 5}, {"__S__": [2, -1]}, {"__S__": ["2"]}, {"__s__": [{"a": 1}]}, {"__S__": 3}],
-    ids=["ordered-list", "counter-int", "size-negative", "size-str", "set-of-dicts", "size-int"],
-)
-def test_a_hostile_container_node_is_refused_not_rebuilt(node):
-    meta = {"tensors": [], "constants": [], "files": {"part": {"x": node}}}
+    ("node", "rows"),
+    [({"__O__": [1]}, []), ({"__C__": 5}, []), ({"__S__": [2, -1]}, []), ({"__S__": ["2"]}, []),
+     ({"__s__": [{"a": 1}]}, []), ({"__S__": 3}, []), ({"__O__": {"__T__": 0}}, FLOATS),
+     ({"__C__": {"__T__": 0}}, FLOATS), ({"__C__": {"__s__": [1, 2]}}, []), ({"__C__": {"__L__": 0}}, INTS),
+     ({"__C__": {"__S__": [3, 3]}}, []), ({"__S__": [2**63]}, [])],
+    ids=["ordered-list", "counter-int", "size-negative", "size-str", "set-of-dicts", "size-int", "ordered-tensor",
+         "counter-tensor", "counter-set", "counter-ints", "counter-size", "size-past-int64"],
+)  # fmt: skip
+def test_a_hostile_container_node_is_refused_not_rebuilt(node, rows):
+    """(Review 6: a Counter or OrderedDict node around a tensor, a set or a list was built from its elements.)"""
+    meta = {"tensors": rows, "constants": [], "files": {"part": {"x": node}}}
+    with pytest.raises(SnapshotInvalid):
+        files_from_slot(meta, bytes(sum(r[3] for r in rows)))
+
+
+@pytest.mark.parametrize("marker", ["__O__", "__C__"])
+def test_a_snapshot_whose_files_are_not_a_plain_dict_is_refused(marker):
+    meta = {"tensors": [], "constants": [], "files": {marker: {"part": {"n": 1}}}}
     with pytest.raises(SnapshotInvalid):
         files_from_slot(meta, b"")
+
+
+@pytest.mark.parametrize("mode", ["differential", "compressed"])
+def test_a_set_of_big_tensors_is_refused_by_the_formats_that_store_them_apart(tmp_path, mode):
+    """(Review 6: such a set came back a list: its tensors become blob references, which a set cannot hold.)"""
+    state = {"s": {torch.arange(40000.0)}}
+    with Checkpointer(tmp_path, parts={"holder": Holder(state)}, **MODES[mode]) as ckpt:
+        with pytest.raises(UsageError, match="a set holding tensors"):
+            ckpt.save(TrainState(global_step=1), "test")
+        assert ckpt.store.committed() == []
