@@ -210,10 +210,12 @@ def _export(args: argparse.Namespace) -> int:
 
 def _inside_checkpoint_tree(save_dir: Any, out: Path) -> str | None:
     """The part of the save dir (checkpoints/, emergency/, blobs/, latest) that ``out`` lies in, or None."""
-    where = out.resolve()
-    for part in (save_dir.checkpoints, save_dir.emergency, save_dir.blobs, save_dir.latest):
-        if where == part.resolve() or where.is_relative_to(part.resolve()):
-            return part.name + ("" if part == save_dir.latest else "/")
+    where = Path(os.path.realpath(out))  # (realpath never raises: a link loop, say a broken latest, stays a path)
+    root = Path(os.path.realpath(save_dir.root))
+    places = [Path(os.path.realpath(p)) for p in (save_dir.checkpoints, save_dir.emergency, save_dir.blobs)]
+    for place in [*places, root / save_dir.latest.name]:  # (latest itself: where it points is not the save dir's)
+        if where.is_relative_to(place):
+            return place.name + ("" if place.name == save_dir.latest.name else "/")
     return None
 
 

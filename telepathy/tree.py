@@ -14,24 +14,31 @@ KEEP = object()  # returned by a leaf function: "not a leaf for me, walk into it
 
 
 def transform(obj: Any, leaf: Callable[[Any, str], Any], *, key: Callable[[Any], Any] | None = None,
-              path: str = "") -> Any:  # fmt: skip
+              path: str = "", strict: bool = False) -> Any:  # fmt: skip
     """A copy of ``obj`` with every value for which ``leaf(value, path)`` returns something other than
     :data:`KEEP` replaced by that. Mappings become dicts (their keys passed through ``key`` when given) except
     the kinds a checkpoint loads as they are (OrderedDict, Counter); lists, tuples, sets and torch.Size keep
     their kind (frozensets and other tuples become lists and tuples). ``path`` names a value's position
     (``/a/b[2]``), stable across calls on same-shaped state: reusable buffers are keyed by it. A module's state
-    dict keeps its ``_metadata`` (see :func:`module_versions`)."""
+    dict keeps its ``_metadata`` (see :func:`module_versions`). ``strict`` (a copy that is saved): a container of
+    another kind (a defaultdict, a namedtuple, a frozenset) raises UsageError rather than being converted, as a
+    full save refuses it (a resume could not load it back)."""
     replacement = leaf(obj, path)
     if replacement is not KEEP:
         return replacement
+    if strict and isinstance(obj, (Mapping, list, tuple, set, frozenset)) and not _kept_kind(type(obj)):
+        raise UsageError(f"{path or 'the state'}: a {type(obj).__module__}.{type(obj).__qualname__}, which a "
+                         "checkpoint cannot load back (it loads with weights_only=True); use a dict, list, tuple, "
+                         "set, Counter or OrderedDict")  # fmt: skip
     if isinstance(obj, Mapping):
-        copy = {(key(k) if key else k): transform(v, leaf, key=key, path=f"{path}/{k}") for k, v in obj.items()}
+        copy = {(key(k) if key else k): transform(v, leaf, key=key, path=f"{path}/{k}", strict=strict)
+                for k, v in obj.items()}  # fmt: skip
         versions = module_versions(obj)
         if versions is not None:
             return with_module_versions(copy, versions)
         return type(obj)(copy) if type(obj) in KEPT_MAPPINGS else copy
     if isinstance(obj, (list, tuple, set, frozenset)):
-        items = [transform(v, leaf, key=key, path=f"{path}[{i}]") for i, v in enumerate(obj)]
+        items = [transform(v, leaf, key=key, path=f"{path}[{i}]", strict=strict) for i, v in enumerate(obj)]
         kind = type(obj)
         if kind is set:
             try:
@@ -49,6 +56,10 @@ def transform(obj: Any, leaf: Callable[[Any, str], Any], *, key: Callable[[Any],
 # Containers other than dict, list and tuple that ``torch.load(weights_only=True)`` reads back, and so a full save
 # keeps: every copy keeps them too (a resumed MultiStepLR's milestones stay a Counter; set, torch.Size alike).
 KEPT_MAPPINGS = frozenset({OrderedDict, Counter})
+
+
+def _kept_kind(kind: type) -> bool:
+    return kind in (dict, list, tuple, set) or kind in KEPT_MAPPINGS or is_size(kind)
 
 
 def is_size(kind: type) -> bool:

@@ -82,7 +82,7 @@ class BlobStore:
             return self._put(value, refs) if big and str(value.dtype) in _DTYPES else tree.KEEP
 
         try:
-            skeleton = tree.transform(obj, leaf)
+            skeleton = tree.transform(obj, leaf, strict=True)
             self._publish()  # durable before anything that references them is written
         except BaseException:
             self._discard_unpublished()

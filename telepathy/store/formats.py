@@ -21,12 +21,23 @@ from telepathy.disk.commit import PendingCheckpoint
 from telepathy.disk.contents import part_file
 from telepathy.disk.manifest import FileEntry, read_manifest
 from telepathy.disk.save_dir import SaveDir
-from telepathy.errors import CheckpointInvalid, UnsafeCheckpointError
+from telepathy.errors import CheckpointInvalid, UnsafeCheckpointError, UsageError
 
 
 def write_part(pending: PendingCheckpoint, name: str, obj: Any) -> FileEntry:
-    """``torch.save`` one part durably into a pending checkpoint, hashing its bytes on their way to disk."""
-    return pending.write_file(part_file(name), lambda f: torch.save(obj, f))
+    """``torch.save`` one part durably into a pending checkpoint, hashing its bytes on their way to disk; then
+    make sure a resume can load it (``weights_only``; tensors are mapped, not read), or it is never committed: a
+    part holding an object (a defaultdict, a NumPy value, a class) would be a checkpoint no run can resume."""
+    entry = pending.write_file(part_file(name), lambda f: torch.save(obj, f))
+    try:
+        torch.load(pending.tmp / part_file(name), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        lines = str(exc).splitlines()
+        why = next((ln.strip() for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        raise UsageError(f"part {name!r} holds something a checkpoint cannot load back (it loads with "
+                         f"weights_only=True, never running code): {why[:200]}; store tensors, plain values and "
+                         "dict, list, tuple, set, Counter or OrderedDict") from None  # fmt: skip
+    return entry
 
 
 def load_part(directory: Path, name: str) -> Any:

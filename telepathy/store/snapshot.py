@@ -32,7 +32,7 @@ class HostBuffers:
         def leaf(value: Any, path: str) -> Any:
             return self._copy_tensor(value, path, devices) if isinstance(value, torch.Tensor) else tree.KEEP
 
-        copy = tree.transform(state, leaf)  # numbers, strings, None: immutable, kept as they are
+        copy = tree.transform(state, leaf, strict=True)  # numbers, strings, None: immutable, kept as they are
         for device in devices:  # every device's non-blocking device-to-host copies must land before writing
             torch.cuda.synchronize(device)
         return copy

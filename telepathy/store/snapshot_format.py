@@ -113,8 +113,10 @@ def describe(files: Mapping[str, Any], check: bool = True) -> tuple[Any, list[to
         if versions is not None:
             return module_versions(versions, node, path)
         kind = type(value)
-        if kind is dict or kind not in tree.KEPT_MAPPINGS:  # (another Mapping: a dict, as tree.transform makes it)
+        if kind is dict:
             return node
+        if kind not in tree.KEPT_MAPPINGS:  # (a save refuses it too: a resume could not load it back)
+            raise UnsupportedState(f"{path}: a {kind.__name__}")
         return {_ORDERED if kind is OrderedDict else _COUNTER: node}
 
     def mapping_node(value: Mapping[Any, Any], path: str) -> Any:
@@ -161,7 +163,7 @@ def describe(files: Mapping[str, Any], check: bool = True) -> tuple[Any, list[to
             return {_SET: [walk(v, f"{path}[{i}]") for i, v in enumerate(value)]}
         if tree.is_size(kind):
             return {_SIZE: list(value)}
-        if isinstance(value, tuple):  # (a tuple subclass: a tuple, as tree.transform makes it)
+        if kind is tuple:
             return {_TUPLE: [walk(v, f"{path}[{i}]") for i, v in enumerate(value)]}
         raise UnsupportedState(f"{path}: a value of type {type(value).__name__}")
 

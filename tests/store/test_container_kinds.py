@@ -6,7 +6,7 @@ on ``dict.elements``). Every path must give back the saved kinds."""
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, defaultdict, namedtuple
 from typing import Any
 
 import pytest
@@ -138,3 +138,42 @@ def test_a_set_of_big_tensors_is_refused_by_the_formats_that_store_them_apart(tm
         with pytest.raises(UsageError, match="a set holding tensors"):
             ckpt.save(TrainState(global_step=1), "test")
         assert ckpt.store.committed() == []
+
+
+class Ordered(OrderedDict):
+    pass
+
+
+Pair = namedtuple("Pair", "a b")
+
+
+OTHER_KINDS = {
+    "defaultdict": lambda: defaultdict(int, a=1),
+    "namedtuple": lambda: Pair(1, 2),
+    "frozenset": lambda: frozenset({1, 2}),
+    "OrderedDict subclass": lambda: Ordered(a=1),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", OTHER_KINDS)
+def test_a_kind_a_checkpoint_cannot_load_back_is_refused_by_every_save_mode(tmp_path, mode, kind):
+    """Review 6: a full save wrote such a state and committed it (a stop said 99) though no resume could load it;
+    the other modes converted it (a defaultdict came back a dict). Every mode now refuses it by name, commits
+    nothing, and the snapshot turns itself off."""
+    state = {"weights": torch.ones(3), "odd": OTHER_KINDS[kind]()}
+    with Checkpointer(tmp_path, parts={"holder": Holder(state)}, **MODES[mode]) as ckpt:
+        with pytest.raises(UsageError, match="cannot load back"):
+            ckpt.save(TrainState(global_step=1), "test")
+        assert ckpt.store.committed() == []
+    assert not list((tmp_path / "checkpoints").glob("*")), "a temporary checkpoint was left behind"
+
+
+@pytest.mark.parametrize("kind", OTHER_KINDS)
+def test_a_kind_a_checkpoint_cannot_load_back_turns_the_snapshot_off(tmp_path, kind):
+    snapshots = StepSnapshots(tmp_path)
+    try:
+        snapshots.capture(1, {"holder": {"odd": OTHER_KINDS[kind]()}}, {"reason": "rescue"}, {})
+        assert snapshots.disabled is not None and "odd" in snapshots.disabled
+    finally:
+        snapshots.close()
