@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import stat
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ def write_part(pending: PendingCheckpoint, name: str, obj: Any) -> FileEntry:
     make sure a resume can load it (``weights_only``; tensors are mapped, not read), or it is never committed: a
     part holding an object (a defaultdict, a NumPy value, a class) would be a checkpoint no run can resume."""
     entry = pending.write_file(part_file(name), lambda f: torch.save(obj, f))
+    if _plainly_loadable(obj):  # (the usual state: the load below costs ~60 us a tensor, more than a small commit)
+        return entry
     try:
         torch.load(pending.tmp / part_file(name), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
@@ -38,6 +41,30 @@ def write_part(pending: PendingCheckpoint, name: str, obj: Any) -> FileEntry:
                          f"weights_only=True, never running code): {why[:200]}; store tensors, plain values and "
                          "dict, list, tuple, set, Counter or OrderedDict") from None  # fmt: skip
     return entry
+
+
+_PLAIN_LEAVES = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device})
+_PLAIN_CONTAINERS = frozenset({dict, list, tuple, set, OrderedDict, Counter, torch.Size})
+
+
+def _plainly_loadable(obj: Any) -> bool:
+    """Whether ``obj`` holds only kinds ``torch.load(weights_only=True)`` always reads back (plain containers and
+    values, dense tensors and parameters): then a saved part needs no trial load. Anything else is tried."""
+    pending, seen = [obj], 0
+    while pending:
+        value = pending.pop()
+        kind = type(value)
+        seen += 1
+        if kind in _PLAIN_LEAVES:
+            continue
+        if kind is torch.Tensor or kind is torch.nn.Parameter:
+            if value.layout != torch.strided or value.is_quantized:
+                return False
+        elif kind in _PLAIN_CONTAINERS and seen < MAX_NODES:
+            pending.extend(value.items() if isinstance(value, dict) else value)
+        else:
+            return False
+    return True
 
 
 def load_part(directory: Path, name: str) -> Any:
