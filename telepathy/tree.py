@@ -26,7 +26,7 @@ def transform(obj: Any, leaf: Callable[[Any, str], Any], *, key: Callable[[Any],
     replacement = leaf(obj, path)
     if replacement is not KEEP:
         return replacement
-    if strict and isinstance(obj, (Mapping, list, tuple, set, frozenset)) and not _kept_kind(type(obj)):
+    if strict and isinstance(obj, (Mapping, list, tuple, set, frozenset)) and not is_kept_kind(type(obj)):
         raise UsageError(f"{path or 'the state'}: a {type(obj).__module__}.{type(obj).__qualname__}, which a "
                          "checkpoint cannot load back (it loads with weights_only=True); use a dict, list, tuple, "
                          "set, Counter or OrderedDict")  # fmt: skip
@@ -58,7 +58,8 @@ def transform(obj: Any, leaf: Callable[[Any, str], Any], *, key: Callable[[Any],
 KEPT_MAPPINGS = frozenset({OrderedDict, Counter})
 
 
-def _kept_kind(kind: type) -> bool:
+def is_kept_kind(kind: type) -> bool:
+    """A container kind every copy keeps and ``torch.load(weights_only=True)`` reads back as it was."""
     return kind in (dict, list, tuple, set) or kind in KEPT_MAPPINGS or is_size(kind)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import stat
-from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,6 @@ def write_part(pending: PendingCheckpoint, name: str, obj: Any) -> FileEntry:
 
 
 _PLAIN_LEAVES = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device})
-_PLAIN_CONTAINERS = frozenset({dict, list, tuple, set, OrderedDict, Counter, torch.Size})
 
 
 def _plainly_loadable(obj: Any) -> bool:
@@ -60,7 +58,7 @@ def _plainly_loadable(obj: Any) -> bool:
         if kind is torch.Tensor or kind is torch.nn.Parameter:
             if value.layout != torch.strided or value.is_quantized:
                 return False
-        elif kind in _PLAIN_CONTAINERS and seen < MAX_NODES:
+        elif tree.is_kept_kind(kind) and seen < MAX_NODES:
             pending.extend(value.items() if isinstance(value, dict) else value)
         else:
             return False
