@@ -18,6 +18,7 @@ GradScaler -> ``optimizer.pt``, position + RNG + run signature + metadata -> ``s
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -31,7 +32,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from telepathy import distributed, restore, rng, training_signals
+from telepathy import distributed, restore, rng, training_signals, tree
 from telepathy.disk.contents import OPTIMIZER, RESERVED_PARTS, STATE
 from telepathy.disk.events import RunRecorder
 from telepathy.errors import CheckpointWriteError, UsageError
@@ -43,6 +44,7 @@ from telepathy.store.checkpoint_store import CheckpointStore
 from telepathy.store.snapshot import HostBuffers
 from telepathy.train_state import (
     TrainState,
+    run_constants,
     run_metadata,
     state_to_dict,
 )
@@ -137,6 +139,7 @@ class Checkpointer:
         self.generators = dict(generators or {})
         self.signature = dict(signature or {})
         self.metadata = run_metadata(args)
+        self._constants_memo: tuple[tuple[Any, ...], dict[str, tree.Fixed]] | None = None
         self.on_save = on_save
         self.on_save_error = on_save_error
         self.async_save = options.async_save
@@ -196,8 +199,22 @@ class Checkpointer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
         }
         rng_state = rng.capture_rng_state(self.generators, packed=live)
-        files[STATE] = state_to_dict(state, rng_state, self.signature, self.metadata)
+        constants = self._fixed_constants() if live else None
+        files[STATE] = state_to_dict(state, rng_state, self.signature, self.metadata, constants)
         return files
+
+    def _fixed_constants(self) -> dict[str, Any]:
+        """The state's signature and metadata for a per-step snapshot, as :class:`telepathy.tree.Fixed` values
+        made again only when they change (described and converted once, not at every step)."""
+        sources = (torch.get_num_threads(), self.signature, self.metadata)
+        memo = self._constants_memo
+        if memo is None or memo[0] != sources:
+            fixed = {name: tree.Fixed(value) for name, value in run_constants(self.signature, self.metadata).items()}
+            try:  # a copy to compare with at the next steps (a change inside a nested value is seen too)
+                memo = self._constants_memo = (copy.deepcopy(sources), fixed)
+            except Exception:  # something in the signature that cannot be copied: made at every step
+                return fixed
+        return memo[1]
 
     def save(
         self, state: TrainState, reason: str, metric: float | None = None, *, blocking: bool = True

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from telepathy import rng_peek
+
 
 class PackedInts:
     """A list of ints held as an int64 tensor (``tensor.tolist()`` is the list). A per-step snapshot takes Python's
@@ -33,19 +35,20 @@ def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None, *
                       ) -> dict[str, Any]:  # fmt: skip
     """Snapshot Python ``random``, NumPy's global generator, torch CPU, each CUDA device (when CUDA is
     initialised) and the caller's named ``torch.Generator`` objects. ``packed``: Python's state as
-    :class:`PackedInts` (for a per-step snapshot) instead of a list."""
-    version, internal, gauss_next = random.getstate()
-    np_state = np.random.get_state(legacy=False)
-    python_internal = _packed(internal) if packed else list(internal)
+    :class:`PackedInts` (for a per-step snapshot) instead of a list, and both global generators read from
+    memory where :mod:`telepathy.rng_peek` can."""
+    peek = rng_peek.peeker() if packed else None
+    if peek is not None:  # the same values, read from memory (a tenth of a per-step snapshot's cost)
+        version, python_key, gauss_next = peek.python()
+        python_internal: Any = PackedInts(python_key)
+        numpy_state = peek.numpy()
+    else:
+        version, internal, gauss_next = random.getstate()
+        python_internal = _packed(internal) if packed else list(internal)
+        numpy_state = _numpy_capture()
     state: dict[str, Any] = {
         "python": {"version": version, "internal": python_internal, "gauss_next": gauss_next},
-        "numpy": {
-            "bit_generator": np_state["bit_generator"],
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
+        "numpy": numpy_state,
         "torch_cpu": torch.get_rng_state(),
         "cuda": [],
         "generators": {name: gen.get_state() for name, gen in (generators or {}).items()},
@@ -53,6 +56,17 @@ def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None, *
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
+
+
+def _numpy_capture() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "bit_generator": np_state["bit_generator"],
+        "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+        "pos": int(np_state["state"]["pos"]),
+        "has_gauss": int(np_state["has_gauss"]),
+        "gauss": float(np_state["gauss"]),
+    }
 
 
 def _packed(internal: tuple[int, ...]) -> PackedInts:

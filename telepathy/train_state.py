@@ -109,12 +109,23 @@ def checked_extra(extra: Mapping[str, Any]) -> dict[str, Any]:
     return tree.transform(dict(extra), leaf, key=str)
 
 
+def run_constants(signature: Mapping[str, Any], metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``state.pt`` that stay the same through a run: its signature and metadata."""
+    return {
+        "signature": to_primitive(dict(signature)),
+        "metadata": {**metadata, "intra_op_threads": torch.get_num_threads()},
+    }
+
+
 def state_to_dict(
     state: TrainState,
     rng_state: Mapping[str, Any],
     signature: Mapping[str, Any],
     metadata: Mapping[str, Any],
+    constants: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The contents of ``state.pt``; ``constants``: :func:`run_constants` made already (a per-step snapshot
+    keeps them from step to step)."""
     return {
         "format_version": STATE_FORMAT_VERSION,
         "epoch": int(state.epoch),
@@ -123,8 +134,7 @@ def state_to_dict(
         "best_loss": float(state.best_loss),
         "timestamp": time.time(),
         "rng": dict(rng_state),
-        "signature": to_primitive(dict(signature)),
-        "metadata": {**metadata, "intra_op_threads": torch.get_num_threads()},
+        **(run_constants(signature, metadata) if constants is None else constants),
         "extra": checked_extra(state.extra),
     }
 

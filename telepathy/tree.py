@@ -13,6 +13,17 @@ from telepathy.errors import UsageError
 KEEP = object()  # returned by a leaf function: "not a leaf for me, walk into it or keep it as it is"
 
 
+class Fixed:
+    """A value that stays the same from step to step (a run's signature and metadata), handed to a per-step
+    snapshot, which describes it once and afterwards only sees that it is the same object. Whoever makes one
+    makes a new one rather than change its value. Never in a saved file."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 def transform(obj: Any, leaf: Callable[[Any, str], Any], *, key: Callable[[Any], Any] | None = None,
               path: str = "", strict: bool = False) -> Any:  # fmt: skip
     """A copy of ``obj`` with every value for which ``leaf(value, path)`` returns something other than

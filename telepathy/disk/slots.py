@@ -5,12 +5,15 @@ slots and back.
 
 A slot file::
 
-    [0:64)        header: magic, seq_begin, seq_end, meta_len, data_len, data_at (little-endian u64)
-    [64:…)        meta: JSON (step, checkpoint info, the structure of the state with tensors as references)
+    [0:64)        header: magic, seq_begin, seq_end, meta_len, data_len, data_at, layout_len, meta_at
+                  (little-endian u64)
+    [64:…)        layout: JSON (the table of tensors, the state's constants, the store's options)
+    [meta_at:…)   meta: JSON (step, checkpoint info, the structure of the state with tensors as references)
     [data_at:…)   data: the tensors' bytes, each at a 64-byte aligned offset
 
-``data_at`` leaves room for the meta to grow, so the data stays where it was from one step to the next and the
-trainer can keep its views of a slot instead of rebuilding them at every step.
+A reader merges the two JSON objects (no key in both). The layout changes only when the state changes layout,
+so it is written into a slot only then, not at every step. ``meta_at`` and ``data_at`` leave room for both to
+grow, so the data stays where it was from one step to the next and the trainer can keep its views of a slot.
 
 Writing stores ``seq_begin = n`` first and ``seq_end = n`` last, so a copy torn by a kill (or caught half-way by a
 reader) has ``seq_begin != seq_end`` and is never used; the other slot then holds the previous complete step.
@@ -36,12 +39,13 @@ from pathlib import Path
 from typing import Any
 
 SLOT_DIR_ENV = "TELEPATHY_SNAPSHOT_DIR"
-MAGIC = b"TPSLOT2\0"
-HEADER = struct.Struct("<8sQQQQQ")  # magic, seq_begin, seq_end, meta_len, data_len, data_at
+MAGIC = b"TPSLOT3\0"
+HEADER = struct.Struct("<8sQQQQQQQ")  # magic, seq_begin, seq_end, meta_len, data_len, data_at, layout_len, meta_at
 HEADER_BYTES = 64
 ALIGN = 64
 SLOTS = 2
-META_ROOM = 64 << 10  # bytes kept for the meta before the data (doubled when a meta outgrows it)
+META_ROOM = 16 << 10  # bytes kept for the meta before the data (doubled when a meta outgrows it)
+LAYOUT_ROOM = 64 << 10  # bytes kept for the layout before the meta (doubled alike)
 MARKER = ".telepathy-slots"  # in every slot directory telepathy makes; flock-ed by its supervisor while alive
 
 
@@ -126,28 +130,40 @@ class SlotWriter:
         self._maps: dict[int, tuple[mmap.mmap, int]] = {}  # slot -> (mapping, capacity)
         self.seq = 0
         self.meta_room = META_ROOM
+        self.layout_room = LAYOUT_ROOM
         self.on_unmap = on_unmap
+        self._layout_in: dict[int, tuple[bytes, int, mmap.mmap]] = {}  # slot -> the layout in it, where, which file
 
     def write(self, step: int, meta: dict[str, Any] | bytes, data_len: int,
-              fill: Callable[[mmap.mmap, int, int], None]) -> None:  # fmt: skip
-        """Write one snapshot: ``meta`` (a dict, or the JSON text of one), then ``fill(mapping, offset, length)``
-        copies ``data_len`` bytes of tensors into ``mapping[offset : offset + length]``."""
+              fill: Callable[[mmap.mmap, int, int], None], layout: bytes = b"{}") -> None:  # fmt: skip
+        """Write one snapshot: ``meta`` (a dict, or the JSON text of one) and ``layout`` (the JSON text of an
+        object; written again only when it is another object than the one in this slot), then
+        ``fill(mapping, offset, length)`` copies ``data_len`` bytes of tensors into
+        ``mapping[offset : offset + length]``."""
         self.seq += 1
         slot = self.seq % SLOTS
         if isinstance(meta, dict):
             meta = json.dumps(meta, separators=(",", ":")).encode()
-        if not meta.startswith(b"{") or not meta.endswith(b"}"):
-            raise ValueError("a slot's meta must be a JSON object")
+        for text in (meta, layout):
+            if not text.startswith(b"{") or not text.endswith(b"}"):
+                raise ValueError("a slot's meta and layout must be JSON objects")
         meta_bytes = b'{"step":%d%s' % (step, b"}" if meta.strip() == b"{}" else b"," + meta[1:])
         while len(meta_bytes) > self.meta_room:
             self.meta_room *= 2
-        data_at = align(HEADER_BYTES + self.meta_room)
+        while len(layout) > self.layout_room:
+            self.layout_room *= 2
+        meta_at = align(HEADER_BYTES + self.layout_room)
+        data_at = align(meta_at + self.meta_room)
         mapping = self._mapping(slot, data_at + data_len)
-        header = (MAGIC, self.seq, 0, len(meta_bytes), data_len, data_at)  # seq_end 0: being written
-        HEADER.pack_into(mapping, 0, *header)
-        mapping[HEADER_BYTES : HEADER_BYTES + len(meta_bytes)] = meta_bytes
+        header = (MAGIC, self.seq, 0, len(meta_bytes), data_len, data_at, len(layout), meta_at)
+        HEADER.pack_into(mapping, 0, *header)  # seq_end 0: being written
+        written = self._layout_in.get(slot)
+        if written is None or written[2] is not mapping or written[1] != meta_at or written[0] != layout:
+            mapping[HEADER_BYTES : HEADER_BYTES + len(layout)] = layout
+            self._layout_in[slot] = (layout, meta_at, mapping)
+        mapping[meta_at : meta_at + len(meta_bytes)] = meta_bytes
         fill(mapping, data_at, data_len)
-        HEADER.pack_into(mapping, 0, MAGIC, self.seq, self.seq, len(meta_bytes), data_len, data_at)
+        HEADER.pack_into(mapping, 0, MAGIC, self.seq, self.seq, *header[3:])
 
     def _mapping(self, slot: int, size: int) -> mmap.mmap:
         current = self._maps.get(slot)
@@ -209,16 +225,21 @@ def _read_slot(path: Path) -> tuple[int, dict[str, Any], bytes] | None:
         if not stat.S_ISREG(st.st_mode) or size < HEADER_BYTES:
             return None
         with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapping:
-            magic, begin, end, meta_len, data_len, data_at = HEADER.unpack_from(mapping, 0)
-            if magic != MAGIC or begin == 0 or begin != end or data_at < HEADER_BYTES + meta_len:
+            magic, begin, end, meta_len, data_len, data_at, layout_len, meta_at = HEADER.unpack_from(mapping, 0)
+            if magic != MAGIC or begin == 0 or begin != end:
                 return None
-            if data_at + data_len > size:
+            if not HEADER_BYTES + layout_len <= meta_at <= meta_at + meta_len <= data_at <= data_at + data_len <= size:
                 return None
-            meta_bytes, data = mapping[HEADER_BYTES : HEADER_BYTES + meta_len], mapping[data_at : data_at + data_len]
+            layout_bytes = mapping[HEADER_BYTES : HEADER_BYTES + layout_len]
+            meta_bytes, data = mapping[meta_at : meta_at + meta_len], mapping[data_at : data_at + data_len]
             if HEADER.unpack_from(mapping, 0)[1:3] != (begin, end):  # rewritten while we copied it out
                 return None
-        meta = json.loads(meta_bytes)
-        return (begin, meta, data) if isinstance(meta, dict) and isinstance(meta.get("step"), int) else None
+        meta, layout = json.loads(meta_bytes), json.loads(layout_bytes)
+        if not (isinstance(meta, dict) and isinstance(layout, dict) and isinstance(meta.get("step"), int)):
+            return None
+        if meta.keys() & layout.keys():
+            return None
+        return begin, {**meta, **layout}, data
     except (OSError, ValueError, struct.error, RecursionError, MemoryError):  # damaged or hostile: the other slot
         return None
     finally:

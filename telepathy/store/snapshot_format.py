@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import functools
 import itertools
+import json
 import math
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
@@ -26,8 +27,10 @@ _DTYPE_SET = frozenset(DTYPES.values())
 _TENSOR, _TENSORS, _TABLE = "__T__", "__TS__", "__TT__"
 _TUPLE, _DICT, _INTS, _VERSIONS = "__t__", "__d__", "__L__", "__V__"
 _ORDERED, _COUNTER, _SET, _SIZE = "__O__", "__C__", "__s__", "__S__"  # kinds a full save keeps (tree.transform)
+_FIXED = "__K__"  # a tree.Fixed value: its description is a constant
 _MAPPING_KINDS = {_ORDERED: OrderedDict, _COUNTER: Counter}
-_MARKERS = frozenset({_TENSOR, _TENSORS, _TABLE, _TUPLE, _DICT, _INTS, _VERSIONS, *_MAPPING_KINDS, _SET, _SIZE})
+_MARKERS = frozenset({_TENSOR, _TENSORS, _TABLE, _TUPLE, _DICT, _INTS, _VERSIONS, *_MAPPING_KINDS, _SET, _SIZE,
+                      _FIXED})  # fmt: skip
 _LONG_LIST = 32  # a list of this many ints or more (Python's RNG state: 625) is copied as one int64 tensor
 _PLAIN = (type(None), bool, int, float, str)
 _PLAIN_SET = frozenset(_PLAIN)
@@ -39,13 +42,16 @@ class UnsupportedState(TypeError):
     """The state holds a value a slot cannot describe (only tensors, containers and plain values)."""
 
 
-def describe(files: Mapping[str, Any], check: bool = True) -> tuple[Any, list[torch.Tensor], list[Any]]:
+def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int, tuple[Any, Any]] | None = None
+             ) -> tuple[Any, list[torch.Tensor], list[Any]]:  # fmt: skip
     """The JSON-able structure of ``files``, the tensors it holds (each replaced in the structure by its index in
     that list) and its constants. A dict of tensors (a module's state dict, a parameter's optimizer state: most of
     the state) is one node naming its first tensor and its keys. What changes only when the state changes layout
     is an index into the constants, so that a step's structure stays small: key sets, and the module versions a
     state dict carries (``_metadata``, see :func:`telepathy.tree.module_versions`). ``check=False`` skips the
     per-tensor checks of dtype and layout (the caller checks them only when the tensors' layout changed).
+    A :class:`telepathy.tree.Fixed` value is a constant too, described once per object (``fixed_cache``, the
+    caller's, keyed by ``id``; described again when ``check``).
 
     It walks on its own rather than through :func:`telepathy.tree.transform`: it runs at every training step, and
     the generic walker's call and path string per value were most of its cost."""
@@ -68,6 +74,20 @@ def describe(files: Mapping[str, Any], check: bool = True) -> tuple[Any, list[to
             raise UnsupportedState(f"{path}: a state dict whose _metadata is not module names and plain values")
         constants.append(versions)
         return {_VERSIONS: [len(constants) - 1, node]}
+
+    def fixed(value: tree.Fixed, path: str) -> dict[str, int]:
+        cached = None if fixed_cache is None or check else fixed_cache.get(id(value))
+        if cached is None or cached[0] is not value:
+            inner, held, inner_constants = describe({"value": value.value}, check=True)
+            if held or inner_constants:
+                raise UnsupportedState(f"{path}: a fixed value holding tensors or state dicts")
+            cached = (value, json.loads(json.dumps(inner["value"])))  # a copy: a plain dict's node is the dict
+            if fixed_cache is not None:
+                if len(fixed_cache) > 64:  # (values made again after a change: the old ones go)
+                    fixed_cache.clear()
+                fixed_cache[id(value)] = cached
+        constants.append(cached[1])
+        return {_FIXED: len(constants) - 1}
 
     def tensor(value: torch.Tensor, path: str) -> None:
         if check and (value.dtype not in _DTYPE_SET or value.layout != torch.strided):
@@ -145,6 +165,8 @@ def describe(files: Mapping[str, Any], check: bool = True) -> tuple[Any, list[to
             return {_TENSOR: len(tensors) - 1}
         if kind is dict or kind is OrderedDict or isinstance(value, Mapping):
             return mapping(value, path)
+        if kind is tree.Fixed:
+            return fixed(value, path)
         if kind is PackedInts:  # a long list of ints the caller packed already (Python's RNG state)
             tensor(value.tensor, path)
             return {_INTS: len(tensors) - 1}
@@ -200,6 +222,8 @@ def rebuild(structure: Any, tensors: list[torch.Tensor], constants: list[Any]) -
             return {key: dict(zip(columns, row, strict=True)) for key, row in zip(keys, rows, strict=True)}
         if _INTS in structure:
             return tensors[structure[_INTS]].tolist()
+        if _FIXED in structure:
+            return rebuild(constants[structure[_FIXED]], tensors, constants)
         if _VERSIONS in structure:
             k, node = structure[_VERSIONS]
             return tree.with_module_versions(rebuild(node, tensors, constants), constants[k])
@@ -277,7 +301,11 @@ def _check_references(structure: Any, count: int, constants: list[Any]) -> None:
         seen.update(range(first, first + n))
 
     def constant(k: Any, kind: str) -> Any:
-        value = constants[k] if type(k) is int and 0 <= k < len(constants) else None
+        if type(k) is not int or not 0 <= k < len(constants):
+            raise SnapshotInvalid(f"the snapshot's structure names constant {str(k)[:20]}: there is none")
+        value = constants[k]
+        if kind == "fixed":  # (any plain value; what it holds is checked by the caller)
+            return value
         keys = isinstance(value, list) and set(map(type, value)) <= _ROW_KEYS and len(set(value)) == len(value)
         versions = isinstance(value, dict) and all(
             isinstance(v, dict) and set(map(type, v.values())) <= _PLAIN_SET and type(v.get("version", 0)) is int
@@ -295,6 +323,10 @@ def _check_references(structure: Any, count: int, constants: list[Any]) -> None:
         raise SnapshotInvalid(f"the snapshot's structure: {exc}") from None
     if len(seen) != count:
         raise SnapshotInvalid(f"the snapshot's structure names {len(seen)} of its {count} tensors")
+
+
+def _names_nothing(*_: Any) -> Any:
+    raise SnapshotInvalid("the snapshot's fixed value names tensors or constants")
 
 
 def _walk_references(pending: list[Any], take: Any, constant: Any) -> None:
@@ -318,6 +350,8 @@ def _walk_references(pending: list[Any], take: Any, constant: Any) -> None:
             elif marker == _TABLE:
                 first, k_rows, k_columns = value
                 take(first, len(constant(k_rows, "keys")) * len(constant(k_columns, "keys")))
+            elif marker == _FIXED:  # plain values only: no tensors, no further constants
+                _walk_references([constant(value, "fixed")], _names_nothing, _names_nothing)
             elif marker == _VERSIONS:
                 k, inner = value
                 constant(k, "versions")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import operator
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -29,15 +30,16 @@ class _Layout:
     only when a tensor changes dtype, shape or layout or a dict its keys (the optimizer's state appears, a model
     grows), not at every step."""
 
-    def __init__(self, key: tuple[list[tuple[Any, ...]], list[Any]], tensors: list[torch.Tensor]) -> None:
+    def __init__(self, key: tuple[list[Any], list[Any], list[Any]], tensors: list[torch.Tensor]) -> None:
         self.key = key
+        self.tensors = tensors  # (the objects: while they are the same ones, none can have become sparse)
         table, offset = [], 0
         for t in tensors:
             nbytes = t.numel() * t.element_size()
             table.append([str(t.dtype), list(t.shape), offset, nbytes])
             offset = align(offset + nbytes)
         self.data_len = offset
-        self.json = b'"tensors":' + _json(table) + b',"constants":' + _json(key[1])
+        self.json = b'"tensors":' + _json(table) + b',"constants":' + _json(key[2])
         self.non_empty = [n > 0 for _, _, _, n in table]
         self.all_non_empty = all(self.non_empty)
         self.views = [(DTYPES[d], tuple(shape), at, n) for d, shape, at, n in table if n]
@@ -54,28 +56,34 @@ class StepSnapshots:
         self.disabled: str | None = None
         self._layout: _Layout | None = None
         self._views: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # id(mapping) -> ((at, length, layout), views)
-        self._store_json: tuple[Any, bytes] = (None, b"")
+        self._slot_layout: tuple[Any, bytes] = (None, b"")  # ((layout, store, save_dir), the JSON of all three)
+        self._fixed: dict[int, tuple[Any, Any]] = {}  # id(tree.Fixed) -> (it, its description)
 
     def capture(self, step: int, files: Mapping[str, Any], info: Mapping[str, Any], store: Mapping[str, Any],
                 save_dir: str = "") -> None:  # fmt: skip
         if self.disabled is not None:
             return
         try:
-            structure, tensors, constants = describe(files, check=False)
-            key = ([(t.dtype, t.shape, t.layout) for t in tensors], constants)
-            if self._layout is None or self._layout.key != key:
+            structure, tensors, constants = describe(files, check=False, fixed_cache=self._fixed)
+            key = (list(map(_DTYPE, tensors)), list(map(torch.Tensor.size, tensors)), constants)
+            last = self._layout
+            if last is None or last.key != key or not _still_dense(tensors, last.tensors):
                 describe(files, check=True)  # names the first tensor a slot cannot hold
                 self._layout = _Layout(key, tensors)
+            else:
+                last.tensors = tensors
         except UnsupportedState as exc:  # loud, once: the run goes on with interval saves only
             self.disabled = str(exc)
             log.error("per-step snapshots are off for this run: the training state holds %s, which a snapshot "
                       "cannot describe; a hard kill now loses up to one checkpoint interval", exc)  # fmt: skip
             return
         layout = self._layout
-        if self._store_json[0] != (store, save_dir):
-            self._store_json = ((dict(store), save_dir), _json(dict(store)) + b',"save_dir":' + _json(save_dir))
-        meta = (b'{"files":' + _json(structure) + b',"info":' + _json(dict(info)) + b","
-                + layout.json + b',"store":' + self._store_json[1] + b"}")  # fmt: skip
+        made_for = self._slot_layout[0]
+        if made_for is None or made_for[0] is not layout or made_for[1:] != (store, save_dir):
+            parts = (b"{", layout.json, b',"store":', _json(dict(store)), b',"save_dir":', _json(save_dir), b"}")
+            text = b"".join(parts)
+            self._slot_layout = ((layout, dict(store), save_dir), text)
+        meta = b"".join((b'{"files":', _json(structure), b',"info":', _json(dict(info)), b"}"))
 
         def fill(mapping: Any, at: int, length: int) -> None:
             destinations = self._destinations(mapping, at, length, layout)
@@ -85,7 +93,7 @@ class StepSnapshots:
                     torch._foreach_copy_(destinations, sources)  # one call, not one per tensor
 
         try:
-            self.writer.write(step, meta, layout.data_len, fill)
+            self.writer.write(step, meta, layout.data_len, fill, self._slot_layout[1])
         except OSError as exc:  # a full /dev/shm, a removed or read-only slot directory: loud, once; training goes on
             self.disabled = str(exc)
             log.error(
@@ -112,6 +120,18 @@ class StepSnapshots:
 
     def close(self) -> None:
         self.writer.close()
+
+
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _still_dense(tensors: list[torch.Tensor], before: list[torch.Tensor]) -> bool:
+    """Each tensor that is not the same object as at the last step (most are: parameters, optimizer moments)
+    strided still; the same object cannot have become sparse."""
+    if len(tensors) != len(before):
+        return False
+    new = itertools.compress(tensors, map(operator.is_not, tensors, before))
+    return all(t.layout == torch.strided for t in new)
 
 
 def _json(value: Any) -> bytes:

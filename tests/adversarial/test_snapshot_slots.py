@@ -132,8 +132,8 @@ def test_a_fifo_slot_never_hangs_the_supervisor_and_a_hostile_meta_does_not_hide
     assert found[0][0]["step"] == 3
     (tmp_path / "slot0").unlink()
     nested = b'{"step":9,"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    header = slots.HEADER.pack(slots.MAGIC, 9, 9, len(nested), 0, 64 + len(nested))
-    (tmp_path / "slot0").write_bytes(header.ljust(64, b"\0") + nested)
+    header = slots.HEADER.pack(slots.MAGIC, 9, 9, len(nested), 0, 128 + len(nested), 2, 128)
+    (tmp_path / "slot0").write_bytes(header + b"{}".ljust(64, b" ") + nested)
     assert slots.read_newest(tmp_path)[0]["step"] == 3  # the deeply nested one skipped, not the good one lost
 
 
@@ -180,6 +180,14 @@ def hostile(meta: dict, how: str) -> None:
         files["state"]["rng"] = {"__t__": 5}
     elif how == "an unknown marker":
         files["state"]["rng"] = {"__Q__": 1}
+    elif how == "a fixed value out of range":
+        files["state"]["rng"] = {"__K__": 99}
+    elif how == "a fixed value naming a tensor":
+        meta["constants"].append({"x": {"__T__": 0}})
+        files["state"]["rng"] = {"__K__": len(meta["constants"]) - 1}
+    elif how == "a fixed value naming itself":
+        meta["constants"].append({"__K__": len(meta["constants"])})
+        files["state"]["rng"] = {"__K__": len(meta["constants"]) - 1}
 
 
 def model_node(files: dict) -> dict:
@@ -191,7 +199,8 @@ HOSTILE = ["zero bytes, real shape", "negative offset", "overlapping rows", "pas
            "huge shape", "negative index", "a tensor named twice", "no table", "no constants", "a key set out of range",
            "a key set that repeats a key", "versions that are a key set", "a key set that is versions",
            "versions with a plain value inside", "a version that is not a number", "two markers in one node",
-           "a dict node with a pair of three", "a tuple node that is a number", "an unknown marker"]  # fmt: skip
+           "a dict node with a pair of three", "a tuple node that is a number", "an unknown marker",
+           "a fixed value out of range", "a fixed value naming a tensor", "a fixed value naming itself"]  # fmt: skip
 
 
 @pytest.mark.parametrize("how", HOSTILE)
@@ -206,13 +215,15 @@ def test_a_snapshot_whose_table_does_not_describe_its_bytes_is_never_committed(t
     with pytest.raises(SnapshotInvalid):
         files_from_slot(meta, data)
     # The same lie in the slot file itself, through the supervisor's rescue: refused, nothing committed.
-    body = json.dumps(meta, separators=(",", ":")).encode()
+    step_only = json.dumps({"step": meta.pop("step")}).encode()
+    body = json.dumps(meta, separators=(",", ":")).encode()  # (the rest goes where the layout was)
     path = slot_dir / "slot1"
     raw = bytearray(path.read_bytes())
-    magic, begin, end, meta_len, data_len, data_at = slots.HEADER.unpack_from(raw, 0)
-    assert len(body) <= data_at - 64
+    magic, begin, end, meta_len, data_len, data_at, layout_len, meta_at = slots.HEADER.unpack_from(raw, 0)
+    assert len(body) <= meta_at - 64
     raw[64 : 64 + len(body)] = body
-    slots.HEADER.pack_into(raw, 0, magic, begin, end, len(body), data_len, data_at)
+    raw[meta_at : meta_at + len(step_only)] = step_only
+    slots.HEADER.pack_into(raw, 0, magic, begin, end, len(step_only), data_len, data_at, len(body), meta_at)
     path.write_bytes(bytes(raw))
     started = time.monotonic()
     with pytest.raises(SnapshotInvalid, match="nothing committed"):

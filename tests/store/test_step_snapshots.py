@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from harness import deep_equal
 
-from telepathy import rng
+from telepathy import rng, tree
 from telepathy.disk import slots
-from telepathy.store.snapshot_format import describe, files_from_slot, rebuild
+from telepathy.store.snapshot_format import UnsupportedState, describe, files_from_slot, rebuild
 from telepathy.store.step_snapshots import StepSnapshots
 
 
@@ -160,6 +161,102 @@ def test_pythons_rng_state_packed_for_a_snapshot_comes_back_as_the_list_a_save_w
             assert rng.rng_states_equal(back, expected)
     finally:
         snapshots.close()
-    assert rng.capture_rng_state(packed=True)["python"]["internal"] is packed["python"]["internal"], (
-        "an unchanged state was packed again"
-    )
+    again = rng.capture_rng_state(packed=True)["python"]["internal"]
+    assert again.tensor is packed["python"]["internal"].tensor, "an unchanged state was packed again"
+
+
+def test_a_fixed_value_is_described_once_and_a_new_one_replaces_it(tmp_path):
+    """A run's signature and metadata reach the snapshot as tree.Fixed: described once per object, in the slot's
+    layout; a new object (the value changed) is what the next slot holds."""
+    snapshots = StepSnapshots(tmp_path)
+    first = tree.Fixed({"args": {"lr": 0.5, "betas": (0.9, 0.99)}, "argv": ["a", "b"], "n": None})
+    second = tree.Fixed({"args": {"lr": 0.25}, "argv": [], "n": 1})
+    try:
+        for step, fixed in enumerate([first, first, first, second, second], start=1):
+            files = {"model": {"w": torch.full((3,), float(step))}, "state": {"metadata": fixed, "step": step}}
+            snapshots.capture(step, files, {"reason": "rescue"}, {})
+            back = files_from_slot(*slots.read_newest(tmp_path))
+            assert deep_equal(back["state"]["metadata"], fixed.value) == [], f"step {step}"
+            assert type(back["state"]["metadata"]["args"].get("betas", ())) is tuple
+            assert back["state"]["step"] == step
+            assert back["model"]["w"].tolist() == [float(step)] * 3
+        assert len(snapshots._fixed) == 2
+    finally:
+        snapshots.close()
+    with pytest.raises(UnsupportedState, match="fixed value"):
+        describe({"state": {"metadata": tree.Fixed({"w": torch.ones(2)})}})
+
+
+def test_the_layout_is_written_into_a_slot_only_when_it_changed(tmp_path, monkeypatch):
+    written = []
+    original = slots.SlotWriter.write
+
+    def spy(self, step, meta, data_len, fill, layout=b"{}"):
+        before = dict(self._layout_in)
+        original(self, step, meta, data_len, fill, layout)
+        written.append(before.get(step % 2, (None,))[0] is not self._layout_in[step % 2][0])
+
+    monkeypatch.setattr(slots.SlotWriter, "write", spy)
+    snapshots = StepSnapshots(tmp_path)
+    try:
+        for step, size in enumerate([4, 4, 4, 4, 9, 9, 9], start=1):
+            files = {"model": {"w": torch.full((size,), float(step))}}
+            snapshots.capture(step, files, {"reason": "rescue"}, {})
+            meta, data = slots.read_newest(tmp_path)
+            assert deep_equal(files_from_slot(meta, data), files) == [], f"step {step}"
+    finally:
+        snapshots.close()
+    # each slot gets the first layout once, then the second once
+    assert written == [True, True, False, False, True, True, False]
+
+
+def test_a_slot_whose_meta_and_layout_share_a_key_is_not_read(tmp_path):
+    snapshots = StepSnapshots(tmp_path)
+    try:
+        snapshots.capture(1, {"model": {"w": torch.ones(2)}}, {"reason": "rescue"}, {})
+        path = tmp_path / "slot1"
+        raw = bytearray(path.read_bytes())
+        header = list(slots.HEADER.unpack_from(raw, 0))
+        layout_len, meta_at = header[6], header[7]
+        layout = raw[64 : 64 + layout_len]
+        assert layout.startswith(b'{"tensors"')
+        raw[64 : 64 + layout_len + 9] = b'{"step":7,' + layout[1:]  # a second "step", in the layout
+        header[6] = layout_len + 9
+        slots.HEADER.pack_into(raw, 0, *header)
+        assert 64 + header[6] <= meta_at
+        path.write_bytes(bytes(raw))
+        assert slots.read_newest(tmp_path) is None
+    finally:
+        snapshots.close()
+
+
+def test_a_checkpointers_signature_and_metadata_changed_in_place_reach_the_next_snapshot(tmp_path, monkeypatch):
+    """The Checkpointer hands them over as tree.Fixed values it makes again only when they change: a change made
+    in place, even deep inside, must still be in the next step's slot."""
+    from telepathy.checkpointer import Checkpointer
+    from telepathy.options import CheckpointOptions
+    from telepathy.store import step_snapshots
+    from telepathy.train_state import TrainState
+
+    slot_dir = slots.make_slot_dir(tmp_path)
+    monkeypatch.setenv(slots.SLOT_DIR_ENV, str(slot_dir))
+    monkeypatch.setattr(step_snapshots, "_inherited", None)
+    model = torch.nn.Linear(2, 2)
+    ckpt = Checkpointer(tmp_path / "save", parts={"model": model}, signature={"batch": 8, "names": ["a"]},
+                        args={"lr": 0.1}, options=CheckpointOptions(snapshot_every_step=True))  # fmt: skip
+    try:
+        state = TrainState()
+        for step in range(1, 6):
+            state.global_step = step
+            if step == 3:
+                ckpt.signature["names"].append("b")  # deep, in place
+            if step == 4:
+                ckpt.metadata["args"]["lr"] = 0.2
+            ckpt.step_boundary(state)
+            saved = files_from_slot(*slots.read_newest(slot_dir))["state"]
+            assert saved["signature"] == {"batch": 8, "names": ["a", "b"] if step >= 3 else ["a"]}, step
+            assert saved["metadata"]["args"]["lr"] == (0.2 if step >= 4 else 0.1), step
+            assert saved["global_step"] == step
+    finally:
+        ckpt.close()
+        slots.remove_slot_dir(slot_dir)
