@@ -30,43 +30,46 @@ _BITGEN_BYTES = 5 * ctypes.sizeof(ctypes.c_void_p)  # bitgen_t: the state pointe
 
 class RngPeeker:
     """The global generators' states as :func:`telepathy.rng.capture_rng_state` reports them, read from memory.
-    Each conversion is kept while the bytes stay the same (a step that draws nothing from NumPy costs a
-    comparison of 2.5 KB)."""
+    The 624-word keys come as int64 tensors of the peeker's own, converted only when the bytes changed and
+    updated in place at a later call: a caller copies them before it asks again (a snapshot does)."""
 
     def __init__(self, numpy_state: np.random.RandomState, aug_at: int, python_state: random.Random) -> None:
         self._numpy, self._bit_generator = numpy_state, numpy_state._bit_generator
+        self._mtrand = np.random.mtrand
         self._key_address = self._bit_generator.ctypes.state_address
         self._aug_address = id(numpy_state) + aug_at + 8  # has_gauss, padding, gauss
         self._python = python_state
-        self._numpy_memo: tuple[bytes, dict[str, Any]] = (b"", {})
-        self._python_memo: tuple[bytes, torch.Tensor | None] = (b"", None)
+        self._numpy_raw, self._python_raw = b"", b""
+        self._numpy_key = np.zeros(_MT_WORDS, dtype=np.int64)
+        self._numpy_key_tensor = torch.from_numpy(self._numpy_key)  # (shares the array's memory)
+        self._numpy_fields: tuple[int, int, float] = (0, 0, 0.0)
+        self._python_key = np.zeros(_MT_WORDS + 1, dtype=np.int64)  # the 624 words, then the index
+        self._python_key_tensor = torch.from_numpy(self._python_key)
 
     def current(self) -> bool:
         """Still the generators probed (nobody rebound ``np.random``'s or ``random``'s global instance)."""
-        return (np.random.mtrand._rand is self._numpy and self._numpy._bit_generator is self._bit_generator
+        return (self._mtrand._rand is self._numpy and self._numpy._bit_generator is self._bit_generator
                 and getattr(random.getstate, "__self__", None) is self._python)  # fmt: skip
 
     def numpy(self) -> dict[str, Any]:
-        """NumPy's state in the form of ``capture_rng_state``'s ``"numpy"`` entry (a new dict, a shared key)."""
+        """NumPy's state in the form of ``capture_rng_state``'s ``"numpy"`` entry."""
         raw = ctypes.string_at(self._key_address, _MT_BYTES) + ctypes.string_at(self._aug_address, 16)
-        last_raw, last = self._numpy_memo
-        if raw != last_raw:
-            key = torch.from_numpy(np.frombuffer(raw, dtype=np.uint32, count=_MT_WORDS).astype(np.int64))
-            pos, has_gauss, gauss = struct.unpack_from("=ii4xd", raw, 4 * _MT_WORDS)
-            last = {"bit_generator": "MT19937", "key": key, "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
-            self._numpy_memo = (raw, last)
-        return dict(last)
+        if raw != self._numpy_raw:
+            self._numpy_key[:] = np.frombuffer(raw, dtype=np.uint32, count=_MT_WORDS)
+            self._numpy_fields = struct.unpack_from("=ii4xd", raw, 4 * _MT_WORDS)  # pos, has_gauss, gauss
+            self._numpy_raw = raw
+        pos, has_gauss, gauss = self._numpy_fields
+        return {"bit_generator": "MT19937", "key": self._numpy_key_tensor, "pos": pos, "has_gauss": has_gauss,
+                "gauss": gauss}  # fmt: skip
 
     def python(self) -> tuple[int, torch.Tensor, Any]:
         """Python's state as ``random.getstate()`` gives it, its 625 ints as an int64 tensor."""
         raw = ctypes.string_at(id(self._python) + _PY_AT, _PY_BYTES)
-        last_raw, packed = self._python_memo
-        if raw != last_raw or packed is None:
-            words = np.frombuffer(raw, dtype=np.uint32, count=_MT_WORDS, offset=4).astype(np.int64)
-            index = int.from_bytes(raw[:4], "little", signed=True)
-            packed = torch.from_numpy(np.append(words, index))
-            self._python_memo = (raw, packed)
-        return random.Random.VERSION, packed, self._python.gauss_next
+        if raw != self._python_raw:
+            self._python_key[:_MT_WORDS] = np.frombuffer(raw, dtype=np.uint32, count=_MT_WORDS, offset=4)
+            self._python_key[_MT_WORDS] = int.from_bytes(raw[:4], "little", signed=True)
+            self._python_raw = raw
+        return random.Random.VERSION, self._python_key_tensor, self._python.gauss_next
 
 
 def _aug_offset(state: np.random.RandomState) -> int | None:

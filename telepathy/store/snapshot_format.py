@@ -35,7 +35,8 @@ _LONG_LIST = 32  # a list of this many ints or more (Python's RNG state: 625) is
 _PLAIN = (type(None), bool, int, float, str)
 _PLAIN_SET = frozenset(_PLAIN)
 _STR, _ROW_KEYS = frozenset({str}), frozenset({int, str})  # key sets hold these only: equal ones have equal types
-_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})  # (a module's state dict with keep_vars=True)
+_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+_DICT_ONLY = {dict}  # (a module's state dict with keep_vars=True)
 
 
 class UnsupportedState(TypeError):
@@ -112,10 +113,10 @@ def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int
         """An optimizer's per-parameter state: rows of tensor dicts with the same keys (a node, not a row each)."""
         rows = list(value.values())
         columns = tuple(rows[0])
-        if not (set(map(type, rows)) == {dict} and all(tuple(row) == columns for row in rows)
+        if not (set(map(type, rows)) == _DICT_ONLY and all(map(columns.__eq__, map(tuple, rows)))
                 and set(map(type, value)) <= _ROW_KEYS and _plain_names(columns)):  # fmt: skip
             return None
-        cells = list(itertools.chain.from_iterable(row.values() for row in rows))
+        cells = list(itertools.chain.from_iterable(map(dict.values, rows)))  # (map: no Python frame per row)
         if not set(map(type, cells)) <= _TENSOR_TYPES:
             return None
         first = len(tensors)
@@ -174,7 +175,7 @@ def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int
             types = set(map(type, value))
             if len(value) >= _LONG_LIST and types == {int}:  # ints only (no bools, no floats): one int64 tensor
                 try:
-                    tensors.append(torch.frombuffer(array.array("q", value), dtype=torch.int64))
+                    tensors.append(_ints_tensor(value))
                     return {_INTS: len(tensors) - 1}
                 except OverflowError:  # an int past 64 bits: kept as a list
                     pass
@@ -191,6 +192,22 @@ def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int
 
     structure = mapping(dict(files), "")
     return structure, tensors, constants
+
+
+_INT_TENSORS: dict[tuple[int, ...], torch.Tensor] = {}  # a few recent lists (an optimizer's "params" indexes)
+
+
+def _ints_tensor(values: list[int]) -> torch.Tensor:
+    """A long list of ints as one int64 tensor, the same object while the list stays the same (so that the
+    snapshot need not look at a new tensor's layout at every step). Raises OverflowError past 64 bits."""
+    key = tuple(values)  # (ints only: equal is identical)
+    packed = _INT_TENSORS.get(key)
+    if packed is None:
+        packed = torch.frombuffer(array.array("q", values), dtype=torch.int64)
+        if len(_INT_TENSORS) >= 16:
+            _INT_TENSORS.clear()
+        _INT_TENSORS[key] = packed
+    return packed
 
 
 def _plain_names(keys: tuple[Any, ...]) -> bool:

@@ -89,7 +89,7 @@ class StepSnapshots:
             destinations = self._destinations(mapping, at, length, layout)
             sources = tensors if layout.all_non_empty else list(itertools.compress(tensors, layout.non_empty))
             if sources:
-                with torch.no_grad():  # (no detach: 177 of them cost more than the copy of a small state)
+                with torch.inference_mode():  # (no detach: 177 of them cost more than the copy of a small state)
                     torch._foreach_copy_(destinations, sources)  # one call, not one per tensor
 
         try:
@@ -134,8 +134,11 @@ def _still_dense(tensors: list[torch.Tensor], before: list[torch.Tensor]) -> boo
     return all(t.layout == torch.strided for t in new)
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # (json.dumps would make one at every call)
+
+
 def _json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def from_environment(enabled: bool, several_ranks: bool) -> StepSnapshots | None:
