@@ -18,10 +18,10 @@ GradScaler -> ``optimizer.pt``, position + RNG + run signature + metadata -> ``s
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import os
+import pickle
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -139,7 +139,7 @@ class Checkpointer:
         self.generators = dict(generators or {})
         self.signature = dict(signature or {})
         self.metadata = run_metadata(args)
-        self._constants_memo: tuple[tuple[Any, ...], dict[str, tree.Fixed]] | None = None
+        self._constants_memo: tuple[bytes | None, dict[str, tree.Fixed]] | None = None
         self.on_save = on_save
         self.on_save_error = on_save_error
         self.async_save = options.async_save
@@ -205,15 +205,17 @@ class Checkpointer:
 
     def _fixed_constants(self) -> dict[str, Any]:
         """The state's signature and metadata for a per-step snapshot, as :class:`telepathy.tree.Fixed` values
-        made again only when they change (described and converted once, not at every step)."""
-        sources = (torch.get_num_threads(), self.signature, self.metadata)
+        made again only when they change (described and converted once, not at every step). A change is seen in
+        their pickled bytes, which tell 1 from 1.0 and True, -0.0 from 0.0 and one key order from another (``==``
+        does not, and raises on an array); what cannot be pickled is made again at every step."""
+        try:
+            sources = pickle.dumps((torch.get_num_threads(), self.signature, self.metadata), protocol=5)
+        except Exception:  # (an unpicklable value: a lambda in the args)
+            sources = None
         memo = self._constants_memo
-        if memo is None or memo[0] != sources:
+        if sources is None or memo is None or memo[0] != sources:
             fixed = {name: tree.Fixed(value) for name, value in run_constants(self.signature, self.metadata).items()}
-            try:  # a copy to compare with at the next steps (a change inside a nested value is seen too)
-                memo = self._constants_memo = (copy.deepcopy(sources), fixed)
-            except Exception:  # something in the signature that cannot be copied: made at every step
-                return fixed
+            self._constants_memo = memo = (sources, fixed)
         return memo[1]
 
     def save(

@@ -36,7 +36,8 @@ def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None, *
     """Snapshot Python ``random``, NumPy's global generator, torch CPU, each CUDA device (when CUDA is
     initialised) and the caller's named ``torch.Generator`` objects. ``packed``: Python's state as
     :class:`PackedInts` (for a per-step snapshot) instead of a list, and both global generators read from
-    memory where :mod:`telepathy.rng_peek` can."""
+    memory where :mod:`telepathy.rng_peek` can: then the two keys are the peeker's own tensors, overwritten by
+    the next packed capture (a snapshot copies them at once; anyone else copies them before asking again)."""
     peek = rng_peek.peeker() if packed else None
     if peek is not None:  # the same values, read from memory (a tenth of a per-step snapshot's cost)
         version, python_key, gauss_next = peek.python()

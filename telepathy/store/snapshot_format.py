@@ -43,8 +43,8 @@ class UnsupportedState(TypeError):
     """The state holds a value a slot cannot describe (only tensors, containers and plain values)."""
 
 
-def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int, tuple[Any, Any]] | None = None
-             ) -> tuple[Any, list[torch.Tensor], list[Any]]:  # fmt: skip
+def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int, tuple[Any, Any]] | None = None,
+             pack_ints: bool = True) -> tuple[Any, list[torch.Tensor], list[Any]]:  # fmt: skip
     """The JSON-able structure of ``files``, the tensors it holds (each replaced in the structure by its index in
     that list) and its constants. A dict of tensors (a module's state dict, a parameter's optimizer state: most of
     the state) is one node naming its first tensor and its keys. What changes only when the state changes layout
@@ -52,7 +52,8 @@ def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int
     state dict carries (``_metadata``, see :func:`telepathy.tree.module_versions`). ``check=False`` skips the
     per-tensor checks of dtype and layout (the caller checks them only when the tensors' layout changed).
     A :class:`telepathy.tree.Fixed` value is a constant too, described once per object (``fixed_cache``, the
-    caller's, keyed by ``id``; described again when ``check``).
+    caller's, keyed by ``id``; described again when ``check``); one holding tensors is described in place.
+    ``pack_ints=False``: long lists of ints stay lists (no tensor).
 
     It walks on its own rather than through :func:`telepathy.tree.transform`: it runs at every training step, and
     the generic walker's call and path string per value were most of its cost."""
@@ -79,14 +80,16 @@ def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int
     def fixed(value: tree.Fixed, path: str) -> dict[str, int]:
         cached = None if fixed_cache is None or check else fixed_cache.get(id(value))
         if cached is None or cached[0] is not value:
-            inner, held, inner_constants = describe({"value": value.value}, check=True)
-            if held or inner_constants:
-                raise UnsupportedState(f"{path}: a fixed value holding tensors or state dicts")
-            cached = (value, json.loads(json.dumps(inner["value"])))  # a copy: a plain dict's node is the dict
+            # (in a list: a dict of dicts of tensors directly under "value" would be read as an optimizer table)
+            inner, held, inner_constants = describe({"value": [value.value]}, check=True, pack_ints=False)
+            copied = json.loads(json.dumps(inner["value"][0]))  # (a copy: a plain dict's node is the dict itself)
+            cached = (value, None if held or inner_constants else _Once({"value": copied}))
             if fixed_cache is not None:
                 if len(fixed_cache) > 64:  # (values made again after a change: the old ones go)
                     fixed_cache.clear()
                 fixed_cache[id(value)] = cached
+        if cached[1] is None:  # tensors or state dicts inside: described in place, at every step
+            return walk(value.value, path)
         constants.append(cached[1])
         return {_FIXED: len(constants) - 1}
 
@@ -173,7 +176,7 @@ def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int
             return {_INTS: len(tensors) - 1}
         if kind is list:
             types = set(map(type, value))
-            if len(value) >= _LONG_LIST and types == {int}:  # ints only (no bools, no floats): one int64 tensor
+            if pack_ints and len(value) >= _LONG_LIST and types == {int}:  # ints only (no bools): one int64 tensor
                 try:
                     tensors.append(_ints_tensor(value))
                     return {_INTS: len(tensors) - 1}
@@ -192,6 +195,16 @@ def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int
 
     structure = mapping(dict(files), "")
     return structure, tensors, constants
+
+
+class _Once(dict):
+    """A Fixed value's description among a snapshot's constants, equal only to itself: a new Fixed (its value
+    changed, even to one ``==`` the old: 1.0 for 1) makes the layout, and its JSON, new."""
+
+    __slots__ = ()
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+    __hash__ = None  # type: ignore[assignment]
 
 
 _INT_TENSORS: dict[tuple[int, ...], torch.Tensor] = {}  # a few recent lists (an optimizer's "params" indexes)
@@ -240,7 +253,7 @@ def rebuild(structure: Any, tensors: list[torch.Tensor], constants: list[Any]) -
         if _INTS in structure:
             return tensors[structure[_INTS]].tolist()
         if _FIXED in structure:
-            return rebuild(constants[structure[_FIXED]], tensors, constants)
+            return rebuild(constants[structure[_FIXED]]["value"], tensors, constants)
         if _VERSIONS in structure:
             k, node = structure[_VERSIONS]
             return tree.with_module_versions(rebuild(node, tensors, constants), constants[k])
@@ -308,8 +321,10 @@ def files_from_slot(meta: Mapping[str, Any], data: bytes) -> dict[str, Any]:
 def _check_references(structure: Any, count: int, constants: list[Any]) -> None:
     """Every tensor and constant a snapshot's structure names in range and of its kind (key sets: lists of
     distinct plain values; module versions: names to plain values), and each of the ``count`` tensors named once
-    (two references to one tensor would alias after a resume)."""
+    (two references to one tensor would alias after a resume). A fixed value or module versions is named once
+    too (each reference is rebuilt as a copy: a small meta naming a big one many times would be a huge state)."""
     seen: set[int] = set()
+    named_once: set[int] = set()
     pending = [structure]
 
     def take(first: Any, n: int) -> None:
@@ -321,8 +336,14 @@ def _check_references(structure: Any, count: int, constants: list[Any]) -> None:
         if type(k) is not int or not 0 <= k < len(constants):
             raise SnapshotInvalid(f"the snapshot's structure names constant {str(k)[:20]}: there is none")
         value = constants[k]
-        if kind == "fixed":  # (any plain value; what it holds is checked by the caller)
-            return value
+        if kind != "keys":
+            if k in named_once:
+                raise SnapshotInvalid(f"the snapshot's structure names constant {k} ({kind}) twice")
+            named_once.add(k)
+        if kind == "fixed":  # {"value": a plain value; what it holds is checked by the caller}
+            if not (isinstance(value, dict) and list(value) == ["value"]):
+                raise SnapshotInvalid(f"the snapshot's fixed value {str(k)[:20]} is not one")
+            return value["value"]
         keys = isinstance(value, list) and set(map(type, value)) <= _ROW_KEYS and len(set(value)) == len(value)
         versions = isinstance(value, dict) and all(
             isinstance(v, dict) and set(map(type, v.values())) <= _PLAIN_SET and type(v.get("version", 0)) is int

@@ -183,11 +183,21 @@ def hostile(meta: dict, how: str) -> None:
     elif how == "a fixed value out of range":
         files["state"]["rng"] = {"__K__": 99}
     elif how == "a fixed value naming a tensor":
-        meta["constants"].append({"x": {"__T__": 0}})
+        meta["constants"].append({"value": {"x": {"__T__": 0}}})
         files["state"]["rng"] = {"__K__": len(meta["constants"]) - 1}
+    elif how == "a fixed value named twice":  # (each reference rebuilt as a copy: a small meta, a huge state)
+        meta["constants"].append({"value": [0] * 1000})
+        files["state"]["rng"] = [{"__K__": len(meta["constants"]) - 1}] * 2
+    elif how == "module versions named twice":
+        files["state"]["rng"] = {"__V__": [model_node_versions(files), {}]}
     elif how == "a fixed value naming itself":
-        meta["constants"].append({"__K__": len(meta["constants"])})
+        meta["constants"].append({"value": {"__K__": len(meta["constants"])}})
         files["state"]["rng"] = {"__K__": len(meta["constants"]) - 1}
+
+
+def model_node_versions(files: dict) -> int:
+    """The constant holding the model's module versions (named by the model's node already)."""
+    return files["model"]["__V__"][0]
 
 
 def model_node(files: dict) -> dict:
@@ -200,7 +210,8 @@ HOSTILE = ["zero bytes, real shape", "negative offset", "overlapping rows", "pas
            "a key set that repeats a key", "versions that are a key set", "a key set that is versions",
            "versions with a plain value inside", "a version that is not a number", "two markers in one node",
            "a dict node with a pair of three", "a tuple node that is a number", "an unknown marker",
-           "a fixed value out of range", "a fixed value naming a tensor", "a fixed value naming itself"]  # fmt: skip
+           "a fixed value out of range", "a fixed value naming a tensor", "a fixed value naming itself",
+           "a fixed value named twice", "module versions named twice"]  # fmt: skip
 
 
 @pytest.mark.parametrize("how", HOSTILE)

@@ -55,3 +55,40 @@ def test_grace_expiry_kills_the_runs_tree_and_spares_the_programs_own_children(t
     survivors = subprocess.run(["pgrep", "-f", str(tmp_path / "hangs_on_term.py")], capture_output=True,
                                text=True).stdout.split()  # fmt: skip
     assert not survivors, f"the run's trainer survived the grace period: {survivors}"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+LEAVES_A_SLEEPER = textwrap.dedent("""
+    # Each attempt: say whether the previous attempt's background process is still running, start one, fail.
+    if [ -f "$1/sleeper" ] && kill -0 "$(cat "$1/sleeper")" 2>/dev/null; then echo "OVERLAP"; fi
+    (trap '' TERM; exec sleep 300) &
+    echo $! > "$1/sleeper"
+    echo $! >> "$1/all"
+    exit "$2"
+""")
+
+
+@pytest.mark.parametrize("code", [0, 1])
+def test_processes_a_command_leaves_behind_are_stopped_before_a_restart_and_at_the_end(tmp_path, code):
+    """A shell script's background job (one that ignores SIGTERM) outlives the script: the wrapper stops it before
+    it restarts the command (two attempts must never overlap) and before it exits (nothing of the run is left)."""
+    script = tmp_path / "leaves.sh"
+    script.write_text(LEAVES_A_SLEEPER)
+    done = subprocess.run([sys.executable, "-m", "telepathy.preemptible_training", "--save_dir", str(tmp_path / "s"),
+                           "--max_restarts", "1", "--restart_backoff", "0.1", "--", "sh", str(script), str(tmp_path),
+                           str(code)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    output = done.stdout + done.stderr
+    pids = [int(p) for p in (tmp_path / "all").read_text().split()]
+    assert len(pids) == (1 if code == 0 else 2), output
+    assert "OVERLAP" not in output, output
+    assert output.count("process(es) of the run still running") == len(pids), output
+    assert "SIGKILL after 5 s" in output
+    assert all(map(_gone, pids)), f"left running: {[p for p in pids if not _gone(p)]}\n{output}"
+    assert done.returncode == (0 if code == 0 else 1), output

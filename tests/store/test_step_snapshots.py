@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import random
 
-import pytest
 import torch
 from harness import deep_equal
 
 from telepathy import rng, tree
 from telepathy.disk import slots
-from telepathy.store.snapshot_format import UnsupportedState, describe, files_from_slot, rebuild
+from telepathy.store.snapshot_format import describe, files_from_slot, rebuild
 from telepathy.store.step_snapshots import StepSnapshots
 
 
@@ -183,8 +182,12 @@ def test_a_fixed_value_is_described_once_and_a_new_one_replaces_it(tmp_path):
         assert len(snapshots._fixed) == 2
     finally:
         snapshots.close()
-    with pytest.raises(UnsupportedState, match="fixed value"):
-        describe({"state": {"metadata": tree.Fixed({"w": torch.ones(2)})}})
+    # One that holds tensors (someone put one in the metadata) is described in place; long int lists stay lists.
+    holding = {"w": torch.ones(2), "rows": {"a": {"t": torch.zeros(1)}}, "ids": list(range(40))}
+    structure, tensors, constants = describe({"state": {"metadata": tree.Fixed(holding)}}, fixed_cache={})
+    assert len(tensors) == 3 and deep_equal(rebuild(structure, tensors, constants)["state"]["metadata"], holding) == []
+    structure, tensors, constants = describe({"m": tree.Fixed({"ids": list(range(40))})}, fixed_cache={})
+    assert tensors == [] and rebuild(structure, tensors, constants)["m"] == {"ids": list(range(40))}
 
 
 def test_the_layout_is_written_into_a_slot_only_when_it_changed(tmp_path, monkeypatch):
@@ -230,33 +233,55 @@ def test_a_slot_whose_meta_and_layout_share_a_key_is_not_read(tmp_path):
         snapshots.close()
 
 
-def test_a_checkpointers_signature_and_metadata_changed_in_place_reach_the_next_snapshot(tmp_path, monkeypatch):
-    """The Checkpointer hands them over as tree.Fixed values it makes again only when they change: a change made
-    in place, even deep inside, must still be in the next step's slot."""
+def _checkpointer_with_slots(tmp_path, monkeypatch, **kwargs):
     from telepathy.checkpointer import Checkpointer
     from telepathy.options import CheckpointOptions
     from telepathy.store import step_snapshots
-    from telepathy.train_state import TrainState
 
     slot_dir = slots.make_slot_dir(tmp_path)
     monkeypatch.setenv(slots.SLOT_DIR_ENV, str(slot_dir))
     monkeypatch.setattr(step_snapshots, "_inherited", None)
-    model = torch.nn.Linear(2, 2)
-    ckpt = Checkpointer(tmp_path / "save", parts={"model": model}, signature={"batch": 8, "names": ["a"]},
-                        args={"lr": 0.1}, options=CheckpointOptions(snapshot_every_step=True))  # fmt: skip
+    ckpt = Checkpointer(tmp_path / "save", parts={"model": torch.nn.Linear(2, 2)},
+                        options=CheckpointOptions(snapshot_every_step=True), **kwargs)  # fmt: skip
+    assert ckpt._snapshots is not None
+    return ckpt, slot_dir
+
+
+CHANGES = {  # step -> a change to the signature or metadata a snapshot must carry exactly (== would miss most)
+    2: lambda c: c.signature["names"].append("b"),  # deep, in place
+    3: lambda c: c.signature.__setitem__("scale", 1.0),  # was 1: equal, another type
+    4: lambda c: c.signature.__setitem__("scale", True),
+    5: lambda c: c.metadata["args"].__setitem__("lr", -0.0),  # was 0.0
+    6: lambda c: setattr(c, "signature", dict(reversed(list(c.signature.items())))),  # another key order
+    7: lambda c: c.signature.__setitem__("tup", [1.0]),  # was (1,): a new Fixed whose description is == the old
+    8: lambda c: c.metadata.__setitem__("big", list(range(40))),  # a long int list (no tensor in a fixed value)
+    9: lambda c: c.metadata.__setitem__("t", torch.tensor([1.5, 2.5])),  # a tensor: described in place
+    10: lambda c: c.signature.__setitem__("array", __import__("numpy").arange(3.0)),  # == raises on an array
+}
+
+
+def test_a_checkpointers_signature_and_metadata_changes_reach_the_next_snapshot_exactly(tmp_path, monkeypatch):
+    """The Checkpointer hands them over as tree.Fixed values it makes again only when they change: every change
+    (in place, deep, to an equal value of another type, to another key order) must be in the next step's slot
+    exactly as a save at that step would write it, and none may crash the trainer or turn snapshots off."""
+    from telepathy.disk.contents import STATE
+    from telepathy.train_state import TrainState
+
+    signature = {"batch": 8, "names": ["a"], "scale": 1, "tup": (1,)}
+    ckpt, slot_dir = _checkpointer_with_slots(tmp_path, monkeypatch, args={"lr": 0.0}, signature=signature)
     try:
         state = TrainState()
-        for step in range(1, 6):
+        for step in range(1, 12):
             state.global_step = step
-            if step == 3:
-                ckpt.signature["names"].append("b")  # deep, in place
-            if step == 4:
-                ckpt.metadata["args"]["lr"] = 0.2
+            if step in CHANGES:
+                CHANGES[step](ckpt)
             ckpt.step_boundary(state)
-            saved = files_from_slot(*slots.read_newest(slot_dir))["state"]
-            assert saved["signature"] == {"batch": 8, "names": ["a", "b"] if step >= 3 else ["a"]}, step
-            assert saved["metadata"]["args"]["lr"] == (0.2 if step >= 4 else 0.1), step
-            assert saved["global_step"] == step
+            assert ckpt._snapshots.disabled is None, ckpt._snapshots.disabled
+            rescued = files_from_slot(*slots.read_newest(slot_dir))[STATE]
+            saved = ckpt._files(state)[STATE]
+            for entry in ("signature", "metadata"):
+                assert repr(rescued[entry]) == repr(saved[entry]), (step, entry)
+            assert rescued["global_step"] == step
     finally:
         ckpt.close()
         slots.remove_slot_dir(slot_dir)
