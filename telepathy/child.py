@@ -30,8 +30,6 @@ from telepathy.errors import EXIT_USAGE
 from telepathy.process_tree import JobTree, kill_quietly, running
 
 HANDSHAKE_WAIT = 10.0  # seconds an ending signal is held for a command that has not shaken hands yet
-LEFTOVER_WAIT = 1.0  # seconds the run's processes left after its command ended get to leave on their own
-LEFTOVER_GRACE = 5.0  # then seconds from their SIGTERM to SIGKILL
 
 
 @dataclass
@@ -103,8 +101,6 @@ class ChildRun:
                 child.wait()
                 break
             time.sleep(0.05)
-        if not grace_killed:
-            self._stop_leftovers(child)
         self.tree.reap(child.pid)
         reader.join(timeout=2)
         code = child.returncode
@@ -119,39 +115,6 @@ class ChildRun:
         if child.poll() is None or any(map(running, self.aware_pids)):
             return True
         return ending is not None and bool(self.tree.members(child.pid))
-
-    def _stop_leftovers(self, child: subprocess.Popen) -> None:
-        """Processes of the run still there after its command ended (a background job of a shell script, a
-        launcher's orphaned worker) are stopped, as a scheduler stops a finished job's: they would otherwise
-        outlive the wrapper, or overlap the next attempt (holding the save dir's lock, writing into it). They get
-        a second to leave on their own (a DataLoader worker follows its parent out), then SIGTERM, then SIGKILL."""
-        left = self._left(child, LEFTOVER_WAIT)
-        if not left:
-            return
-        print(f"[telepathy] the command ended with {len(left)} process(es) of the run still running (pids "
-              f"{', '.join(map(str, sorted(left)))}); stopping them: SIGTERM, then SIGKILL after "
-              f"{LEFTOVER_GRACE:g} s", flush=True)  # fmt: skip
-        self.events.emit("leftovers", pids=sorted(left))
-        for pid in left:
-            kill_quietly(pid, signal.SIGTERM)
-        wait = LEFTOVER_GRACE
-        for _ in range(10):  # again while new ones appear (forked meanwhile)
-            left = self._left(child, wait)
-            if not left:
-                return
-            for pid in left:
-                kill_quietly(pid, signal.SIGKILL)
-            wait = 0.05
-
-    def _left(self, child: subprocess.Popen, wait: float) -> set[int]:
-        """The run's processes still alive after up to ``wait`` seconds (reaping those that end meanwhile)."""
-        deadline = time.monotonic() + wait
-        while True:
-            self.tree.reap(child.pid)
-            left = self.tree.orphans()
-            if not left or time.monotonic() >= deadline:
-                return left
-            time.sleep(0.05)
 
     def _send_trainers(self, child: subprocess.Popen, signum: int) -> None:
         """``signum`` to each process that shook hands and is still there; to the group if none is left."""

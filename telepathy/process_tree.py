@@ -37,21 +37,11 @@ class JobTree:
         (its children it did not have before, outside its own process group) and ``aware`` (the trainers that
         shook hands, which /proc may not show as descendants)."""
         table = processes()
-        found = {child, *aware, *descendants(child, table), *self._adopted(table)}
-        return {pid for pid in found if pid in table and table[pid][0] not in "ZX"}
-
-    def orphans(self) -> set[int]:
-        """The run's processes left once its command is gone (and reaped): the orphans handed to this process
-        and their descendants, alive. (Not found by the command's pid: that number may be another's by now.)"""
-        table = processes()
-        return {pid for pid in self._adopted(table) if table[pid][0] not in "ZX"}
-
-    def _adopted(self, table: dict[int, tuple[str, int, int]]) -> set[int]:
-        found: set[int] = set()
+        found = {child, *aware, *descendants(child, table)}
         for pid, (_, parent, group) in table.items():
             if parent == self.me and pid not in self.foreign and group != self.group:
                 found |= {pid, *descendants(pid, table)}
-        return found
+        return {pid for pid in found if pid in table and table[pid][0] not in "ZX"}
 
     def kill(self, child: int, aware: Iterable[int] = ()) -> None:
         """SIGKILL the child's process group and every member, again while new ones appear (forked meanwhile)."""
