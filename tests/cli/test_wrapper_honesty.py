@@ -100,7 +100,7 @@ def test_sigusr1_saves_an_aware_trainer_and_never_kills_an_unaware_command(tmp_p
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_an_unaware_command_stopped_by_a_signal_exits_98_not_99(tmp_path, signum):
-    code, out = run("unaware", tmp_path, [signum], wait_for="iteration 3")
+    code, out = run("unaware", tmp_path, [signum], wait_for="iteration 3", grace=6)  # (held min(10 s, grace/2))
     assert code == 98 and "with nothing new saved (exit 98)" in out, out[-2000:]
 
 
