@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import pickle
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -32,7 +31,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from telepathy import distributed, restore, rng, training_signals, tree
+from telepathy import distributed, restore, rng, training_signals
 from telepathy.disk.contents import OPTIMIZER, RESERVED_PARTS, STATE
 from telepathy.disk.events import RunRecorder
 from telepathy.errors import CheckpointWriteError, UsageError
@@ -43,8 +42,8 @@ from telepathy.store import collective, step_snapshots
 from telepathy.store.checkpoint_store import CheckpointStore
 from telepathy.store.snapshot import HostBuffers
 from telepathy.train_state import (
+    FixedConstants,
     TrainState,
-    run_constants,
     run_metadata,
     state_to_dict,
 )
@@ -139,7 +138,7 @@ class Checkpointer:
         self.generators = dict(generators or {})
         self.signature = dict(signature or {})
         self.metadata = run_metadata(args)
-        self._constants_memo: tuple[bytes | None, dict[str, tree.Fixed]] | None = None
+        self._fixed_constants = FixedConstants()  # (what a per-step snapshot takes of signature and metadata)
         self.on_save = on_save
         self.on_save_error = on_save_error
         self.async_save = options.async_save
@@ -199,24 +198,9 @@ class Checkpointer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
         }
         rng_state = rng.capture_rng_state(self.generators, packed=live)
-        constants = self._fixed_constants() if live else None
+        constants = self._fixed_constants.get(self.signature, self.metadata) if live else None
         files[STATE] = state_to_dict(state, rng_state, self.signature, self.metadata, constants)
         return files
-
-    def _fixed_constants(self) -> dict[str, Any]:
-        """The state's signature and metadata for a per-step snapshot, as :class:`telepathy.tree.Fixed` values
-        made again only when they change (described and converted once, not at every step). A change is seen in
-        their pickled bytes, which tell 1 from 1.0 and True, -0.0 from 0.0 and one key order from another (``==``
-        does not, and raises on an array); what cannot be pickled is made again at every step."""
-        try:
-            sources = pickle.dumps((torch.get_num_threads(), self.signature, self.metadata), protocol=5)
-        except Exception:  # (an unpicklable value: a lambda in the args)
-            sources = None
-        memo = self._constants_memo
-        if sources is None or memo is None or memo[0] != sources:
-            fixed = {name: tree.Fixed(value) for name, value in run_constants(self.signature, self.metadata).items()}
-            self._constants_memo = memo = (sources, fixed)
-        return memo[1]
 
     def save(
         self, state: TrainState, reason: str, metric: float | None = None, *, blocking: bool = True

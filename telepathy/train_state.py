@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 import platform
 import socket
 import sys
@@ -115,6 +116,27 @@ def run_constants(signature: Mapping[str, Any], metadata: Mapping[str, Any]) -> 
         "signature": to_primitive(dict(signature)),
         "metadata": {**metadata, "intra_op_threads": torch.get_num_threads()},
     }
+
+
+class FixedConstants:
+    """:func:`run_constants` as :class:`telepathy.tree.Fixed` values for a per-step snapshot, made again only when
+    signature or metadata change (so that they are described and converted once, not at every step). A change is
+    seen in their pickled bytes, which tell 1 from 1.0 and True, -0.0 from 0.0 and one key order from another
+    (``==`` does not, and raises on an array); what cannot be pickled is made again at every step. (Pickling
+    only: nothing is ever unpickled.)"""
+
+    def __init__(self) -> None:
+        self._memo: tuple[bytes | None, dict[str, tree.Fixed]] | None = None
+
+    def get(self, signature: Mapping[str, Any], metadata: Mapping[str, Any]) -> dict[str, tree.Fixed]:
+        try:
+            sources = pickle.dumps((torch.get_num_threads(), signature, metadata), protocol=5)
+        except Exception:  # (an unpicklable value: a lambda in the args)
+            sources = None
+        if sources is None or self._memo is None or self._memo[0] != sources:
+            made = {name: tree.Fixed(value) for name, value in run_constants(signature, metadata).items()}
+            self._memo = (sources, made)
+        return self._memo[1]
 
 
 def state_to_dict(
