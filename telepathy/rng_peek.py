@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import random
 import struct
+import sys
 from typing import Any
 
 import numpy as np
@@ -96,7 +97,9 @@ def _agrees(peek: RngPeeker) -> bool:
 
 def _probe() -> RngPeeker | None:
     """Locate the structs on fresh generators set to known states (the Gaussian cache full and empty), then
-    check the layout on the global ones."""
+    check the layout on the global ones. CPython only: elsewhere ``id`` is not an address."""
+    if sys.implementation.name != "cpython":
+        return None
     numpy_global = np.random.mtrand._rand
     python_global = getattr(random.getstate, "__self__", None)
     if type(numpy_global) is not np.random.RandomState or type(numpy_global._bit_generator) is not np.random.MT19937:

@@ -73,6 +73,15 @@ def test_a_rebound_global_generator_is_not_peeked(monkeypatch):
     assert rng_peek.peeker() is None
 
 
+def test_another_python_than_cpython_is_not_peeked(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setattr(sys, "implementation", types.SimpleNamespace(name="pypy"))
+    monkeypatch.setattr(rng_peek, "_peeker", [])
+    assert rng_peek.peeker() is None
+
+
 def test_a_layout_the_probe_does_not_recognise_leaves_the_ordinary_calls(monkeypatch):
     monkeypatch.setattr(rng_peek, "_BITGEN_BYTES", rng_peek._BITGEN_BYTES + 8)  # as if bitgen_t had grown
     monkeypatch.setattr(rng_peek, "_peeker", [])
