@@ -35,8 +35,8 @@ _LONG_LIST = 32  # a list of this many ints or more (Python's RNG state: 625) is
 _PLAIN = (type(None), bool, int, float, str)
 _PLAIN_SET = frozenset(_PLAIN)
 _STR, _ROW_KEYS = frozenset({str}), frozenset({int, str})  # key sets hold these only: equal ones have equal types
-_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
-_DICT_ONLY = {dict}  # (a module's state dict with keep_vars=True)
+_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})  # (a module's state dict with keep_vars=True)
+_DICT_ONLY = frozenset({dict})  # (an optimizer table's rows)
 
 
 class UnsupportedState(TypeError):
