@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from telepathy import training_signals
 from telepathy.disk.events import EventLog
 from telepathy.errors import EXIT_USAGE
-from telepathy.process_tree import JobTree, kill_quietly, running
+from telepathy.process_tree import JobTree, Process
 
 HANDSHAKE_WAIT = 10.0  # seconds an ending signal is held for a command that has not shaken hands yet
 
@@ -51,7 +51,7 @@ class ChildRun:
         self.grace_period, self.pending, self.events = grace_period, pending, events
         self.on_report, self.preexec = on_report, preexec
         self.aware = False
-        self.aware_pids: list[int] = []  # processes that installed telepathy's handlers (the trainers)
+        self.trainers: list[Process] = []  # processes that installed telepathy's handlers
 
     def run(self, read_fd: int) -> Outcome:
         started = time.monotonic()
@@ -65,11 +65,12 @@ class ChildRun:
             print(f"[telepathy] cannot start {self.command[0]!r}: {exc.strerror}{hint}", flush=True)
             return Outcome(EXIT_USAGE, None, None, False, False, 0)
         os.close(self.report_w)
+        me = Process.of(child.pid)  # (now, while it cannot have been reaped: afterwards its pid may name another)
         reader = threading.Thread(target=self._read_reports, args=(read_fd,), daemon=True)
         reader.start()
         held: list[int] = []
         ending, ending_at, deadline, grace_killed, said_usr1 = None, None, None, False, False
-        while self._goes_on(child, ending):
+        while self._goes_on(child, me, ending):
             while self.pending:
                 signum = self.pending.pop(0)
                 if signum != signal.SIGUSR1 and ending is None:
@@ -84,10 +85,10 @@ class ChildRun:
             for signum in list(held):
                 if self.aware:  # to the trainers only: a shell or `tee` between us and them must not die of it
                     held.remove(signum)
-                    self._send_trainers(child, signum)
+                    self._send_trainers(me, signum)
                 elif signum != signal.SIGUSR1 and startup_over:
                     held.remove(signum)
-                    _send_group(child, signum)
+                    me.signal_group(signum) or me.signal(signum)
                 elif signum == signal.SIGUSR1 and startup_over and not said_usr1:
                     said_usr1 = True
                     print("[telepathy] SIGUSR1 held: the command has not installed telepathy's signal handlers, and "
@@ -97,7 +98,7 @@ class ChildRun:
                       flush=True)  # fmt: skip
                 self.events.emit("grace_expired")
                 grace_killed = True
-                self.tree.kill(child.pid, self.aware_pids)
+                self.tree.kill(me, self.trainers)
                 child.wait()
                 break
             time.sleep(0.05)
@@ -109,18 +110,18 @@ class ChildRun:
         dropped = sum(1 for s in held if s == signal.SIGUSR1)
         return Outcome(code, ending, ending_at, self.aware, grace_killed, dropped)
 
-    def _goes_on(self, child: subprocess.Popen, ending: int | None) -> bool:
+    def _goes_on(self, child: subprocess.Popen, me: Process, ending: int | None) -> bool:
         """The run goes on while its command runs, while a trainer that shook hands runs (it may outlive its shell),
         and after a stop signal while any process of the run is left (it has the grace period, then SIGKILL)."""
-        if child.poll() is None or any(map(running, self.aware_pids)):
+        if child.poll() is None or any(trainer.running() for trainer in list(self.trainers)):
             return True
-        return ending is not None and bool(self.tree.members(child.pid))
+        return ending is not None and bool(self.tree.members(me, list(self.trainers)))
 
-    def _send_trainers(self, child: subprocess.Popen, signum: int) -> None:
+    def _send_trainers(self, me: Process, signum: int) -> None:
         """``signum`` to each process that shook hands and is still there; to the group if none is left."""
-        alive = [pid for pid in self.aware_pids if kill_quietly(pid, signum)]
+        alive = [trainer for trainer in list(self.trainers) if trainer.signal(signum)]
         if not alive:
-            _send_group(child, signum)
+            me.signal_group(signum) or me.signal(signum)
 
     def _in_child(self) -> None:
         os.setpgid(0, 0)  # its own process group: signals reach a trainer behind a shell or launcher
@@ -136,17 +137,8 @@ class ChildRun:
                 if not isinstance(record, dict):
                     continue
                 if record.get("event") == "handlers":
-                    if type(record.get("pid")) is int and record["pid"] > 1:
-                        self.aware_pids.append(record["pid"])
+                    pid, started = record.get("pid"), record.get("started")
+                    if type(pid) is int and pid > 1:  # (its start time, from itself: its pid alone may be reused)
+                        self.trainers.append(Process(pid, started) if type(started) is int else Process.of(pid))
                     self.aware = True
                 self.on_report(record)
-
-
-def _send_group(child: subprocess.Popen, signum: int) -> None:
-    try:
-        os.killpg(child.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        try:
-            child.send_signal(signum)
-        except ProcessLookupError:
-            pass

@@ -5,6 +5,10 @@ group, and a trainer whose shell or launcher died is nobody's child. The supervi
 subreaper (Linux): such orphans are handed to it instead of to init, so the grace period's SIGKILL still reaches
 them, and it collects their exit status. A program may run the supervisor in-process and have children of its own:
 those are never killed or reaped (they were there before, or share the program's process group).
+
+A pid names a process only until the process is reaped; then the kernel may give it to another (pid_max is often
+32768). A process the supervisor signals later is therefore held as a :class:`Process`, its pid with its start
+time, and signalled through a pidfd only while both still match: a reused pid is never signalled.
 """
 
 from __future__ import annotations
@@ -15,9 +19,69 @@ import signal
 import sys
 import time
 from collections.abc import Iterable
+from typing import NamedTuple
 
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+class Process(NamedTuple):
+    """One process: its pid and its start time (clock ticks after boot; None where there is no /proc)."""
+
+    pid: int
+    started: int | None
+
+    @classmethod
+    def of(cls, pid: int) -> Process:
+        """The process that has ``pid`` now (the caller knows it is the one: its own unreaped child)."""
+        fields = _stat(pid)
+        return cls(pid, None if fields is None else fields[3])
+
+    def is_current(self) -> bool:
+        """Whether ``pid`` still names this process (a zombie included: it was not reaped yet)."""
+        fields = _stat(self.pid)
+        if fields is None:  # gone, or no /proc (macOS): kill(0) tells
+            return self.started is None and kill_quietly(self.pid, 0)
+        return self.started is None or fields[3] == self.started
+
+    def running(self) -> bool:
+        """Whether this process still runs (a zombie, which only waits to be reaped, does not): the trainer behind
+        `sh -c "train.py; echo done"` or `train.py | tee log` outlives the shell that started it."""
+        fields = _stat(self.pid)
+        if fields is None:
+            return self.started is None and kill_quietly(self.pid, 0)
+        return fields[0] not in ("Z", "X") and (self.started is None or fields[3] == self.started)
+
+    def signal(self, signum: int) -> bool:
+        """Send ``signum`` if ``pid`` is still this process; False when it is not (gone, or its pid reused). A pidfd
+        holds the process while its start time is checked, so that it cannot be replaced in between."""
+        try:
+            handle = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return False
+        except (AttributeError, OSError):  # (no pidfd: not Linux, or a kernel before 5.3)
+            handle = None
+        try:
+            if not self.is_current():
+                return False
+            if handle is None:
+                os.kill(self.pid, signum)
+            else:
+                signal.pidfd_send_signal(handle, signum)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+        finally:
+            if handle is not None:
+                os.close(handle)
+
+    def signal_group(self, signum: int) -> bool:
+        """Send ``signum`` to the process group this process leads, unless its pid now names another process
+        (then the group is not this one's: while a group has members, its number is not given out again)."""
+        fields = _stat(self.pid)
+        if fields is not None and self.started is not None and fields[3] != self.started:
+            return False
+        return kill_quietly(-self.pid, signum)
 
 
 class JobTree:
@@ -25,27 +89,30 @@ class JobTree:
 
     def __init__(self) -> None:
         self.me, self.group = os.getpid(), os.getpgrp()
-        self.foreign = {pid for pid, (_, parent, _) in processes().items() if parent == self.me}
+        self.foreign = {(pid, started) for pid, (_, parent, _, started) in processes().items() if parent == self.me}
         self.was_subreaper = _subreaper()
         _set_subreaper(True)
 
     def close(self) -> None:
         _set_subreaper(self.was_subreaper)
 
-    def members(self, child: int, aware: Iterable[int] = ()) -> set[int]:
+    def members(self, child: Process, aware: Iterable[Process] = ()) -> set[int]:
         """The run's processes still alive: the child and its descendants, the orphans handed to this process
         (its children it did not have before, outside its own process group) and ``aware`` (the trainers that
-        shook hands, which /proc may not show as descendants)."""
+        shook hands, which /proc may not show as descendants). A pid that now names another process is not one."""
         table = processes()
-        found = {child, *aware, *descendants(child, table)}
-        for pid, (_, parent, group) in table.items():
-            if parent == self.me and pid not in self.foreign and group != self.group:
+        found = {p.pid for p in aware if _is(p, table)}
+        if _is(child, table):
+            found |= {child.pid, *descendants(child.pid, table)}
+        for pid, (_, parent, group, started) in table.items():
+            if parent == self.me and (pid, started) not in self.foreign and group != self.group:
                 found |= {pid, *descendants(pid, table)}
         return {pid for pid in found if pid in table and table[pid][0] not in "ZX"}
 
-    def kill(self, child: int, aware: Iterable[int] = ()) -> None:
+    def kill(self, child: Process, aware: Iterable[Process] = ()) -> None:
         """SIGKILL the child's process group and every member, again while new ones appear (forked meanwhile)."""
-        kill_quietly(-child, signal.SIGKILL)
+        aware = list(aware)
+        child.signal_group(signal.SIGKILL)
         for _ in range(10):
             alive = self.members(child, aware)
             if not alive:
@@ -57,16 +124,18 @@ class JobTree:
     def reap(self, child: int) -> None:
         """Collect the exit status of orphans handed to this process that have ended (each would stay a zombie):
         never the run's own child (``subprocess`` collects it) or one of the program's own children."""
-        for pid, (state, parent, group) in processes().items():
-            if parent == self.me and state == "Z" and pid != child and pid not in self.foreign and group != self.group:
+        for pid, (state, parent, group, started) in processes().items():
+            if (parent == self.me and state == "Z" and pid != child and (pid, started) not in self.foreign
+                    and group != self.group):  # fmt: skip
                 try:
                     os.waitpid(pid, os.WNOHANG)
                 except ChildProcessError:
                     pass
 
 
-def processes() -> dict[int, tuple[str, int, int]]:
-    """Each process's state letter, parent and process group, from /proc (empty where there is none)."""
+def processes() -> dict[int, tuple[str, int, int, int]]:
+    """Each process's state letter, parent, process group and start time, from /proc (empty where there is
+    none)."""
     try:
         names = [name for name in os.listdir("/proc") if name.isdigit()]
     except OSError:
@@ -79,29 +148,26 @@ def processes() -> dict[int, tuple[str, int, int]]:
     return table
 
 
-def running(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie, which only waits to be reaped, does not): the trainer behind
-    `sh -c "train.py; echo done"` or `train.py | tee log` outlives the shell that started it."""
-    if not kill_quietly(pid, 0):
-        return False
-    fields = _stat(pid)
-    return fields is None or fields[0] not in ("Z", "X")  # no /proc (macOS): kill(0) said it is there
+def _is(process: Process, table: dict[int, tuple[str, int, int, int]]) -> bool:
+    """Whether ``process`` is the one its pid names in ``table``."""
+    row = table.get(process.pid)
+    return row is not None and (process.started is None or row[3] == process.started)
 
 
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """State letter, parent and process group of ``pid`` from /proc/PID/stat, or None."""
+def _stat(pid: int) -> tuple[str, int, int, int] | None:
+    """State letter, parent, process group and start time of ``pid`` from /proc/PID/stat, or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
-        return fields[0].decode(), int(fields[1]), int(fields[2])
+        return fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
 
 
-def descendants(root: int, table: dict[int, tuple[str, int, int]] | None = None) -> list[int]:
+def descendants(root: int, table: dict[int, tuple[str, int, int, int]] | None = None) -> list[int]:
     """The processes whose chain of parents leads to ``root``."""
     children: dict[int, list[int]] = {}
-    for pid, (_, parent, _) in (processes() if table is None else table).items():
+    for pid, (_, parent, _, _) in (processes() if table is None else table).items():
         children.setdefault(parent, []).append(pid)
     found, pending = [], [root]
     while pending:

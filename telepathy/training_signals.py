@@ -138,7 +138,8 @@ def _tell_supervisor() -> None:
     if fd is None:
         return
     try:
-        os.write(fd, (json.dumps({"event": "handlers", "pid": os.getpid(), "time": time.time()}) + "\n").encode())
+        record = {"event": "handlers", "pid": os.getpid(), "started": _start_time(), "time": time.time()}
+        os.write(fd, (json.dumps(record) + "\n").encode())
     except BrokenPipeError:
         _supervisor_lost()  # gone before this process could shake hands
         return
@@ -151,6 +152,16 @@ def _tell_supervisor() -> None:
 
 _following: int | None = None  # the pid whose thread watches the supervisor's pipe (a forked child has none)
 _lost_supervisor: int | None = None  # the pid that saw the pipe close (acted on at its next install if not then)
+
+
+def _start_time() -> int | None:
+    """This process's start time (/proc/self/stat field 22), which the supervisor keeps with its pid: a pid alone
+    may name another process once this one is gone."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _follow_supervisor(fd: int) -> None:
