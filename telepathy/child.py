@@ -10,6 +10,11 @@ An aware process says so on the report pipe when it installs its handlers (the h
   never gets it (the supervisor says so);
 - SIGTERM, SIGINT and SIGHUP are held for the first few seconds of start-up, so that a trainer still importing torch
   receives them after its handlers are in place; after that they are delivered anyway (an unaware command ends).
+
+A command that ends during those seconds and leaves processes running (``sh -c "train.py &"``) may have left a
+trainer that is still starting: the run waits out the start-up seconds for it to shake hands, then supervises it.
+Such a trainer is handed to the supervisor when its shell ends, and its exit code, not the shell's, is the run's.
+Processes the command leaves behind that never shake hands are named, not stopped.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass
 from telepathy import training_signals
 from telepathy.disk.events import EventLog
 from telepathy.errors import EXIT_USAGE
-from telepathy.process_tree import JobTree, Process
+from telepathy.process_tree import JobTree, Process, process_name
 
 HANDSHAKE_WAIT = 10.0  # seconds an ending signal is held for a command that has not shaken hands yet
 
@@ -70,7 +75,7 @@ class ChildRun:
         reader.start()
         held: list[int] = []
         ending, ending_at, deadline, grace_killed, said_usr1 = None, None, None, False, False
-        while self._goes_on(child, me, ending):
+        while self._goes_on(child, me, ending, started):
             while self.pending:
                 signum = self.pending.pop(0)
                 if signum != signal.SIGUSR1 and ending is None:
@@ -102,20 +107,56 @@ class ChildRun:
                 child.wait()
                 break
             time.sleep(0.05)
+        adopted = self._adopted_trainers_code()
         self.tree.reap(child.pid)
         reader.join(timeout=2)
-        code = child.returncode
+        code = child.returncode if adopted is None else adopted
+        if ending is None:
+            self._name_leftovers(me, code)
         if ending is None and code in (training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED):
             ending = signal.SIGTERM if code == training_signals.EXIT_REQUEUE else signal.SIGINT  # signalled directly
         dropped = sum(1 for s in held if s == signal.SIGUSR1)
         return Outcome(code, ending, ending_at, self.aware, grace_killed, dropped)
 
-    def _goes_on(self, child: subprocess.Popen, me: Process, ending: int | None) -> bool:
+    def _goes_on(self, child: subprocess.Popen, me: Process, ending: int | None, started: float) -> bool:
         """The run goes on while its command runs, while a trainer that shook hands runs (it may outlive its shell),
-        and after a stop signal while any process of the run is left (it has the grace period, then SIGKILL)."""
+        after a stop signal while any process of the run is left (it has the grace period, then SIGKILL), and
+        through start-up while a command that ended left processes and nothing shook hands yet (a trainer behind
+        ``sh -c "train.py &"`` may still be importing torch)."""
         if child.poll() is None or any(trainer.running() for trainer in list(self.trainers)):
             return True
-        return ending is not None and bool(self.tree.members(me, list(self.trainers)))
+        if ending is None and (self.aware or time.monotonic() - started > min(HANDSHAKE_WAIT, self.grace_period / 2)):
+            return False
+        return bool(self.tree.members(me, list(self.trainers)))
+
+    def _adopted_trainers_code(self) -> int | None:
+        """The exit code of the trainers that were handed to this process (their shell ended first), collected
+        before :meth:`JobTree.reap` would discard it: the first that is not 0, else 0; None when none was."""
+        codes = []
+        for trainer in list(self.trainers):
+            fields = trainer.state_and_parent()
+            if fields != ("Z", os.getpid()):
+                continue  # (another's child, still running, or gone)
+            try:
+                pid, status = os.waitpid(trainer.pid, os.WNOHANG)  # (a zombie of ours: its pid is not reused yet)
+            except ChildProcessError:
+                continue
+            if pid == trainer.pid:
+                codes.append(os.waitstatus_to_exitcode(status))
+        return None if not codes else next((c for c in codes if c != 0), 0)
+
+    def _name_leftovers(self, me: Process, code: int) -> None:
+        """Say which processes of the run outlive it (the command left them; none shook hands): not stopped."""
+        left = sorted(self.tree.members(me, list(self.trainers)))
+        if not left:
+            return
+        names = ", ".join(f"{pid} ({process_name(pid)})" for pid in left[:5]) + (", ..." if len(left) > 5 else "")
+        print(
+            f"[telepathy] the command ended (exit code {code}) and left {len(left)} process(es) running that did "
+            f"not install telepathy's handlers: {names}. They are not supervised and not stopped.",
+            flush=True,
+        )
+        self.events.emit("leftovers", pids=left)
 
     def _send_trainers(self, me: Process, signum: int) -> None:
         """``signum`` to each process that shook hands and is still there; to the group if none is left."""

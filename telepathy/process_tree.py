@@ -44,6 +44,14 @@ class Process(NamedTuple):
             return self.started is None and kill_quietly(self.pid, 0)
         return self.started is None or fields[3] == self.started
 
+    def state_and_parent(self) -> tuple[str, int] | None:
+        """Its state letter ("Z": ended, not reaped yet) and parent, or None once ``pid`` names no process or
+        another one."""
+        fields = _stat(self.pid)
+        if fields is None or (self.started is not None and fields[3] != self.started):
+            return None
+        return fields[0], fields[1]
+
     def running(self) -> bool:
         """Whether this process still runs (a zombie, which only waits to be reaped, does not): the trainer behind
         `sh -c "train.py; echo done"` or `train.py | tee log` outlives the shell that started it."""
@@ -188,6 +196,15 @@ def _subreaper() -> bool:
 def _set_subreaper(on: bool) -> None:
     if _LIBC is not None:
         _LIBC.prctl(PR_SET_CHILD_SUBREAPER, int(on))
+
+
+def process_name(pid: int) -> str:
+    """The command name of ``pid`` (/proc/PID/comm), or "?"."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return "?"
 
 
 def kill_quietly(pid: int, signum: int) -> bool:

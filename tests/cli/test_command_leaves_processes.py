@@ -1,0 +1,86 @@
+"""A command that ends and leaves processes running: a trainer still starting behind a forking shell
+(``sh -c "train.py &"``) is waited for, supervised, and its exit code is the run's (the shell's 0 would claim a
+finished run); processes that never shake hands are named and left alone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow  # real processes
+MAIN = [sys.executable, "-m", "telepathy.preemptible_training"]
+
+TRAINER = textwrap.dedent("""
+    import sys, time
+    from telepathy import training_signals
+    training_signals.install_signal_handlers()
+    print("trainer up", flush=True)
+    deadline = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if training_signals.should_exit_training():
+            print("trainer stopping", flush=True)
+            sys.exit(training_signals.EXIT_STOPPED_UNSAVED)
+    open(sys.argv[1], "w").close()
+    sys.exit(5)
+""")
+
+
+def test_a_trainer_still_starting_behind_a_forking_shell_is_supervised_and_its_exit_code_is_the_runs(tmp_path):
+    script, finished = tmp_path / "trainer.py", tmp_path / "finished"
+    script.write_text(TRAINER)
+    done = subprocess.run(
+        [*MAIN, "--save_dir", str(tmp_path / "run"), "--max_restarts", "0", "--", "sh", "-c",
+         f"(sleep 1; exec {sys.executable} {script} {finished} 2) &"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+    )  # fmt: skip
+    assert finished.exists(), f"the wrapper ended before the trainer did:\n{done.stdout}"
+    assert done.returncode == 5, done.stdout  # the trainer's exit code, not the shell's 0
+    assert "trainer failed (exit code 5)" in done.stdout, done.stdout
+
+
+def test_a_stop_signal_reaches_a_trainer_handed_over_by_a_forking_shell(tmp_path):
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    wrapper = subprocess.Popen(
+        [*MAIN, "--save_dir", str(tmp_path / "run"), "--", "sh", "-c",
+         f"(sleep 1; exec {sys.executable} {script} {tmp_path / 'finished'} 60) &"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert wrapper.stdout.readline().strip() == "trainer up"
+        time.sleep(0.3)  # (its handshake reached the wrapper)
+        wrapper.send_signal(signal.SIGTERM)
+        out, _ = wrapper.communicate(timeout=60)
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+    assert "trainer stopping" in out and wrapper.returncode == 98, out  # stopped, nothing saved: not 0
+
+
+def test_processes_a_command_leaves_without_shaking_hands_are_named_and_left_alone(tmp_path):
+    pid_file, log = tmp_path / "sleeper.pid", tmp_path / "out.log"
+    started = time.monotonic()
+    with open(log, "w") as out:  # (a file: the sleeper keeps a pipe open for 300 s)
+        code = subprocess.run(
+            [*MAIN, "--save_dir", str(tmp_path / "run"), "--grace_period", "4", "--", "sh", "-c",
+             f"sleep 300 < /dev/null > /dev/null 2>&1 & echo $! > {pid_file}"],
+            stdout=out, stderr=subprocess.STDOUT, timeout=120,
+        ).returncode  # fmt: skip
+    sleeper, said = int(pid_file.read_text()), log.read_text()
+    try:
+        assert code == 0, said
+        assert f"left 1 process(es) running that did not install telepathy's handlers: {sleeper} (sleep)" in said, said
+        assert time.monotonic() - started >= 2  # it waited out start-up (half the grace period) for a handshake
+        os.kill(sleeper, 0)  # not stopped
+    finally:
+        try:
+            os.kill(sleeper, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
