@@ -11,10 +11,13 @@ An aware process says so on the report pipe when it installs its handlers (the h
 - SIGTERM, SIGINT and SIGHUP are held for the first few seconds of start-up, so that a trainer still importing torch
   receives them after its handlers are in place; after that they are delivered anyway (an unaware command ends).
 
-A command that ends during those seconds and leaves processes running (``sh -c "train.py &"``) may have left a
-trainer that is still starting: the run waits out the start-up seconds for it to shake hands, then supervises it.
-Such a trainer is handed to the supervisor when its shell ends, and its exit code, not the shell's, is the run's.
-Processes the command leaves behind that never shake hands are named, not stopped.
+A command that ends during those seconds and leaves processes in its process group (``sh -c "train.py &"``, the
+trainer still importing torch) is waited for as long as they run: one may be the trainer. The processes a command
+leaves are handed to the supervisor (a subreaper) when their parent ends, so their exit codes are known: the run's
+code is the worst of the command's and theirs (a failure before a stop code before 0), not the shell's 0 alone. A
+trainer that outlived the command and was reaped by some other process (``timeout``, a subshell) has no known
+code: the run counts as failed unless that trainer reported its final save. Processes a command leaves running
+that never shook hands are named, not stopped.
 """
 
 from __future__ import annotations
@@ -57,6 +60,11 @@ class ChildRun:
         self.on_report, self.preexec = on_report, preexec
         self.aware = False
         self.trainers: list[Process] = []  # processes that installed telepathy's handlers
+        self.final_reported = False  # a trainer reported its final save
+        self.settled: set[Process] | None = None  # the trainers that had ended when the command ended
+        self.command_ended_in_startup = False
+        self.carriers: set[Process] = set()  # processes between this one and a trainer, once the command ended
+        self.said_waiting = False
 
     def run(self, read_fd: int) -> Outcome:
         started = time.monotonic()
@@ -75,6 +83,7 @@ class ChildRun:
         reader.start()
         held: list[int] = []
         ending, ending_at, deadline, grace_killed, said_usr1 = None, None, None, False, False
+        self.settled, self.carriers, self.said_waiting = None, set(), False
         while self._goes_on(child, me, ending, started):
             while self.pending:
                 signum = self.pending.pop(0)
@@ -91,9 +100,8 @@ class ChildRun:
                 if self.aware:  # to the trainers only: a shell or `tee` between us and them must not die of it
                     held.remove(signum)
                     self._send_trainers(me, signum)
-                elif signum != signal.SIGUSR1 and startup_over:
-                    held.remove(signum)
-                    me.signal_group(signum) or me.signal(signum)
+                elif signum != signal.SIGUSR1 and startup_over and (me.signal_group(signum) or me.signal(signum)):
+                    held.remove(signum)  # (kept while nobody receives it: a trainer that shakes hands later will)
                 elif signum == signal.SIGUSR1 and startup_over and not said_usr1:
                     said_usr1 = True
                     print("[telepathy] SIGUSR1 held: the command has not installed telepathy's signal handlers, and "
@@ -107,10 +115,9 @@ class ChildRun:
                 child.wait()
                 break
             time.sleep(0.05)
-        adopted = self._adopted_trainers_code()
+        code = self._run_code(child, me)
         self.tree.reap(child.pid)
         reader.join(timeout=2)
-        code = child.returncode if adopted is None else adopted
         if ending is None:
             self._name_leftovers(me, code)
         if ending is None and code in (training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED):
@@ -119,31 +126,59 @@ class ChildRun:
         return Outcome(code, ending, ending_at, self.aware, grace_killed, dropped)
 
     def _goes_on(self, child: subprocess.Popen, me: Process, ending: int | None, started: float) -> bool:
-        """The run goes on while its command runs, while a trainer that shook hands runs (it may outlive its shell),
-        after a stop signal while any process of the run is left (it has the grace period, then SIGKILL), and
-        through start-up while a command that ended left processes and nothing shook hands yet (a trainer behind
-        ``sh -c "train.py &"`` may still be importing torch)."""
-        if child.poll() is None or any(trainer.running() for trainer in list(self.trainers)):
+        """The run goes on while its command runs and while a trainer that shook hands runs (it may outlive its
+        shell). After a stop signal: while a process of the run is left (the grace period, then SIGKILL), unless
+        every trainer has stopped (what else the command left is named, not waited for). A command that ended
+        during start-up with nothing shaken hands: while its process group has processes (one may be a trainer
+        still importing torch), and through start-up while any process of the run is left."""
+        if child.poll() is None:
             return True
-        if ending is None and (self.aware or time.monotonic() - started > min(HANDSHAKE_WAIT, self.grace_period / 2)):
-            return False
-        return bool(self.tree.members(me, list(self.trainers)))
+        if self.settled is None:  # the command just ended: the trainers already gone ended before it, under it
+            self.settled = {trainer for trainer in list(self.trainers) if not trainer.running()}
+            self.command_ended_in_startup = time.monotonic() - started <= self._startup_seconds()
+        running = [trainer for trainer in list(self.trainers) if trainer.running()]
+        for trainer in running:  # (a `timeout` or subshell between the command and its trainer holds its code)
+            self.carriers.update(trainer.ancestors(stop=os.getpid()))
+        if running or any(carrier.running() for carrier in self.carriers):
+            return True
+        if self.aware:
+            return ending is not None and not self.trainers and bool(self.tree.members(me))
+        if ending is not None:
+            return bool(self.tree.members(me))
+        if time.monotonic() - started <= self._startup_seconds():
+            return bool(self.tree.members(me))
+        left = self._group(me) if self.command_ended_in_startup else set()
+        if left and not self.said_waiting:
+            self.said_waiting = True
+            print(f"[telepathy] the command ended during start-up and left {len(left)} process(es) of its process "
+                  "group running, none of which installed telepathy's handlers: waiting for them (a trainer still "
+                  "starting?); SIGTERM to the wrapper stops them", flush=True)  # fmt: skip
+        return bool(left)
 
-    def _adopted_trainers_code(self) -> int | None:
-        """The exit code of the trainers that were handed to this process (their shell ended first), collected
-        before :meth:`JobTree.reap` would discard it: the first that is not 0, else 0; None when none was."""
-        codes = []
-        for trainer in list(self.trainers):
-            fields = trainer.state_and_parent()
-            if fields != ("Z", os.getpid()):
-                continue  # (another's child, still running, or gone)
-            try:
-                pid, status = os.waitpid(trainer.pid, os.WNOHANG)  # (a zombie of ours: its pid is not reused yet)
-            except ChildProcessError:
-                continue
-            if pid == trainer.pid:
-                codes.append(os.waitstatus_to_exitcode(status))
-        return None if not codes else next((c for c in codes if c != 0), 0)
+    def _startup_seconds(self) -> float:
+        return min(HANDSHAKE_WAIT, self.grace_period / 2)
+
+    def _group(self, me: Process) -> set[int]:
+        """The live processes of the command's own process group (none once its number names another's)."""
+        return set() if me.pid_reused() else self.tree.group_members(me.pid)
+
+    def _run_code(self, child: subprocess.Popen, me: Process) -> int:
+        """The command's exit code, made the worst of it and those of the run's processes handed to this process
+        (collected here, before :meth:`JobTree.reap` would discard them); a failure if a trainer that outlived the
+        command has no known code and reported no final save."""
+        codes, known = [child.returncode], {me}
+        for process, code in self.tree.collect_adopted(me, self.trainers).items():
+            codes.append(code)
+            known.add(process)
+        unknown = [t for t in self.trainers if t not in known and t not in (self.settled or set())]
+        code = worst(codes)
+        if unknown and code == 0 and not self.final_reported:
+            print(f"[telepathy] the command ended (exit code 0) before its trainer (pid {unknown[0].pid}), which "
+                  "another process reaped: its exit code is unknown and it reported no final save; counted as failed "
+                  "(exit 1). Run the trainer in the foreground (no `&`) so that its exit code reaches the wrapper.",
+                  flush=True)  # fmt: skip
+            code = 1
+        return code
 
     def _name_leftovers(self, me: Process, code: int) -> None:
         """Say which processes of the run outlive it (the command left them; none shook hands): not stopped."""
@@ -157,6 +192,7 @@ class ChildRun:
             flush=True,
         )
         self.events.emit("leftovers", pids=left)
+        self.tree.disown(left)  # (a restart's run does not count them again)
 
     def _send_trainers(self, me: Process, signum: int) -> None:
         """``signum`` to each process that shook hands and is still there; to the group if none is left."""
@@ -177,9 +213,26 @@ class ChildRun:
                     continue
                 if not isinstance(record, dict):
                     continue
+                if record.get("event") == "save" and record.get("reason") == "final":
+                    self.final_reported = True
                 if record.get("event") == "handlers":
                     pid, started = record.get("pid"), record.get("started")
                     if type(pid) is int and pid > 1:  # (its start time, from itself: its pid alone may be reused)
                         self.trainers.append(Process(pid, started) if type(started) is int else Process.of(pid))
                     self.aware = True
                 self.on_report(record)
+
+
+STOP_CODES = (training_signals.EXIT_STOPPED_UNSAVED, training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED,
+              training_signals.EXIT_HANGUP)  # fmt: skip
+
+
+def worst(codes: list[int]) -> int:
+    """The exit code that says the most: a failure (the first) before a stop code (98 before the others) before 0."""
+    failures = [c for c in codes if c != 0 and c not in STOP_CODES]
+    if failures:
+        return failures[0]
+    stops = [c for c in codes if c in STOP_CODES]
+    if stops:
+        return training_signals.EXIT_STOPPED_UNSAVED if training_signals.EXIT_STOPPED_UNSAVED in stops else stops[0]
+    return 0

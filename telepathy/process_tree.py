@@ -44,14 +44,6 @@ class Process(NamedTuple):
             return self.started is None and kill_quietly(self.pid, 0)
         return self.started is None or fields[3] == self.started
 
-    def state_and_parent(self) -> tuple[str, int] | None:
-        """Its state letter ("Z": ended, not reaped yet) and parent, or None once ``pid`` names no process or
-        another one."""
-        fields = _stat(self.pid)
-        if fields is None or (self.started is not None and fields[3] != self.started):
-            return None
-        return fields[0], fields[1]
-
     def running(self) -> bool:
         """Whether this process still runs (a zombie, which only waits to be reaped, does not): the trainer behind
         `sh -c "train.py; echo done"` or `train.py | tee log` outlives the shell that started it."""
@@ -83,13 +75,29 @@ class Process(NamedTuple):
             if handle is not None:
                 os.close(handle)
 
+    def ancestors(self, stop: int) -> list[Process]:
+        """Its parent, the parent's parent, ... up to (not including) ``stop`` or init, while each is known."""
+        found, pid = [], self.pid
+        for _ in range(64):
+            fields = _stat(pid)
+            if fields is None or fields[1] in (0, 1, stop):
+                break
+            pid = fields[1]
+            parent = _stat(pid)
+            if parent is None:
+                break
+            found.append(Process(pid, parent[3]))
+        return found
+
+    def pid_reused(self) -> bool:
+        """Whether ``pid`` now names another process."""
+        fields = _stat(self.pid)
+        return fields is not None and self.started is not None and fields[3] != self.started
+
     def signal_group(self, signum: int) -> bool:
         """Send ``signum`` to the process group this process leads, unless its pid now names another process
         (then the group is not this one's: while a group has members, its number is not given out again)."""
-        fields = _stat(self.pid)
-        if fields is not None and self.started is not None and fields[3] != self.started:
-            return False
-        return kill_quietly(-self.pid, signum)
+        return not self.pid_reused() and kill_quietly(-self.pid, signum)
 
 
 class JobTree:
@@ -98,6 +106,7 @@ class JobTree:
     def __init__(self) -> None:
         self.me, self.group = os.getpid(), os.getpgrp()
         self.foreign = {(pid, started) for pid, (_, parent, _, started) in processes().items() if parent == self.me}
+        self.left: set[tuple[int, int]] = set()  # processes a run left behind (named once, then not members)
         self.was_subreaper = _subreaper()
         _set_subreaper(True)
 
@@ -115,7 +124,36 @@ class JobTree:
         for pid, (_, parent, group, started) in table.items():
             if parent == self.me and (pid, started) not in self.foreign and group != self.group:
                 found |= {pid, *descendants(pid, table)}
-        return {pid for pid in found if pid in table and table[pid][0] not in "ZX"}
+        return {
+            pid for pid in found if pid in table and table[pid][0] not in "ZX" and _key(pid, table) not in self.left
+        }
+
+    def group_members(self, group: int) -> set[int]:
+        """The live processes of process group ``group`` (not those left behind by an earlier run)."""
+        table = processes()
+        return {pid for pid, (state, _, of, _) in table.items()
+                if of == group and state not in "ZX" and _key(pid, table) not in self.left}  # fmt: skip
+
+    def disown(self, pids: Iterable[int]) -> None:
+        """Processes a run left behind: no longer members of later runs (still reaped when they end)."""
+        table = processes()
+        self.left |= {_key(pid, table) for pid in pids if pid in table}
+
+    def collect_adopted(self, child: Process, trainers: Iterable[Process]) -> dict[Process, int]:
+        """The exit codes of the run's processes that were handed to this process and have ended (zombies: their
+        pids cannot be reused before this wait), each waited for until its threads are gone."""
+        codes = {}
+        for pid, (state, parent, group, started) in processes().items():
+            if (parent != self.me or state != "Z" or pid == child.pid or (pid, started) in self.foreign
+                    or group == self.group):  # fmt: skip
+                continue
+            try:
+                done, status = os.waitpid(pid, 0)  # (a zombie of ours: returns once its last thread is gone)
+            except ChildProcessError:
+                continue
+            if done == pid:
+                codes[Process(pid, started)] = os.waitstatus_to_exitcode(status)
+        return codes
 
     def kill(self, child: Process, aware: Iterable[Process] = ()) -> None:
         """SIGKILL the child's process group and every member, again while new ones appear (forked meanwhile)."""
@@ -154,6 +192,10 @@ def processes() -> dict[int, tuple[str, int, int, int]]:
         if fields is not None:  # (else gone meanwhile)
             table[int(name)] = fields
     return table
+
+
+def _key(pid: int, table: dict[int, tuple[str, int, int, int]]) -> tuple[int, int]:
+    return pid, table[pid][3]
 
 
 def _is(process: Process, table: dict[int, tuple[str, int, int, int]]) -> bool:
