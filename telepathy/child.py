@@ -167,7 +167,7 @@ class ChildRun:
         (collected here, before :meth:`JobTree.reap` would discard them); a failure if a trainer that outlived the
         command has no known code and reported no final save."""
         codes, known = [child.returncode], {me}
-        for process, code in self.tree.collect_adopted(me, self.trainers).items():
+        for process, code in self.tree.collect_adopted(me).items():
             codes.append(code)
             known.add(process)
         unknown = [t for t in self.trainers if t not in known and t not in (self.settled or set())]

@@ -139,14 +139,14 @@ class JobTree:
         table = processes()
         self.left |= {_key(pid, table) for pid in pids if pid in table}
 
-    def collect_adopted(self, child: Process, trainers: Iterable[Process]) -> dict[Process, int]:
+    def collect_adopted(self, child: Process) -> dict[Process, int]:
         """The exit codes of the run's processes that were handed to this process and have ended (zombies: their
         pids cannot be reused before this wait), each waited for until its threads are gone."""
         codes = {}
         for pid, (state, parent, group, started) in processes().items():
-            if (parent != self.me or state != "Z" or pid == child.pid or (pid, started) in self.foreign
+            if (parent != self.me or state != "Z" or pid == child.pid or (pid, started) in self.foreign | self.left
                     or group == self.group):  # fmt: skip
-                continue
+                continue  # (what an earlier run left is reaped by reap(), not counted in this run's code)
             try:
                 done, status = os.waitpid(pid, 0)  # (a zombie of ours: returns once its last thread is gone)
             except ChildProcessError:

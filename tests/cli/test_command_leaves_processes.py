@@ -130,3 +130,15 @@ def test_processes_a_command_leaves_without_shaking_hands_are_named_and_left_alo
             os.kill(sleeper, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_what_an_earlier_run_left_is_not_counted_in_a_restarts_exit_code(tmp_path):
+    """The first run fails and leaves a process that ends (9) during the restart: the restart's code is its own."""
+    marker = tmp_path / "first"
+    done = wrapped(
+        tmp_path,
+        f"if [ ! -e {marker} ]; then touch {marker}; (sleep 3.5; exit 9) & sleep 2.5; exit 1; fi; sleep 2",
+        "--grace_period", "4", "--max_restarts", "1", "--restart_backoff", "0.1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout
+    assert "left 1 process(es) running" in done.stdout, done.stdout
