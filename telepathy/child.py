@@ -116,10 +116,9 @@ class ChildRun:
                 break
             time.sleep(0.05)
         code = self._run_code(child, me)
+        self._leave(me, code, say=ending is None)  # (before the waits below: what ends meanwhile is not this run's)
         self.tree.reap(child.pid)
         reader.join(timeout=2)
-        if ending is None:
-            self._name_leftovers(me, code)
         if ending is None and code in (training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED):
             ending = signal.SIGTERM if code == training_signals.EXIT_REQUEUE else signal.SIGINT  # signalled directly
         dropped = sum(1 for s in held if s == signal.SIGUSR1)
@@ -180,10 +179,12 @@ class ChildRun:
             code = 1
         return code
 
-    def _name_leftovers(self, me: Process, code: int) -> None:
-        """Say which processes of the run outlive it (the command left them; none shook hands): not stopped."""
+    def _leave(self, me: Process, code: int, say: bool) -> None:
+        """The processes of the run that outlive it (the command left them; none shook hands): named (``say``),
+        not stopped, and no longer the run's (a restart's run does not wait for them or take their exit codes)."""
         left = sorted(self.tree.members(me, list(self.trainers)))
-        if not left:
+        self.tree.disown(left)
+        if not left or not say:
             return
         names = ", ".join(f"{pid} ({process_name(pid)})" for pid in left[:5]) + (", ..." if len(left) > 5 else "")
         print(
@@ -192,7 +193,6 @@ class ChildRun:
             flush=True,
         )
         self.events.emit("leftovers", pids=left)
-        self.tree.disown(left)  # (a restart's run does not count them again)
 
     def _send_trainers(self, me: Process, signum: int) -> None:
         """``signum`` to each process that shook hands and is still there; to the group if none is left."""
