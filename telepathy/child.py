@@ -38,6 +38,7 @@ from telepathy.errors import EXIT_USAGE
 from telepathy.process_tree import JobTree, Process, process_name
 
 HANDSHAKE_WAIT = 10.0  # seconds an ending signal is held for a command that has not shaken hands yet
+CARRIER_WAIT = 5.0  # seconds a process between the command and its ended trainer is waited for (it holds its code)
 
 
 @dataclass
@@ -63,7 +64,8 @@ class ChildRun:
         self.final_reported = False  # a trainer reported its final save
         self.settled: set[Process] | None = None  # the trainers that had ended when the command ended
         self.command_ended_in_startup = False
-        self.carriers: set[Process] = set()  # processes between this one and a trainer, once the command ended
+        self.carriers: dict[Process, set[Process]] = {}  # each trainer's ancestors, once the command ended
+        self.trainers_seen_at = 0.0  # (monotonic) the last time a trainer was seen running
         self.said_waiting = False
 
     def run(self, read_fd: int) -> Outcome:
@@ -83,7 +85,7 @@ class ChildRun:
         reader.start()
         held: list[int] = []
         ending, ending_at, deadline, grace_killed, said_usr1 = None, None, None, False, False
-        self.settled, self.carriers, self.said_waiting = None, set(), False
+        self.settled, self.carriers, self.said_waiting = None, {}, False
         while self._goes_on(child, me, ending, started):
             while self.pending:
                 signum = self.pending.pop(0)
@@ -126,10 +128,11 @@ class ChildRun:
 
     def _goes_on(self, child: subprocess.Popen, me: Process, ending: int | None, started: float) -> bool:
         """The run goes on while its command runs and while a trainer that shook hands runs (it may outlive its
-        shell). After a stop signal: while a process of the run is left (the grace period, then SIGKILL), unless
-        every trainer has stopped (what else the command left is named, not waited for). A command that ended
-        during start-up with nothing shaken hands: while its process group has processes (one may be a trainer
-        still importing torch), and through start-up while any process of the run is left."""
+        shell), then for a few seconds while a process between the command and a trainer runs (`timeout`, a
+        subshell: it holds the trainer's exit code). After a stop signal: while a process of the run is left (the
+        grace period, then SIGKILL), unless every trainer has stopped. A command that exited 0 during start-up with
+        nothing shaken hands: while its process group has processes (one may be a trainer still importing torch),
+        and through start-up while any process of the run is left."""
         if child.poll() is None:
             return True
         if self.settled is None:  # the command just ended: the trainers already gone ended before it, under it
@@ -137,8 +140,12 @@ class ChildRun:
             self.command_ended_in_startup = time.monotonic() - started <= self._startup_seconds()
         running = [trainer for trainer in list(self.trainers) if trainer.running()]
         for trainer in running:  # (a `timeout` or subshell between the command and its trainer holds its code)
-            self.carriers.update(trainer.ancestors(stop=os.getpid()))
-        if running or any(carrier.running() for carrier in self.carriers):
+            self.carriers.setdefault(trainer, set()).update(trainer.ancestors(stop=os.getpid()))
+        if running:
+            self.trainers_seen_at = time.monotonic()
+            return True
+        carrying = any(c.running() for chain in self.carriers.values() for c in chain)
+        if carrying and time.monotonic() - self.trainers_seen_at < CARRIER_WAIT:
             return True
         if self.aware:
             return ending is not None and not self.trainers and bool(self.tree.members(me))
@@ -146,7 +153,7 @@ class ChildRun:
             return bool(self.tree.members(me))
         if time.monotonic() - started <= self._startup_seconds():
             return bool(self.tree.members(me))
-        left = self._group(me) if self.command_ended_in_startup else set()
+        left = self._group(me) if self.command_ended_in_startup and child.returncode == 0 else set()
         if left and not self.said_waiting:
             self.said_waiting = True
             print(f"[telepathy] the command ended during start-up and left {len(left)} process(es) of its process "
@@ -163,14 +170,15 @@ class ChildRun:
 
     def _run_code(self, child: subprocess.Popen, me: Process) -> int:
         """The command's exit code, made the worst of it and those of the run's processes handed to this process
-        (collected here, before :meth:`JobTree.reap` would discard them); a failure if a trainer that outlived the
-        command has no known code and reported no final save."""
-        codes, known = [child.returncode], {me}
-        for process, code in self.tree.collect_adopted(me).items():
-            codes.append(code)
-            known.add(process)
-        unknown = [t for t in self.trainers if t not in known and t not in (self.settled or set())]
-        code = worst(codes)
+        (collected here, before :meth:`JobTree.reap` would discard them): its process group, its trainers and the
+        processes between them. A trainer's code is known when it or a process between it and the command was
+        collected, or when it ended before the command (under it); otherwise, unless it reported its final save,
+        the run counts as failed."""
+        chains = {c for chain in self.carriers.values() for c in chain}
+        collected = self.tree.collect_adopted(me, set(self.trainers) | chains)
+        known = set(collected) | {me} | (self.settled or set())
+        unknown = [t for t in self.trainers if t not in known and not (self.carriers.get(t, set()) & known)]
+        code = worst([child.returncode, *collected.values()])
         if unknown and code == 0 and not self.final_reported:
             print(f"[telepathy] the command ended (exit code 0) before its trainer (pid {unknown[0].pid}), which "
                   "another process reaped: its exit code is unknown and it reported no final save; counted as failed "

@@ -139,20 +139,28 @@ class JobTree:
         table = processes()
         self.left |= {_key(pid, table) for pid in pids if pid in table}
 
-    def collect_adopted(self, child: Process) -> dict[Process, int]:
-        """The exit codes of the run's processes that were handed to this process and have ended (zombies: their
-        pids cannot be reused before this wait), each waited for until its threads are gone."""
-        codes = {}
+    def collect_adopted(self, child: Process, also: set[Process], patience: float = 5.0) -> dict[Process, int]:
+        """The exit codes of the run's processes that were handed to this process and have ended: zombies of the
+        command's process group, and those in ``also`` (its trainers and the processes between them). Each is
+        waited for until its last thread is gone, all together for at most ``patience`` seconds (a thread stuck
+        in the kernel must not hold the supervisor)."""
+        deadline, codes = time.monotonic() + patience, {}
         for pid, (state, parent, group, started) in processes().items():
+            process = Process(pid, started)
             if (parent != self.me or state != "Z" or pid == child.pid or (pid, started) in self.foreign | self.left
-                    or group == self.group):  # fmt: skip
-                continue  # (what an earlier run left is reaped by reap(), not counted in this run's code)
-            try:
-                done, status = os.waitpid(pid, 0)  # (a zombie of ours: returns once its last thread is gone)
-            except ChildProcessError:
-                continue
-            if done == pid:
-                codes[Process(pid, started)] = os.waitstatus_to_exitcode(status)
+                    or (group != child.pid and process not in also)):  # fmt: skip
+                continue  # (an earlier run's are reaped by reap(); the host program's own are not ours to take)
+            while True:
+                try:
+                    done, status = os.waitpid(pid, os.WNOHANG)  # (a zombie of ours: its pid is not reused yet)
+                except ChildProcessError:
+                    break
+                if done == pid:
+                    codes[process] = os.waitstatus_to_exitcode(status)
+                    break
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
         return codes
 
     def kill(self, child: Process, aware: Iterable[Process] = ()) -> None:

@@ -50,9 +50,11 @@ def wrapped(tmp_path, shell_command: str, *flags: str) -> subprocess.CompletedPr
         ("{T} {F} 1 5 300 &", 5),  # a large trainer: its threads take a while to go after it is a zombie
         ("{T} {F} 3 0 & exec {T} {F}2 1 7", 7),  # the command is a trainer too, and fails first
         ("timeout 600 {T} {F} 1 3 &", 3),  # `timeout` reaps the trainer; its code is the trainer's
+        ("timeout 600 {T} {F} 1 0 &", 0),  # ... also when that is 0
+        ("({T} {F} 1 4; exit $?) &", 4),  # a subshell that passes the trainer's code on
         ("{T} {F} 2 98 & sleep 0.5; {T} {F}2 1 1 &", 1),  # a failure is worse than a stop, whatever the order
     ],
-    ids=["large", "command-is-a-trainer", "behind-timeout", "failure-beats-stop"],
+    ids=["large", "command-is-a-trainer", "behind-timeout", "behind-timeout-0", "subshell", "failure-beats-stop"],
 )
 def test_the_runs_exit_code_is_the_worst_of_its_trainers_not_the_shells(tmp_path, shape, expected):
     script = tmp_path / "trainer.py"
@@ -61,13 +63,54 @@ def test_the_runs_exit_code_is_the_worst_of_its_trainers_not_the_shells(tmp_path
     assert done.returncode == expected, done.stdout
 
 
-def test_a_trainer_reaped_by_a_subshell_that_exits_0_counts_as_failed(tmp_path):
-    """Its code is unknown (the subshell's is its last command's) and it reported no final save: not 0."""
+def test_a_trainer_whose_code_nobody_passes_on_counts_as_failed_and_its_subshell_is_not_waited_for(tmp_path):
+    """The subshell that reaped it goes on (30 s): it is waited for a few seconds only, then the trainer's code is
+    unknown and it reported no final save: not 0."""
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
-    done = wrapped(tmp_path, f"({sys.executable} {script} {tmp_path / 'finished'} 1 4; echo after) &")
+    started = time.monotonic()
+    done = wrapped(tmp_path, f"({sys.executable} {script} {tmp_path / 'finished'} 1 0; sleep 30) &")
     assert done.returncode == 1, done.stdout
     assert "its exit code is unknown and it reported no final save; counted as failed" in done.stdout
+    assert time.monotonic() - started < 25, done.stdout
+
+
+def test_a_command_that_fails_early_is_not_held_by_what_it_started(tmp_path):
+    """A trainer that dies at once beside a daemon it started: exit 2 now, the daemon named, not waited for."""
+    pid_file = tmp_path / "daemon.pid"
+    done = wrapped(tmp_path, f"sleep 300 >/dev/null 2>&1 & echo $! > {pid_file}; exit 2", "--grace_period", "4")
+    sleeper = int(pid_file.read_text())
+    try:
+        assert done.returncode == 2, done.stdout
+        assert f"{sleeper} (sleep)" in done.stdout and "waiting for them" not in done.stdout, done.stdout
+    finally:
+        os.kill(sleeper, signal.SIGKILL)
+
+
+def test_a_stop_does_not_wait_for_the_subshell_of_a_trainer_that_stopped(tmp_path):
+    script, log = tmp_path / "trainer.py", tmp_path / "out.log"
+    script.write_text(TRAINER)
+    with open(log, "w") as out:  # (a file: the subshell's sleep keeps a pipe open)
+        wrapper = subprocess.Popen(
+            [*MAIN, "--save_dir", str(tmp_path / "run"), "--grace_period", "30", "--", "bash", "-c",
+             f"({sys.executable} {script} {tmp_path / 'finished'} 60 0; sleep 60) &"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "trainer up" not in log.read_text():
+            assert wrapper.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        time.sleep(0.3)
+        stopped = time.monotonic()
+        wrapper.send_signal(signal.SIGTERM)
+        code = wrapper.wait(timeout=60)
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+    said = log.read_text()
+    assert code == 98 and "grace period" not in said, said
+    assert time.monotonic() - stopped < 20, said  # (the subshell's few seconds, not the 30 s grace period)
 
 
 def test_a_command_that_ends_in_start_up_is_waited_for_with_what_it_left_and_their_exit_code(tmp_path):
@@ -142,3 +185,24 @@ def test_what_an_earlier_run_left_is_not_counted_in_a_restarts_exit_code(tmp_pat
     )  # fmt: skip
     assert done.returncode == 0, done.stdout
     assert "left 2 process(es) running" in done.stdout, done.stdout  # (the subshell and its sleep)
+
+
+HALF_GONE = "import ctypes, threading, time; threading.Thread(target=time.sleep, args=(60,)).start(); " + (
+    "ctypes.CDLL(None).pthread_exit(None)"  # its main thread ends: a zombie leader whose other thread runs on
+)
+
+
+def test_a_process_whose_main_thread_ended_while_another_runs_does_not_hold_the_wrapper(tmp_path):
+    """Its exit status cannot be collected while its last thread lives (a thread stuck in the kernel looks the
+    same): the wrapper waits a few seconds, not for ever."""
+    script, half, pid_file = tmp_path / "trainer.py", tmp_path / "half.py", tmp_path / "half.pid"
+    script.write_text(TRAINER)
+    half.write_text(HALF_GONE)
+    started = time.monotonic()
+    done = wrapped(tmp_path, f"{sys.executable} {half} & echo $! > {pid_file}; exec {sys.executable} {script} "
+                             f"{tmp_path / 'finished'} 2 0")  # fmt: skip
+    try:
+        assert done.returncode == 0, done.stdout
+        assert time.monotonic() - started < 40, done.stdout
+    finally:
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
