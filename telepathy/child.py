@@ -118,7 +118,7 @@ class ChildRun:
                 break
             time.sleep(0.05)
         code = self._run_code(child, me)
-        self._leave(me, code, say=ending is None)  # (before the waits below: what ends meanwhile is not this run's)
+        self._leave(me, child.returncode, say=ending is None)  # (before the waits: what ends then is not ours)
         self.tree.reap(child.pid)
         reader.join(timeout=2)
         if ending is None and code in (training_signals.EXIT_REQUEUE, training_signals.EXIT_INTERRUPTED):
@@ -187,7 +187,7 @@ class ChildRun:
             code = 1
         return code
 
-    def _leave(self, me: Process, code: int, say: bool) -> None:
+    def _leave(self, me: Process, command_code: int, say: bool) -> None:
         """The processes of the run that outlive it (the command left them; none shook hands): named (``say``),
         not stopped, and no longer the run's (a restart's run does not wait for them or take their exit codes)."""
         left = sorted(self.tree.members(me, list(self.trainers)))
@@ -196,8 +196,8 @@ class ChildRun:
             return
         names = ", ".join(f"{pid} ({process_name(pid)})" for pid in left[:5]) + (", ..." if len(left) > 5 else "")
         print(
-            f"[telepathy] the command ended (exit code {code}) and left {len(left)} process(es) running that did "
-            f"not install telepathy's handlers: {names}. They are not supervised and not stopped.",
+            f"[telepathy] the command ended (exit code {command_code}) and left {len(left)} process(es) running that "
+            f"did not install telepathy's handlers: {names}. They are not supervised and not stopped.",
             flush=True,
         )
         self.events.emit("leftovers", pids=left)
