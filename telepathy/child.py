@@ -11,13 +11,13 @@ An aware process says so on the report pipe when it installs its handlers (the h
 - SIGTERM, SIGINT and SIGHUP are held for the first few seconds of start-up, so that a trainer still importing torch
   receives them after its handlers are in place; after that they are delivered anyway (an unaware command ends).
 
-A command that ends during those seconds and leaves processes in its process group (``sh -c "train.py &"``, the
+A command that exits 0 during those seconds and leaves processes in its process group (``sh -c "train.py &"``, the
 trainer still importing torch) is waited for as long as they run: one may be the trainer. The processes a command
 leaves are handed to the supervisor (a subreaper) when their parent ends, so their exit codes are known: the run's
 code is the worst of the command's and theirs (a failure before a stop code before 0), not the shell's 0 alone. A
-trainer that outlived the command and was reaped by some other process (``timeout``, a subshell) has no known
-code: the run counts as failed unless that trainer reported its final save. Processes a command leaves running
-that never shook hands are named, not stopped.
+process between the command and a trainer (``timeout``, a subshell) is waited for a few seconds after the trainer
+ends, and its code stands for the trainer's; a trainer whose code nobody passed on counts as failed unless it
+reported its final save. Processes a command leaves running that never shook hands are named, not stopped.
 """
 
 from __future__ import annotations
@@ -85,7 +85,6 @@ class ChildRun:
         reader.start()
         held: list[int] = []
         ending, ending_at, deadline, grace_killed, said_usr1 = None, None, None, False, False
-        self.settled, self.carriers, self.said_waiting = None, {}, False
         while self._goes_on(child, me, ending, started):
             while self.pending:
                 signum = self.pending.pop(0)

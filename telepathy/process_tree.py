@@ -37,20 +37,24 @@ class Process(NamedTuple):
         fields = _stat(pid)
         return cls(pid, None if fields is None else fields[3])
 
+    def _now(self) -> tuple[str, int, int, int] | None:
+        """Its /proc/PID/stat fields while ``pid`` still names it; None once gone or reused."""
+        fields = _stat(self.pid)
+        return fields if fields is not None and self.started in (None, fields[3]) else None
+
     def is_current(self) -> bool:
         """Whether ``pid`` still names this process (a zombie included: it was not reaped yet)."""
-        fields = _stat(self.pid)
-        if fields is None:  # gone, or no /proc (macOS): kill(0) tells
+        if _stat(self.pid) is None:  # gone, or no /proc (macOS): kill(0) tells
             return self.started is None and kill_quietly(self.pid, 0)
-        return self.started is None or fields[3] == self.started
+        return self._now() is not None
 
     def running(self) -> bool:
         """Whether this process still runs (a zombie, which only waits to be reaped, does not): the trainer behind
         `sh -c "train.py; echo done"` or `train.py | tee log` outlives the shell that started it."""
-        fields = _stat(self.pid)
-        if fields is None:
+        if _stat(self.pid) is None:
             return self.started is None and kill_quietly(self.pid, 0)
-        return fields[0] not in ("Z", "X") and (self.started is None or fields[3] == self.started)
+        fields = self._now()
+        return fields is not None and fields[0] not in ("Z", "X")
 
     def signal(self, signum: int) -> bool:
         """Send ``signum`` if ``pid`` is still this process; False when it is not (gone, or its pid reused). A pidfd
@@ -91,8 +95,7 @@ class Process(NamedTuple):
 
     def pid_reused(self) -> bool:
         """Whether ``pid`` now names another process."""
-        fields = _stat(self.pid)
-        return fields is not None and self.started is not None and fields[3] != self.started
+        return _stat(self.pid) is not None and self._now() is None
 
     def signal_group(self, signum: int) -> bool:
         """Send ``signum`` to the process group this process leads, unless its pid now names another process
