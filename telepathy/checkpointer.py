@@ -35,6 +35,7 @@ from telepathy import distributed, restore, rng, training_signals
 from telepathy.disk.contents import OPTIMIZER, RESERVED_PARTS, STATE
 from telepathy.disk.events import RunRecorder
 from telepathy.errors import CheckpointWriteError, UsageError
+from telepathy.module_state import live_state_dict
 from telepathy.options import SAVE_DIR_ENV, CheckpointOptions, wrapper_resume_flags
 from telepathy.save_policy import SavePolicy, check_interval
 from telepathy.step_log import STEP_LOG_ENV, record_step
@@ -191,7 +192,7 @@ class Checkpointer:
         files: dict[str, Any] = {}
         for name, part in {} if self.sharded else self.parts.items():
             own = type(part).state_dict is _MODULE_STATE
-            files[name] = part.state_dict(keep_vars=True) if live and own else part.state_dict()
+            files[name] = live_state_dict(part) if live and own else part.state_dict()
         files[OPTIMIZER] = {
             "optimizer": self.optimizer.state_dict() if self.optimizer and not self.sharded else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,

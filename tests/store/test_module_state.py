@@ -1,0 +1,83 @@
+"""live_state_dict gives exactly module.state_dict(keep_vars=True): same keys in the same order, the tensors
+themselves, the same _metadata; and where a module customises its state dict, it is that module's own."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from telepathy.latentwire.model import Adapter, ByteEncoder
+from telepathy.module_state import live_state_dict
+
+
+def same(module: nn.Module) -> None:
+    got, want = live_state_dict(module), module.state_dict(keep_vars=True)
+    assert list(got) == list(want)
+    assert all(got[k] is want[k] for k in want)  # the parameters and buffers themselves, not copies
+    assert list(got._metadata.items()) == list(want._metadata.items())
+
+
+def odd_tree() -> nn.Module:
+    shared = nn.Linear(2, 2)
+    tree = nn.Sequential(
+        nn.Linear(3, 4),
+        nn.BatchNorm1d(4),  # buffers, version 2
+        nn.Sequential(nn.Conv1d(2, 2, 3), nn.LayerNorm(2), nn.Identity()),
+        nn.ModuleDict({"b": nn.Embedding(5, 3), "a": shared}),
+        shared,  # the same module twice: twice in the state dict, as state_dict does
+    )
+    tree[0].register_parameter("absent", None)
+    tree[1].register_buffer("scratch", torch.ones(1), persistent=False)
+    tree[1].register_buffer("gone", None)
+    tree[2].add_module("empty", None)
+    return tree
+
+
+def test_the_same_dict_as_state_dict():
+    same(odd_tree())
+    same(ByteEncoder(4, 8, d_model=16, layers=2, heads=2, max_bytes=32))
+    same(Adapter(8, 16, 1.0))
+    same(nn.Linear(1, 1))
+
+
+class Extra(nn.Linear):
+    def get_extra_state(self):
+        return {"calls": 1}
+
+    def set_extra_state(self, state):
+        pass
+
+
+class OwnSave(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "renamed"] = self.w
+
+
+@pytest.mark.parametrize("custom", ["extra_state", "own_save", "post_hook", "pre_hook"])
+def test_a_customised_module_anywhere_in_the_tree_keeps_its_own_state_dict(custom):
+    inner = {"extra_state": lambda: Extra(2, 2), "own_save": OwnSave}.get(custom, lambda: nn.Linear(2, 2))()
+    seen = []
+    if custom == "post_hook":
+        inner._register_state_dict_hook(lambda module, sd, prefix, meta: sd.__setitem__(prefix + "added", 7))
+    if custom == "pre_hook":
+        inner.register_state_dict_pre_hook(lambda module, prefix, keep_vars: seen.append(prefix))
+    tree = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU(), inner))
+    got = live_state_dict(tree)
+    want = tree.state_dict(keep_vars=True)
+    assert list(got) == list(want)
+    expected = {"extra_state": "1.1._extra_state", "own_save": "1.1.renamed", "post_hook": "1.1.added"}
+    assert expected.get(custom, "1.1.weight") in got
+    if custom == "pre_hook":
+        assert seen == ["1.1.", "1.1."]  # the hook ran for live_state_dict too
+
+
+def test_it_is_an_ordered_dict_with_metadata_like_state_dict():
+    got = live_state_dict(nn.Linear(1, 1))
+    assert type(got) is OrderedDict and got._metadata == OrderedDict({"": {"version": 1}})
