@@ -128,16 +128,29 @@ def _read_holder(save_dir: str | os.PathLike) -> dict | None:
     return holder if isinstance(holder, dict) else None
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), which tells a live holder from a reused pid."""
+def _stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) from ``/proc/PID/stat`` (Linux); None when unreadable."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], fields[19]
     except (OSError, IndexError):
         return None
 
 
+def _start_time(pid: int) -> str | None:
+    """The process's start time, which tells a live holder from a reused pid."""
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
+
+
+HOLDER_EXIT_WAIT = 2.0  # seconds a holder whose flock is gone may take to finish dying
+
+
 def _alive_elsewhere(holder: dict) -> bool:
-    """Whether the recorded holder is another process, alive, on this host (its start time matches)."""
+    """Whether the recorded holder is another process, alive, on this host (its start time matches). Called once
+    its flock was taken, which a live holder keeps unless its lock file was replaced: a holder that is dying
+    (SIGKILLed with its supervisor, files already closed) or dead and not yet reaped (a zombie: the init of a
+    container may reap late, or never) is given :data:`HOLDER_EXIT_WAIT` seconds to show it, and does not count."""
     pid = holder.get("pid")
     if (
         holder.get("released") is not None
@@ -147,14 +160,25 @@ def _alive_elsewhere(holder: dict) -> bool:
         or not 0 < pid < 1 << 22
     ):
         return False
+    deadline = time.monotonic() + HOLDER_EXIT_WAIT
+    while _alive(pid, holder.get("started")):
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _alive(pid: int, started: object) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass
-    started = holder.get("started")
-    return started is None or started == _start_time(pid)
+    stat = _stat(pid)
+    if stat is None:
+        return True  # (no /proc: what kill says)
+    return stat[0] not in ("Z", "X") and (started is None or started == stat[1])
 
 
 def busy_message(save_dir: str | os.PathLike) -> str:

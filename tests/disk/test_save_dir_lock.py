@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from torch import nn
@@ -41,6 +44,26 @@ def test_second_writer_is_refused_naming_the_holder_and_a_dead_holder_is_taken_o
     with Checkpointer(tmp_path, parts={"model": nn.Linear(2, 2)}):
         assert json.loads((tmp_path / HOLDER_NAME).read_text())["pid"] == os.getpid()
         assert not stale.exists()  # now the writer, it removes the dead run's temporary directory
+
+
+def test_a_killed_holder_not_yet_reaped_does_not_keep_the_save_dir(tmp_path):
+    """A whole job SIGKILLed at once (node-local requeue, a container whose init reaps late or never): its trainer
+    is a zombie for a while, its pid still answers kill(0) with its start time, but its flock is gone. A new run
+    must take the save dir over, not refuse it as 'in use' (and then not run again)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        os.kill(holder.pid, signal.SIGKILL)  # not waited for: a zombie until this test reaps it
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert json.loads((tmp_path / HOLDER_NAME).read_text())["pid"] == holder.pid
+        with Checkpointer(tmp_path, parts={"model": nn.Linear(2, 2)}):
+            assert json.loads((tmp_path / HOLDER_NAME).read_text())["pid"] == os.getpid()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_one_process_may_open_its_save_dir_twice(tmp_path):

@@ -166,6 +166,7 @@ def test_the_whole_tree_killed_at_once_loses_at_most_one_commit(tmp_path, refere
         result.outputs.append("".join(lines))
     assert code == 0, result.outputs[-1][-3000:]
     losses = [last - resumed for last, resumed in replayed]
-    assert len(losses) == 3 and all(0 <= n <= 3 for n in losses), replayed
+    tails = "\n---\n".join(out[-1500:] for out in result.outputs)
+    assert len(losses) == 3 and all(0 <= n <= 3 for n in losses), f"{replayed}\n{tails}"
     assert result.replay_mismatches == [] and result.losses == reference[0]
     assert deep_equal(load_checkpoint_files(final_checkpoint(tmp_path)), reference[1]) == []
