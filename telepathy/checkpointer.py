@@ -55,9 +55,6 @@ OPTIMIZER_PART = OPTIMIZER  # older names
 STATE_PART = STATE
 
 
-_MODULE_STATE = nn.Module.state_dict  # (a module whose class overrides it may not take keep_vars)
-
-
 @dataclass(frozen=True)
 class SaveReport:
     path: Path
@@ -191,8 +188,7 @@ class Checkpointer:
         Python's RNG state packed (:class:`telepathy.rng.PackedInts`)."""
         files: dict[str, Any] = {}
         for name, part in {} if self.sharded else self.parts.items():
-            own = type(part).state_dict is _MODULE_STATE
-            files[name] = live_state_dict(part) if live and own else part.state_dict()
+            files[name] = live_state_dict(part) if live else part.state_dict()
         files[OPTIMIZER] = {
             "optimizer": self.optimizer.state_dict() if self.optimizer and not self.sharded else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,

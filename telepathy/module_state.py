@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 _PLAIN: dict[type, bool] = {}  # module class -> whether its state dict is Module's own, with no override
+_OVERRIDABLE = ("state_dict", "_save_to_state_dict", "get_extra_state")
 
 
 def _plain_class(cls: type) -> bool:
@@ -25,15 +26,32 @@ def _plain_class(cls: type) -> bool:
     return plain
 
 
-def live_state_dict(module: nn.Module) -> dict[str, Any]:
+def _plain(m: nn.Module) -> bool:
+    """Module's own state dict: not overridden by the class or on the instance, no state-dict hook."""
+    return (
+        _plain_class(type(m))
+        and not (m._state_dict_pre_hooks or m._state_dict_hooks)
+        and not any(name in m.__dict__ for name in _OVERRIDABLE)
+    )
+
+
+def live_state_dict(module: Any) -> dict[str, Any]:
     """``module.state_dict(keep_vars=True)``: the parameters and persistent buffers themselves (not detached),
-    under the same keys, in the same order, with the same ``_metadata`` (each module's version)."""
+    under the same keys, in the same order, with the same ``_metadata`` (each module's version). A part whose
+    ``state_dict`` is its own (not a module, or overridden by its class or on the instance: it may not take
+    ``keep_vars``) gives ``state_dict()`` as it is."""
+    if (
+        not isinstance(module, nn.Module)
+        or type(module).state_dict is not nn.Module.state_dict
+        or ("state_dict" in module.__dict__)
+    ):
+        return module.state_dict()
     destination: Any = OrderedDict()
     metadata = destination._metadata = OrderedDict()
     pending = [("", module)]  # depth first, a module's own entries before its children's, as state_dict does
     while pending:
         prefix, m = pending.pop()
-        if not _plain_class(type(m)) or m._state_dict_pre_hooks or m._state_dict_hooks:
+        if not _plain(m):
             return module.state_dict(keep_vars=True)
         metadata[prefix[:-1]] = {"version": m._version}
         for name, param in m._parameters.items():

@@ -81,3 +81,21 @@ def test_a_customised_module_anywhere_in_the_tree_keeps_its_own_state_dict(custo
 def test_it_is_an_ordered_dict_with_metadata_like_state_dict():
     got = live_state_dict(nn.Linear(1, 1))
     assert type(got) is OrderedDict and got._metadata == OrderedDict({"": {"version": 1}})
+
+
+def test_an_override_on_the_instance_counts_like_one_on_the_class():
+    inner = nn.Linear(2, 2)
+    inner._save_to_state_dict = lambda destination, prefix, keep_vars: destination.__setitem__(prefix + "mine", 1)
+    tree = nn.Sequential(nn.Linear(2, 2), inner)
+    assert list(live_state_dict(tree)) == list(tree.state_dict(keep_vars=True)) == ["0.weight", "0.bias", "1.mine"]
+    top = nn.Linear(2, 2)
+    top.state_dict = lambda: {"only": 1}  # takes no keep_vars: asked as it is
+    assert live_state_dict(top) == {"only": 1}
+
+
+def test_a_part_that_is_not_a_module_gives_its_own_state_dict():
+    class Counter:
+        def state_dict(self):
+            return {"n": 3}
+
+    assert live_state_dict(Counter()) == {"n": 3}
