@@ -2,36 +2,43 @@
 ``state_dict`` call per submodule (each call checks its hooks and builds its metadata: on the default LatentWire
 workload those 36 calls were a fifth of a step's snapshot). Used only where it gives the same dict, keys, order
 and ``_metadata``: no module in the tree overrides ``state_dict``, ``_save_to_state_dict`` or
-``get_extra_state``, or has a state-dict hook; otherwise the module's own ``state_dict`` is called."""
+``get_extra_state`` (on its class or on the instance), or has a state-dict hook, nobody patched those on
+``nn.Module`` itself, and the tree has no cycle; otherwise the module's own ``state_dict`` is called. Checked at
+every call: a class patched during the run is seen at the next step."""
 
 from __future__ import annotations
 
+import sys
+import types
 from collections import OrderedDict
 from typing import Any
 
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
-_PLAIN: dict[type, bool] = {}  # module class -> whether its state dict is Module's own, with no override
-_OVERRIDABLE = ("state_dict", "_save_to_state_dict", "get_extra_state")
+
+def _torch_own(f: object) -> bool:
+    """torch's own function (not a patch, wrapper or partialmethod put on nn.Module)."""
+    return isinstance(f, types.FunctionType) and f.__code__.co_filename == _torch_module.__file__
 
 
 def _plain_class(cls: type) -> bool:
-    plain = _PLAIN.get(cls)
-    if plain is None:
-        plain = _PLAIN[cls] = (
-            cls.state_dict is nn.Module.state_dict
-            and cls._save_to_state_dict is nn.Module._save_to_state_dict
-            and getattr(cls, "get_extra_state", nn.Module.get_extra_state) is nn.Module.get_extra_state
-        )
-    return plain
+    return (
+        cls.state_dict is nn.Module.state_dict
+        and cls._save_to_state_dict is nn.Module._save_to_state_dict
+        and getattr(cls, "get_extra_state", nn.Module.get_extra_state) is nn.Module.get_extra_state
+    )
 
 
 def _plain(m: nn.Module) -> bool:
     """Module's own state dict: not overridden by the class or on the instance, no state-dict hook."""
+    d = m.__dict__
     return (
         _plain_class(type(m))
         and not (m._state_dict_pre_hooks or m._state_dict_hooks)
-        and not any(name in m.__dict__ for name in _OVERRIDABLE)
+        and "state_dict" not in d
+        and "_save_to_state_dict" not in d
+        and "get_extra_state" not in d
     )
 
 
@@ -46,12 +53,15 @@ def live_state_dict(module: Any) -> dict[str, Any]:
         or ("state_dict" in module.__dict__)
     ):
         return module.state_dict()
+    if not (_torch_own(nn.Module.state_dict) and _torch_own(nn.Module._save_to_state_dict)):
+        return module.state_dict(keep_vars=True)  # patched on nn.Module itself
+    depth_limit = sys.getrecursionlimit()  # a cycle: state_dict's RecursionError, not an endless loop
     destination: Any = OrderedDict()
     metadata = destination._metadata = OrderedDict()
-    pending = [("", module)]  # depth first, a module's own entries before its children's, as state_dict does
+    pending = [("", module, 0)]  # depth first, a module's own entries before its children's, as state_dict does
     while pending:
-        prefix, m = pending.pop()
-        if not _plain(m):
+        prefix, m, depth = pending.pop()
+        if depth > depth_limit or not _plain(m):
             return module.state_dict(keep_vars=True)
         metadata[prefix[:-1]] = {"version": m._version}
         for name, param in m._parameters.items():
@@ -64,5 +74,5 @@ def live_state_dict(module: Any) -> dict[str, Any]:
                     destination[prefix + name] = buf
         if m._modules:
             children = reversed(m._modules.items())
-            pending.extend((prefix + name + ".", child) for name, child in children if child is not None)
+            pending.extend((prefix + name + ".", child, depth + 1) for name, child in children if child is not None)
     return destination

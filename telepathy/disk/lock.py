@@ -30,6 +30,22 @@ from telepathy.errors import SaveDirBusy, UsageError
 _HELD: dict[tuple[int, int], list[int]] = {}  # (dev, inode) of a lock file -> [fd, acquisitions] in this process
 
 
+def _drop_inherited_locks() -> None:
+    """In a child forked from a writer (a DataLoader worker): close its copies of the lock descriptors. A flock
+    belongs to the open file, so a child that kept one would hold the lock after the writer was SIGKILLed (OOM)
+    and the restarted writer would be refused until the orphaned child exits. Closing (not unlocking) leaves the
+    writer's lock as it is."""
+    for fd, _ in _HELD.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class SaveDirLock:
     """Exclusive, per-process-reentrant writer lock on a save directory (held until :meth:`release` or exit)."""
 
@@ -40,11 +56,11 @@ class SaveDirLock:
 
     @property
     def held(self) -> bool:
-        return self._key is not None
+        return self._key is not None and self._key in _HELD  # (not in a process forked from the writer)
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`SaveDirBusy` naming the current holder."""
-        if self._key is not None:
+        if self.held:
             return
         path = self.dir.lock_file
         try:
@@ -87,6 +103,9 @@ class SaveDirLock:
         replaced): another run may be writing there now, so nothing may be committed or pruned."""
         if self._key is None:
             return
+        if self._key not in _HELD:
+            raise SaveDirBusy(f"this process was forked from the writer of {self.save_dir} and does not hold its "
+                              "lock; only the writer commits or prunes there")  # fmt: skip
         try:
             st = os.stat(self.dir.lock_file, follow_symlinks=False)
             if (st.st_dev, st.st_ino) == self._key:
@@ -176,9 +195,16 @@ def _alive(pid: int, started: object) -> bool:
     except PermissionError:
         pass
     stat = _stat(pid)
-    if stat is None:
-        return True  # (no /proc: what kill says)
-    return stat[0] not in ("Z", "X") and (started is None or started == stat[1])
+    if stat is None:  # no /proc (then no start time was recorded), or hidden (hidepid: another user's process)
+        return started is None
+    if started is not None and started != stat[1]:
+        return False
+    if stat[0] in ("Z", "X"):  # dead, unless only its main thread ended and other threads still run
+        try:
+            return len(os.listdir(f"/proc/{pid}/task")) > 1
+        except OSError:
+            return False
+    return True
 
 
 def busy_message(save_dir: str | os.PathLike) -> str:

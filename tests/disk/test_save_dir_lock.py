@@ -66,6 +66,33 @@ def test_a_killed_holder_not_yet_reaped_does_not_keep_the_save_dir(tmp_path):
         holder.wait()
 
 
+FORKING_HOLDER = (
+    "import os, sys, time; from telepathy.disk.lock import SaveDirLock; lock = SaveDirLock(sys.argv[1]); "
+    "lock.acquire(); child = os.fork()\n"
+    "if child == 0:\n"
+    "    print('child holds the lock:', lock.held, flush=True); time.sleep(600); os._exit(0)\n"
+    "print(child, flush=True); time.sleep(600)"
+)
+
+
+def test_a_child_forked_from_the_writer_does_not_keep_the_lock_when_the_writer_is_killed(tmp_path):
+    """A DataLoader worker (forked) outlives its trainer, SIGKILLed by the OOM killer, for a few seconds: the
+    restarted trainer must get the save dir at once, not be refused (exit 75, not run again)."""
+    holder = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    lines = sorted(holder.stdout.readline().strip() for _ in range(2))  # (in either order)
+    assert lines[1] == "child holds the lock: False"
+    child = int(lines[0])
+    try:
+        holder.kill()
+        holder.wait()
+        assert Path(f"/proc/{child}").exists()  # the forked child lives on (and knows it holds no lock)
+        with Checkpointer(tmp_path, parts={"model": nn.Linear(2, 2)}):
+            assert json.loads((tmp_path / HOLDER_NAME).read_text())["pid"] == os.getpid()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 def test_one_process_may_open_its_save_dir_twice(tmp_path):
     with Checkpointer(tmp_path, parts={"model": nn.Linear(2, 2)}), Checkpointer(tmp_path, parts={}):
         pass

@@ -3,6 +3,7 @@ themselves, the same _metadata; and where a module customises its state dict, it
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import pytest
@@ -99,3 +100,36 @@ def test_a_part_that_is_not_a_module_gives_its_own_state_dict():
             return {"n": 3}
 
     assert live_state_dict(Counter()) == {"n": 3}
+
+
+def test_state_dict_patched_on_nn_module_itself_is_followed(monkeypatch):
+    """An EMA helper that patches nn.Module.state_dict for every module (so saves hold averaged weights): the
+    patched class attribute is still `nn.Module.state_dict`, but it is not torch's, so it is called."""
+    original = nn.Module.state_dict
+
+    @functools.wraps(original)
+    def averaged(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        return type(result)((key, torch.zeros_like(value)) for key, value in result.items())
+
+    monkeypatch.setattr(nn.Module, "state_dict", averaged)
+    model = nn.Sequential(nn.Linear(2, 2))
+    got = live_state_dict(model)
+    assert list(got) == ["0.weight", "0.bias"] and all(not value.any() for value in got.values())
+
+
+def test_a_class_patched_during_the_run_is_seen_at_the_next_call(monkeypatch):
+    model = nn.Sequential(nn.Linear(2, 2))
+    assert list(live_state_dict(model)) == ["0.weight", "0.bias"]
+    monkeypatch.setattr(nn.Linear, "get_extra_state", lambda self: {"decay": 0.999}, raising=False)
+    monkeypatch.setattr(nn.Linear, "set_extra_state", lambda self, state: None, raising=False)
+    assert list(live_state_dict(model)) == list(model.state_dict()) == ["0.weight", "0.bias", "0._extra_state"]
+
+
+def test_a_module_tree_with_a_cycle_raises_like_state_dict_instead_of_looping():
+    parent = nn.Sequential(nn.Linear(2, 2))
+    parent[0].add_module("parent", parent)  # parameters() still works (it skips repeats); state_dict recurses
+    with pytest.raises(RecursionError):
+        parent.state_dict(keep_vars=True)
+    with pytest.raises(RecursionError):
+        live_state_dict(parent)
