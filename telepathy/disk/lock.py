@@ -199,10 +199,26 @@ def _alive(pid: int, started: object) -> bool:
         return started is None
     if started is not None and started != stat[1]:
         return False
-    if stat[0] in ("Z", "X"):  # dead, unless only its main thread ended and other threads still run
+    return not _exiting(pid)
+
+
+PF_EXITING = 0x4  # a task's flag (field 9 of /proc/PID/stat) from the moment it starts to exit
+
+
+def _exiting(pid: int) -> bool:
+    """Whether every thread of ``pid`` is exiting or dead: set before the kernel closes a dying process's files
+    (and so releases its flock), so a holder whose teardown is slow (a GPU driver's, seconds) counts as gone. A
+    leader that is a zombie while other threads run (its main thread called pthread_exit) is alive."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for task in tasks:
         try:
-            return len(os.listdir(f"/proc/{pid}/task")) > 1
+            fields = Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
+            continue  # (gone meanwhile)
+        if fields[0] not in ("Z", "X") and not int(fields[6]) & PF_EXITING:
             return False
     return True
 

@@ -66,6 +66,32 @@ def test_a_killed_holder_not_yet_reaped_does_not_keep_the_save_dir(tmp_path):
         holder.wait()
 
 
+LEADER_GONE = (  # the main thread ends (pthread_exit): the leader shows Z, its writer thread goes on
+    "import ctypes, sys, threading, time; from telepathy.disk.lock import SaveDirLock; "
+    "lock = SaveDirLock(sys.argv[1]); lock.acquire(); threading.Thread(target=time.sleep, args=(600,)).start(); "
+    "print('held', flush=True); "
+    "ctypes.CDLL(None).pthread_exit(None)"
+)
+
+
+def test_a_holder_whose_main_thread_ended_while_a_thread_runs_still_holds_the_save_dir(tmp_path):
+    """Alive: another thread of it may still write. With its lock file removed (so its flock is not seen) a
+    newcomer must still be refused, not take over because the leader looks like a zombie."""
+    holder = subprocess.Popen([sys.executable, "-c", LEADER_GONE, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        (tmp_path / ".telepathy.lock").unlink()
+        with pytest.raises(SaveDirBusy):
+            Checkpointer(tmp_path, parts={"model": nn.Linear(2, 2)})
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 FORKING_HOLDER = (
     "import os, sys, time; from telepathy.disk.lock import SaveDirLock; lock = SaveDirLock(sys.argv[1]); "
     "lock.acquire(); child = os.fork()\n"
