@@ -37,24 +37,24 @@ class Process(NamedTuple):
         fields = _stat(pid)
         return cls(pid, None if fields is None else fields[3])
 
-    def _now(self) -> tuple[str, int, int, int] | None:
-        """Its /proc/PID/stat fields while ``pid`` still names it; None once gone or reused."""
-        fields = _stat(self.pid)
-        return fields if fields is not None and self.started in (None, fields[3]) else None
+    def _is_me(self, fields: tuple[str, int, int, int]) -> bool:
+        """Whether ``fields`` (/proc/PID/stat of ``pid``) are this process's, not a later one's with its pid."""
+        return self.started in (None, fields[3])
 
     def is_current(self) -> bool:
         """Whether ``pid`` still names this process (a zombie included: it was not reaped yet)."""
-        if _stat(self.pid) is None:  # gone, or no /proc (macOS): kill(0) tells
+        fields = _stat(self.pid)
+        if fields is None:  # gone, or no /proc (macOS): kill(0) tells
             return self.started is None and kill_quietly(self.pid, 0)
-        return self._now() is not None
+        return self._is_me(fields)
 
     def running(self) -> bool:
         """Whether this process still runs (a zombie, which only waits to be reaped, does not): the trainer behind
         `sh -c "train.py; echo done"` or `train.py | tee log` outlives the shell that started it."""
-        if _stat(self.pid) is None:
+        fields = _stat(self.pid)
+        if fields is None:
             return self.started is None and kill_quietly(self.pid, 0)
-        fields = self._now()
-        return fields is not None and fields[0] not in ("Z", "X")
+        return self._is_me(fields) and fields[0] not in ("Z", "X")
 
     def signal(self, signum: int) -> bool:
         """Send ``signum`` if ``pid`` is still this process; False when it is not (gone, or its pid reused). A pidfd
@@ -81,21 +81,21 @@ class Process(NamedTuple):
 
     def ancestors(self, stop: int) -> list[Process]:
         """Its parent, the parent's parent, ... up to (not including) ``stop`` or init, while each is known."""
-        found, pid = [], self.pid
+        found, fields = [], _stat(self.pid)
         for _ in range(64):
-            fields = _stat(pid)
             if fields is None or fields[1] in (0, 1, stop):
                 break
             pid = fields[1]
-            parent = _stat(pid)
-            if parent is None:
+            fields = _stat(pid)  # (the parent's, read once: the next round walks on from it)
+            if fields is None:
                 break
-            found.append(Process(pid, parent[3]))
+            found.append(Process(pid, fields[3]))
         return found
 
     def pid_reused(self) -> bool:
         """Whether ``pid`` now names another process."""
-        return _stat(self.pid) is not None and self._now() is None
+        fields = _stat(self.pid)
+        return fields is not None and not self._is_me(fields)
 
     def signal_group(self, signum: int) -> bool:
         """Send ``signum`` to the process group this process leads, unless its pid now names another process

@@ -147,13 +147,20 @@ def _read_holder(save_dir: str | os.PathLike) -> dict | None:
     return holder if isinstance(holder, dict) else None
 
 
-def _stat(pid: int) -> tuple[str, str] | None:
-    """(state, start time in clock ticks since boot) from ``/proc/PID/stat`` (Linux); None when unreadable."""
+def _stat_fields(path: str) -> list[str] | None:
+    """The fields of a ``/proc/PID/stat`` or ``/proc/PID/task/TID/stat`` after the command name, from the state
+    on (Linux); None when unreadable."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return fields[0], fields[19]
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+    return fields if len(fields) > 19 else None
+
+
+def _stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of ``pid``; None when unreadable."""
+    fields = _stat_fields(f"/proc/{pid}/stat")
+    return None if fields is None else (fields[0], fields[19])
 
 
 def _start_time(pid: int) -> str | None:
@@ -214,12 +221,9 @@ def _exiting(pid: int) -> bool:
     except OSError:
         return True
     for task in tasks:
-        try:
-            fields = Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # (gone meanwhile)
-        if fields[0] not in ("Z", "X") and not int(fields[6]) & PF_EXITING:
-            return False
+        fields = _stat_fields(f"/proc/{pid}/task/{task}/stat")
+        if fields is not None and fields[0] not in ("Z", "X") and not int(fields[6]) & PF_EXITING:
+            return False  # (a thread gone meanwhile is skipped)
     return True
 
 
