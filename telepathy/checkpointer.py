@@ -35,7 +35,7 @@ from telepathy import distributed, restore, rng, training_signals
 from telepathy.disk.contents import OPTIMIZER, RESERVED_PARTS, STATE
 from telepathy.disk.events import RunRecorder
 from telepathy.errors import CheckpointWriteError, UsageError
-from telepathy.module_state import live_state_dict
+from telepathy.module_state import LiveStateDicts
 from telepathy.options import SAVE_DIR_ENV, CheckpointOptions, wrapper_resume_flags
 from telepathy.save_policy import SavePolicy, check_interval
 from telepathy.step_log import STEP_LOG_ENV, record_step
@@ -149,6 +149,7 @@ class Checkpointer:
             log.warning("the supervising wrapper watches %s but this Checkpointer writes to %s: give both the same "
                         "directory, or the wrapper's status, lock check and rescue look in the wrong place",
                         watched, self.store.save_dir)  # fmt: skip
+        self._live_parts = LiveStateDicts()  # (a part's state dict for the snapshot, kept while unchanged)
         self._snapshots = step_snapshots.from_environment(options.snapshot_every_step, self.collective)
         self._options_record = dataclasses.asdict(options)  # what a snapshot says of the store (made once)
         self._resolved_save_dir = str(Path(save_dir).resolve())
@@ -188,7 +189,7 @@ class Checkpointer:
         Python's RNG state packed (:class:`telepathy.rng.PackedInts`)."""
         files: dict[str, Any] = {}
         for name, part in {} if self.sharded else self.parts.items():
-            files[name] = live_state_dict(part) if live else part.state_dict()
+            files[name] = self._live_parts(part) if live else part.state_dict()
         files[OPTIMIZER] = {
             "optimizer": self.optimizer.state_dict() if self.optimizer and not self.sharded else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,

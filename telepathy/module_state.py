@@ -11,10 +11,13 @@ from __future__ import annotations
 import sys
 import types
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 from torch.nn.modules import module as _torch_module
+
+from telepathy.unchanged import dict_version
 
 
 def _torch_own(f: object) -> bool:
@@ -47,22 +50,35 @@ def live_state_dict(module: Any) -> dict[str, Any]:
     under the same keys, in the same order, with the same ``_metadata`` (each module's version). A part whose
     ``state_dict`` is its own (not a module, or overridden by its class or on the instance: it may not take
     ``keep_vars``) gives ``state_dict()`` as it is."""
-    if (
-        not isinstance(module, nn.Module)
-        or type(module).state_dict is not nn.Module.state_dict
-        or ("state_dict" in module.__dict__)
-    ):
+    if _own_state_dict(module):
         return module.state_dict()
+    walked = _walk(module)
+    return module.state_dict(keep_vars=True) if walked is None else walked[0]
+
+
+def _own_state_dict(part: Any) -> bool:
+    return (
+        not isinstance(part, nn.Module)
+        or type(part).state_dict is not nn.Module.state_dict
+        or ("state_dict" in part.__dict__)
+    )
+
+
+def _walk(module: nn.Module) -> tuple[OrderedDict[str, Any], list[nn.Module]] | None:
+    """The state dict and the modules it came from, in walking order; None where the loop would not give what
+    ``state_dict`` gives (see the module's docstring)."""
     if not (_torch_own(nn.Module.state_dict) and _torch_own(nn.Module._save_to_state_dict)):
-        return module.state_dict(keep_vars=True)  # patched on nn.Module itself
+        return None  # patched on nn.Module itself
     depth_limit = sys.getrecursionlimit()  # a cycle: state_dict's RecursionError, not an endless loop
     destination: Any = OrderedDict()
     metadata = destination._metadata = OrderedDict()
+    modules: list[nn.Module] = []
     pending = [("", module, 0)]  # depth first, a module's own entries before its children's, as state_dict does
     while pending:
         prefix, m, depth = pending.pop()
         if depth > depth_limit or not _plain(m):
-            return module.state_dict(keep_vars=True)
+            return None
+        modules.append(m)
         metadata[prefix[:-1]] = {"version": m._version}
         for name, param in m._parameters.items():
             if param is not None:
@@ -75,4 +91,69 @@ def live_state_dict(module: Any) -> dict[str, Any]:
         if m._modules:
             children = reversed(m._modules.items())
             pending.extend((prefix + name + ".", child, depth + 1) for name, child in children if child is not None)
-    return destination
+    return destination, modules
+
+
+class LiveStateDicts:
+    """:func:`live_state_dict` of each part, given again (the same dict) while nothing it was made from changed:
+    no dict of any module in the tree (its attributes, parameters, buffers, children, state-dict hooks) changed
+    its version tag (:func:`telepathy.unchanged.dict_version`), no module's class or ``nn.Module`` itself was
+    patched, no non-persistent buffer set changed. That check costs a fifth of the walk. Where version tags are
+    missing, or a part's dicts change at every step (a module that sets an attribute in ``forward``), the walk is
+    made at every step."""
+
+    GIVE_UP_AFTER = 3  # rebuilds in a row: the part changes at every step, checking first only costs more
+
+    def __init__(self) -> None:
+        self._made: dict[int, _Made | int] = {}  # id(part) -> what was made, or (an int) given up on it
+
+    def __call__(self, part: Any) -> dict[str, Any]:
+        made = self._made.get(id(part))
+        if type(made) is int:  # given up on this part
+            return live_state_dict(part)
+        misses = 0
+        if made is not None:
+            if made.part is part and made.holds():
+                return made.state
+            misses = made.misses + 1
+        version = dict_version()
+        if version is None or _own_state_dict(part):
+            return live_state_dict(part)
+        walked = _walk(part)
+        if walked is None:
+            self._made.pop(id(part), None)
+            return part.state_dict(keep_vars=True)
+        self._made[id(part)] = _Made(part, *walked, version, misses) if misses < self.GIVE_UP_AFTER else misses
+        return walked[0]
+
+
+class _Made:
+    """A part's live state dict and what it was made from."""
+
+    def __init__(self, part: nn.Module, state: OrderedDict[str, Any], modules: list[nn.Module],
+                 version: Callable[[dict[Any, Any]], int], misses: int) -> None:  # fmt: skip
+        self.part, self.state, self.version, self.misses = part, state, version, misses
+        self.functions = (nn.Module.state_dict, nn.Module._save_to_state_dict)
+        self.classes = {type(m): type(m)._version for m in modules}
+        self.dicts = [d for m in modules for d in _dicts(m)]
+        self.versions = list(map(version, self.dicts))
+        self.sets = [(m._non_persistent_buffers_set, frozenset(m._non_persistent_buffers_set))
+                     for m in modules if m._buffers]  # fmt: skip
+
+    def holds(self) -> bool:
+        if self.functions != (nn.Module.state_dict, nn.Module._save_to_state_dict):
+            return False
+        if not all(_plain_class(c) and c._version == v for c, v in self.classes.items()):
+            return False
+        if list(map(self.version, self.dicts)) != self.versions:
+            return False
+        if not all(s == frozen for s, frozen in self.sets):
+            return False
+        self.misses = 0
+        return True
+
+
+def _dicts(m: nn.Module) -> tuple[dict[Any, Any], ...]:
+    """The dicts whose contents make a module's entries in a state dict (its ``__dict__`` holds the others, the
+    instance's overrides and its ``_version``)."""
+    return (m.__dict__, m._parameters, m._buffers, m._modules, m._state_dict_pre_hooks, m._state_dict_hooks)

@@ -21,6 +21,7 @@ import torch
 
 from telepathy.disk.slots import SLOT_DIR_ENV, SlotWriter, align, is_slot_dir
 from telepathy.store.snapshot_format import DTYPES, UnsupportedState, describe
+from telepathy.unchanged import TensorLayouts
 
 log = logging.getLogger("telepathy")
 
@@ -33,6 +34,7 @@ class _Layout:
     def __init__(self, key: tuple[list[Any], list[Any], list[Any]], tensors: list[torch.Tensor]) -> None:
         self.key = key
         self.tensors = tensors  # (the objects: while they are the same ones, none can have become sparse)
+        self.guard = TensorLayouts(tensors)  # (sees dtypes, shapes, strides and sparse ones in one call)
         table, offset = [], 0
         for t in tensors:
             nbytes = t.numel() * t.element_size()
@@ -65,13 +67,17 @@ class StepSnapshots:
             return
         try:
             structure, tensors, constants = describe(files, check=False, fixed_cache=self._fixed)
-            key = (list(map(_DTYPE, tensors)), list(map(torch.Tensor.size, tensors)), constants)
             last = self._layout
-            if last is None or last.key != key or not _still_dense(tensors, last.tensors):
-                describe(files, check=True)  # names the first tensor a slot cannot hold
-                self._layout = _Layout(key, tensors)
+            if last is not None and last.guard.same(tensors) and constants == last.key[2]:
+                last.tensors = tensors  # (the usual step: one C call looked at every tensor)
             else:
-                last.tensors = tensors
+                key = (list(map(_DTYPE, tensors)), list(map(torch.Tensor.size, tensors)), constants)
+                if last is None or last.key != key or not _still_dense(tensors, last.tensors):
+                    describe(files, check=True)  # names the first tensor a slot cannot hold
+                    self._layout = _Layout(key, tensors)
+                else:  # the same layout (strides, grad mode or requires_grad changed): checked this way from now
+                    last.tensors = tensors
+                    last.guard = TensorLayouts(tensors)
         except UnsupportedState as exc:  # loud, once: the run goes on with interval saves only
             self.disabled = str(exc)
             log.error("per-step snapshots are off for this run: the training state holds %s, which a snapshot "

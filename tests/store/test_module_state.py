@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from telepathy.latentwire.model import Adapter, ByteEncoder
-from telepathy.module_state import live_state_dict
+from telepathy.module_state import LiveStateDicts, live_state_dict
 
 
 def same(module: nn.Module) -> None:
@@ -133,3 +133,75 @@ def test_a_module_tree_with_a_cycle_raises_like_state_dict_instead_of_looping():
         parent.state_dict(keep_vars=True)
     with pytest.raises(RecursionError):
         live_state_dict(parent)
+
+
+def _changes() -> dict[str, object]:
+    def patch_version(m):
+        type(m[2])._version = 9
+
+    return {
+        "a parameter replaced": lambda m: setattr(m[0], "weight", nn.Parameter(torch.ones(4, 3))),
+        "a parameter set in the dict itself": lambda m: m[0]._parameters.__setitem__("bias", None),
+        "a buffer added": lambda m: m[1].register_buffer("extra", torch.ones(2)),
+        "a buffer made non-persistent in place": lambda m: m[1]._non_persistent_buffers_set.add("running_mean"),
+        "a child added": lambda m: m.add_module("tail", nn.Linear(2, 2)),
+        "a child removed": lambda m: delattr(m, "2"),
+        "a state-dict hook": lambda m: m[1]._register_state_dict_hook(
+            lambda module, sd, prefix, meta: sd.__setitem__(prefix + "seen", torch.ones(1))
+        ),
+        "an override on the instance": lambda m: setattr(m[0], "_save_to_state_dict", lambda *a: None),
+        "a class's version changed": patch_version,
+        "a class's state dict patched": lambda m: setattr(type(m[2]), "get_extra_state", lambda self: 1),
+        "nn.Module patched": lambda m: setattr(nn.Module, "state_dict", functools.partialmethod(nn.Module.state_dict)),
+    }
+
+
+class _Own(nn.Linear):
+    pass
+
+
+@pytest.mark.parametrize("change", list(_changes()))
+def test_a_kept_state_dict_is_made_again_after_any_change(change, monkeypatch):
+    """LiveStateDicts gives the same dict while nothing changed and always what state_dict gives: each change a
+    module tree can undergo between steps is seen (dict version tags, the classes, the non-persistent sets)."""
+    for name in ("state_dict", "_save_to_state_dict"):
+        monkeypatch.setattr(nn.Module, name, getattr(nn.Module, name))  # (undone after the test)
+    monkeypatch.setattr(_Own, "_version", 1, raising=False)
+    monkeypatch.setattr(_Own, "get_extra_state", nn.Module.get_extra_state, raising=False)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), _Own(4, 2))
+    kept = LiveStateDicts()
+    first = kept(model)
+    assert kept(model) is first, "nothing changed: the same dict"
+    _changes()[change](model)
+    got, want = kept(model), live_state_dict(model)  # (itself held to state_dict(keep_vars=True) above)
+    assert list(got) == list(want)
+    for k, value in want.items():  # (nn.Module patched: both are state_dict()'s detached copies)
+        assert got[k] is value or (type(got[k]) is type(value) and torch.equal(got[k], value)), k
+    assert list(got._metadata.items()) == list(want._metadata.items())
+    assert list(kept(model)) == list(want)
+
+
+def test_a_part_that_changes_at_every_step_is_walked_without_the_check():
+    class Busy(nn.Linear):
+        def forward(self, x):
+            self.last = object()  # a new attribute value at every call: the module's __dict__ changes
+            return super().forward(x)
+
+    model = Busy(2, 2)
+    kept = LiveStateDicts()
+    for _ in range(6):
+        model(torch.ones(1, 2))
+        got = kept(model)
+        assert list(got) == ["weight", "bias"] and got["weight"] is model.weight
+    assert kept._made[id(model)] == LiveStateDicts.GIVE_UP_AFTER, "still checking a part that changes every step"
+
+
+def test_without_version_tags_every_call_walks(monkeypatch):
+    from telepathy import module_state
+
+    monkeypatch.setattr(module_state, "dict_version", lambda: None)
+    model = nn.Linear(2, 2)
+    kept = LiveStateDicts()
+    first = kept(model)
+    model.weight = nn.Parameter(torch.zeros(2, 2))
+    assert kept(model)["weight"] is model.weight and first["weight"] is not model.weight

@@ -233,7 +233,7 @@ def test_a_slot_whose_meta_and_layout_share_a_key_is_not_read(tmp_path):
         snapshots.close()
 
 
-def _checkpointer_with_slots(tmp_path, monkeypatch, **kwargs):
+def _checkpointer_with_slots(tmp_path, monkeypatch, model=None, **kwargs):
     from telepathy.checkpointer import Checkpointer
     from telepathy.options import CheckpointOptions
     from telepathy.store import step_snapshots
@@ -241,7 +241,7 @@ def _checkpointer_with_slots(tmp_path, monkeypatch, **kwargs):
     slot_dir = slots.make_slot_dir(tmp_path)
     monkeypatch.setenv(slots.SLOT_DIR_ENV, str(slot_dir))
     monkeypatch.setattr(step_snapshots, "_inherited", None)
-    ckpt = Checkpointer(tmp_path / "save", parts={"model": torch.nn.Linear(2, 2)},
+    ckpt = Checkpointer(tmp_path / "save", parts={"model": model or torch.nn.Linear(2, 2)},
                         options=CheckpointOptions(snapshot_every_step=True), **kwargs)  # fmt: skip
     assert ckpt._snapshots is not None
     return ckpt, slot_dir
@@ -282,6 +282,72 @@ def test_a_checkpointers_signature_and_metadata_changes_reach_the_next_snapshot_
             for entry in ("signature", "metadata"):
                 assert repr(rescued[entry]) == repr(saved[entry]), (step, entry)
             assert rescued["global_step"] == step
+    finally:
+        ckpt.close()
+        slots.remove_slot_dir(slot_dir)
+
+
+class _Scaled(torch.nn.Linear):
+    pass
+
+
+def _tree() -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), _Scaled(4, 2))
+    model[1].register_buffer("count", torch.zeros(()))
+    return model
+
+
+def _patch_class(c, model):  # a class patched during the run: its instances' state dicts change
+    _Scaled._version = 7
+
+
+MODULE_CHANGES = {  # step -> a change the next snapshot must carry exactly as a save at that step writes it
+    2: lambda c, m: setattr(m[0], "weight", torch.nn.Parameter(torch.full((4, 3), 2.0))),
+    3: lambda c, m: m[0]._parameters.__setitem__("bias", torch.nn.Parameter(torch.ones(4))),  # no __setattr__
+    4: lambda c, m: m[1].register_buffer("extra", torch.arange(3.0)),
+    5: lambda c, m: m[1]._non_persistent_buffers_set.add("extra"),  # a set, not a dict: in place
+    6: lambda c, m: m.add_module("tail", torch.nn.Linear(2, 2)),
+    7: lambda c, m: m[2].register_state_dict_pre_hook(lambda *a: None),
+    8: lambda c, m: m[2]._state_dict_pre_hooks.clear(),
+    9: _patch_class,
+    10: lambda c, m: m[0].weight.data.resize_(2, 6).fill_(3.0),  # the same tensor object, another shape
+    11: lambda c, m: m[0].weight.t_(),  # another stride order, the same shape count
+    12: lambda c, m: setattr(m[0].bias, "data", torch.full((4,), 5.0, dtype=torch.float64)),  # another dtype
+    13: lambda c, m: setattr(m[0].bias, "data", torch.full((4,), 6.0, dtype=torch.float64)),  # new storage
+    14: lambda c, m: delattr(m, "tail"),
+    15: lambda c, m: m[2].weight.requires_grad_(False),
+    16: lambda c, m: setattr(m[2], "state_dict", lambda *a, **k: {"own": torch.ones(1)}),  # on the instance
+    17: lambda c, m: m[2].__dict__.pop("state_dict"),
+}
+
+
+def test_changes_to_a_module_tree_reach_the_next_snapshot_exactly(tmp_path, monkeypatch):
+    """The trainer keeps a part's state dict and its tensors' layout between steps while nothing changed (dict
+    version tags, one C call over the tensors): every change to the tree, to a tensor's shape, strides or
+    dtype, and every override must still be in the next step's slot exactly as a save at that step writes it."""
+    from telepathy.train_state import TrainState
+
+    monkeypatch.setattr(_Scaled, "_version", 1, raising=False)
+    model = _tree()
+    ckpt, slot_dir = _checkpointer_with_slots(tmp_path, monkeypatch, model=model)
+    try:
+        state = TrainState()
+        for step in range(1, 19):
+            state.global_step = step
+            with torch.no_grad():
+                if step in MODULE_CHANGES:
+                    MODULE_CHANGES[step](ckpt, model)
+                for p in model.parameters():
+                    p.add_(0.25)  # a new value at every step
+            ckpt.step_boundary(state)
+            assert ckpt._snapshots.disabled is None, ckpt._snapshots.disabled
+            rescued = files_from_slot(*slots.read_newest(slot_dir))["model"]
+            saved = ckpt._files(state)["model"]
+            assert list(rescued) == list(saved), step
+            for key, value in saved.items():
+                assert value.dtype == rescued[key].dtype and value.shape == rescued[key].shape, (step, key)
+                assert torch.equal(value, rescued[key]), (step, key)
+            assert getattr(rescued, "_metadata", None) == getattr(saved, "_metadata", None), step
     finally:
         ckpt.close()
         slots.remove_slot_dir(slot_dir)
