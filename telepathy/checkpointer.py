@@ -35,7 +35,7 @@ from telepathy import distributed, restore, rng, training_signals
 from telepathy.disk.contents import OPTIMIZER, RESERVED_PARTS, STATE
 from telepathy.disk.events import RunRecorder
 from telepathy.errors import CheckpointWriteError, UsageError
-from telepathy.module_state import LiveStateDicts
+from telepathy.module_state import LiveOptimizerState, LiveStateDicts
 from telepathy.options import SAVE_DIR_ENV, CheckpointOptions, wrapper_resume_flags
 from telepathy.save_policy import SavePolicy, check_interval
 from telepathy.step_log import STEP_LOG_ENV, record_step
@@ -150,6 +150,7 @@ class Checkpointer:
                         "directory, or the wrapper's status, lock check and rescue look in the wrong place",
                         watched, self.store.save_dir)  # fmt: skip
         self._live_parts = LiveStateDicts()  # (a part's state dict for the snapshot, kept while unchanged)
+        self._live_optimizer = LiveOptimizerState()  # (alike)
         self._snapshots = step_snapshots.from_environment(options.snapshot_every_step, self.collective)
         self._options_record = dataclasses.asdict(options)  # what a snapshot says of the store (made once)
         self._resolved_save_dir = str(Path(save_dir).resolve())
@@ -190,8 +191,11 @@ class Checkpointer:
         files: dict[str, Any] = {}
         for name, part in {} if self.sharded else self.parts.items():
             files[name] = self._live_parts(part) if live else part.state_dict()
+        optimizer = None
+        if self.optimizer and not self.sharded:
+            optimizer = self._live_optimizer(self.optimizer) if live else self.optimizer.state_dict()
         files[OPTIMIZER] = {
-            "optimizer": self.optimizer.state_dict() if self.optimizer and not self.sharded else None,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
         }

@@ -1,19 +1,23 @@
-"""A module's ``state_dict(keep_vars=True)`` for the per-step snapshot, built in one loop instead of one
-``state_dict`` call per submodule (each call checks its hooks and builds its metadata: on the default LatentWire
-workload those 36 calls were a fifth of a step's snapshot). Used only where it gives the same dict, keys, order
-and ``_metadata``: no module in the tree overrides ``state_dict``, ``_save_to_state_dict`` or
-``get_extra_state`` (on its class or on the instance), or has a state-dict hook, nobody patched those on
-``nn.Module`` itself, and the tree has no cycle; otherwise the module's own ``state_dict`` is called. Checked at
-every call: a class patched during the run is seen at the next step."""
+"""The live state dicts a per-step snapshot copies: a module's ``state_dict(keep_vars=True)`` built in one loop
+instead of one ``state_dict`` call per submodule (each call checks its hooks and builds its metadata: on the
+default LatentWire workload those 36 calls were a fifth of a step's snapshot), and :class:`LiveStateDicts` and
+:class:`LiveOptimizerState`, which give the same dict again while dict version tags say nothing it was made from
+changed. The loop is used only where it gives the same dict, keys, order and ``_metadata``: no module in the tree
+overrides ``state_dict``, ``_save_to_state_dict`` or ``get_extra_state`` (on its class or on the instance), or
+has a state-dict hook, nobody patched those on ``nn.Module`` itself, and the tree has no cycle; otherwise the
+module's own ``state_dict`` is called. Checked at every call: a class patched during the run is seen at the next
+step."""
 
 from __future__ import annotations
 
+import operator
 import sys
 import types
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
@@ -157,3 +161,45 @@ def _dicts(m: nn.Module) -> tuple[dict[Any, Any], ...]:
     """The dicts whose contents make a module's entries in a state dict (its ``__dict__`` holds the others, the
     instance's overrides and its ``_version``)."""
     return (m.__dict__, m._parameters, m._buffers, m._modules, m._state_dict_pre_hooks, m._state_dict_hooks)
+
+
+class LiveOptimizerState:
+    """An optimizer's ``state_dict()``, given again (the same dict) while nothing it is made from changed: its
+    ``state`` mapping and each param group dict keep their version tags, each group its parameters. Its values
+    (a parameter's state dict of tensors) are the optimizer's own, read again by whoever uses the result, so
+    a moment updated in place needs no new dict. Only torch's own ``Optimizer.state_dict`` without hooks is kept
+    this way; otherwise, and without version tags, it is called at every step."""
+
+    def __init__(self) -> None:
+        self._made: tuple[Any, ...] | None = None  # (optimizer, state version, [(group, version, params)], result)
+
+    def __call__(self, optimizer: Any) -> dict[str, Any]:
+        version = dict_version()
+        if version is None or not _plain_optimizer(optimizer):
+            self._made = None
+            return optimizer.state_dict()
+        made, groups = self._made, optimizer.param_groups
+        if made is not None and made[0] is optimizer and made[1] == version(optimizer.state):
+            kept = made[2]
+            if len(groups) == len(kept) and all(
+                group is was and version(group) == v and len(group["params"]) == len(params)
+                and all(map(operator.is_, group["params"], params))
+                for group, (was, v, params) in zip(groups, kept)
+            ):  # fmt: skip
+                return made[3]
+        result = optimizer.state_dict()
+        kept = [(group, version(group), list(group["params"])) for group in groups]
+        self._made = (optimizer, version(optimizer.state), kept, result)
+        return result
+
+
+def _plain_optimizer(optimizer: Any) -> bool:
+    return (
+        isinstance(optimizer, torch.optim.Optimizer)
+        and type(optimizer).state_dict is torch.optim.Optimizer.state_dict
+        and "state_dict" not in optimizer.__dict__
+        and not optimizer._optimizer_state_dict_pre_hooks
+        and not optimizer._optimizer_state_dict_post_hooks
+        and type(optimizer.state) in (dict, defaultdict)
+        and all(type(group) is dict for group in optimizer.param_groups)
+    )

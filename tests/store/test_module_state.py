@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from telepathy.latentwire.model import Adapter, ByteEncoder
-from telepathy.module_state import LiveStateDicts, live_state_dict
+from telepathy.module_state import LiveOptimizerState, LiveStateDicts, live_state_dict
 
 
 def same(module: nn.Module) -> None:
@@ -205,3 +205,33 @@ def test_without_version_tags_every_call_walks(monkeypatch):
     first = kept(model)
     model.weight = nn.Parameter(torch.zeros(2, 2))
     assert kept(model)["weight"] is model.weight and first["weight"] is not model.weight
+
+
+def _optimizer_changes() -> dict[str, object]:
+    return {
+        "lr changed": lambda o, m: o.param_groups[0].__setitem__("lr", 0.5),
+        "state made by a step": lambda o, m: (setattr(o.param_groups[1]["params"][0], "grad", torch.ones(1)), o.step()),
+        "a moment replaced": lambda o, m: o.state[m.weight].__setitem__("exp_avg", torch.zeros(2, 3)),
+        "a group added": lambda o, m: o.add_param_group({"params": [nn.Parameter(torch.ones(2))], "lr": 0.1}),
+        "a group's parameters reordered": lambda o, m: o.param_groups[0]["params"].reverse(),
+        "the groups replaced": lambda o, m: setattr(o, "param_groups", list(reversed(o.param_groups))),
+        "a state-dict hook": lambda o, m: o.register_state_dict_post_hook(lambda opt, sd: {**sd, "hooked": 1}),
+        "an override on the instance": lambda o, m: setattr(o, "state_dict", lambda: {"own": 1}),
+    }
+
+
+@pytest.mark.parametrize("change", list(_optimizer_changes()))
+def test_a_kept_optimizer_state_dict_is_made_again_after_any_change(change):
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": 0.2})
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    kept = LiveOptimizerState()
+    first = kept(optimizer)
+    assert kept(optimizer) is first, "nothing changed: the same dict"
+    _optimizer_changes()[change](optimizer, model)
+    got, want = kept(optimizer), optimizer.state_dict()
+    assert repr(got) == repr(want)
+    if "state" in want:
+        assert all(got["state"][k] is want["state"][k] for k in want["state"])  # the optimizer's own dicts
