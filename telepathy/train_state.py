@@ -22,6 +22,7 @@ import torch
 
 from telepathy import tree
 from telepathy.errors import ResumeMismatchError, UsageError
+from telepathy.unchanged import PlainTree
 
 STATE_FORMAT_VERSION = 1
 MAX_STATE_DEPTH = 64  # nesting a state.pt may have (RNG states: 3; a user's extra: a few); walks recurse
@@ -123,19 +124,26 @@ class FixedConstants:
     signature or metadata change (so that they are described and converted once, not at every step). A change is
     seen in their pickled bytes, which tell 1 from 1.0 and True, -0.0 from 0.0 and one key order from another
     (``==`` does not, and raises on an array); what cannot be pickled is made again at every step. (Pickling
-    only: nothing is ever unpickled.)"""
+    only: nothing is ever unpickled.) While both hold only plain values in dicts, lists and tuples, dict version
+    tags and the lists' items say that nothing changed, without pickling (:class:`telepathy.unchanged.PlainTree`)."""
 
     def __init__(self) -> None:
         self._memo: tuple[bytes | None, dict[str, tree.Fixed]] | None = None
+        self._seen: tuple[int, PlainTree | None] = (0, None)  # (thread count, signature and metadata as seen)
 
     def get(self, signature: Mapping[str, Any], metadata: Mapping[str, Any]) -> dict[str, tree.Fixed]:
+        threads = torch.get_num_threads()
+        seen = self._seen[1]
+        if self._memo is not None and seen is not None and self._seen[0] == threads and seen.holds(signature, metadata):
+            return self._memo[1]  # (plain values only, nothing changed: no need to pickle them again)
         try:
-            sources = pickle.dumps((torch.get_num_threads(), signature, metadata), protocol=5)
+            sources = pickle.dumps((threads, signature, metadata), protocol=5)
         except Exception:  # (an unpicklable value: a lambda in the args)
             sources = None
         if sources is None or self._memo is None or self._memo[0] != sources:
             made = {name: tree.Fixed(value) for name, value in run_constants(signature, metadata).items()}
             self._memo = (sources, made)
+        self._seen = (threads, PlainTree.of(signature, metadata) if sources is not None else None)
         return self._memo[1]
 
 

@@ -8,6 +8,7 @@ about 0.5 to 0.1 ms."""
 from __future__ import annotations
 
 import functools
+import operator
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -88,3 +89,56 @@ def _guards_work() -> bool:
         return guards.check(*base) is True and not any(guards.check(*c) for c in changed)
     except Exception:  # noqa: BLE001
         return False
+
+
+_PLAIN = frozenset({type(None), bool, int, float, str})
+
+
+class PlainTree:
+    """Whether a tree of dicts, lists and tuples of plain values (None, bool, int, float, str) is still the one
+    seen: the same roots, each dict's version tag, each list's items (the same objects). :meth:`of` gives None
+    for a tree holding anything else (an array or object changed in place would not be seen) or more than
+    ``limit`` values, or where dicts have no version tags."""
+
+    def __init__(self, roots: tuple[Any, ...], dicts: list[dict[Any, Any]], lists: list[list[Any]],
+                 version: Callable[[dict[Any, Any]], int]) -> None:  # fmt: skip
+        self.roots, self.dicts, self.version = roots, dicts, version
+        self.versions = list(map(version, dicts))
+        self.lists = [(items, list(items)) for items in lists]
+
+    @classmethod
+    def of(cls, *roots: Any, limit: int = 10_000) -> PlainTree | None:
+        version = dict_version()
+        if version is None:
+            return None
+        dicts: list[dict[Any, Any]] = []
+        lists: list[list[Any]] = []
+        pending, seen = list(roots), 0
+        while pending:
+            value = pending.pop()
+            seen += 1
+            kind = type(value)
+            if seen > limit:
+                return None
+            if kind in _PLAIN:
+                continue
+            if kind is dict:
+                dicts.append(value)
+                pending.extend(value)
+                pending.extend(value.values())
+            elif kind is list:
+                lists.append(value)
+                pending.extend(value)
+            elif kind is tuple:
+                pending.extend(value)
+            else:
+                return None
+        return cls(roots, dicts, lists, version)
+
+    def holds(self, *roots: Any) -> bool:
+        return (
+            len(roots) == len(self.roots)
+            and all(map(operator.is_, roots, self.roots))
+            and list(map(self.version, self.dicts)) == self.versions
+            and all(len(items) == len(seen) and all(map(operator.is_, items, seen)) for items, seen in self.lists)
+        )

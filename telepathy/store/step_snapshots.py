@@ -89,7 +89,7 @@ class StepSnapshots:
             parts = (b"{", layout.json, b',"store":', _json(dict(store)), b',"save_dir":', _json(save_dir), b"}")
             text = b"".join(parts)
             self._slot_layout = ((layout, dict(store), save_dir), text)
-        meta = b"".join((b'{"files":', _json(structure), b',"info":', _json(dict(info)), b"}"))
+        meta = _json({"files": structure, "info": dict(info)})  # (one encoder call, not two)
 
         def fill(mapping: Any, at: int, length: int) -> None:
             destinations = self._destinations(mapping, at, length, layout)

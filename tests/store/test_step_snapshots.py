@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from harness import deep_equal
 
@@ -321,13 +322,19 @@ MODULE_CHANGES = {  # step -> a change the next snapshot must carry exactly as a
 }
 
 
-def test_changes_to_a_module_tree_reach_the_next_snapshot_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("helpers", ["torch's", "none"])
+def test_changes_to_a_module_tree_reach_the_next_snapshot_exactly(tmp_path, monkeypatch, helpers):
     """The trainer keeps a part's state dict and its tensors' layout between steps while nothing changed (dict
     version tags, one C call over the tensors): every change to the tree, to a tensor's shape, strides or
     dtype, and every override must still be in the next step's slot exactly as a save at that step writes it."""
     from telepathy.train_state import TrainState
 
     monkeypatch.setattr(_Scaled, "_version", 1, raising=False)
+    if helpers == "none":  # (torch without dict version tags or TensorGuards: the full work at every step)
+        from telepathy import module_state, unchanged
+
+        monkeypatch.setattr(module_state, "dict_version", lambda: None)
+        monkeypatch.setattr(unchanged.TensorLayouts, "same", lambda self, tensors: False)
     model = _tree()
     ckpt, slot_dir = _checkpointer_with_slots(tmp_path, monkeypatch, model=model)
     try:
