@@ -22,6 +22,7 @@ import torch
 from telepathy import tree
 from telepathy.rng import PackedInts
 from telepathy.store.dtypes import DTYPES
+from telepathy.store.known_dicts import KnownDicts
 
 _DTYPE_SET = frozenset(DTYPES.values())
 _TENSOR, _TENSORS, _TABLE = "__T__", "__TS__", "__TT__"
@@ -44,7 +45,8 @@ class UnsupportedState(TypeError):
 
 
 def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int, tuple[Any, Any]] | None = None,
-             pack_ints: bool = True) -> tuple[Any, list[torch.Tensor], list[Any]]:  # fmt: skip
+             pack_ints: bool = True, known: KnownDicts | None = None
+             ) -> tuple[Any, list[torch.Tensor], list[Any]]:  # fmt: skip
     """The JSON-able structure of ``files``, the tensors it holds (each replaced in the structure by its index in
     that list) and its constants. A dict of tensors (a module's state dict, a parameter's optimizer state: most of
     the state) is one node naming its first tensor and its keys. What changes only when the state changes layout
@@ -53,7 +55,8 @@ def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int
     per-tensor checks of dtype and layout (the caller checks them only when the tensors' layout changed).
     A :class:`telepathy.tree.Fixed` value is a constant too, described once per object (``fixed_cache``, the
     caller's, keyed by ``id``; described again when ``check``); one holding tensors is described in place.
-    ``pack_ints=False``: long lists of ints stay lists (no tensor).
+    ``pack_ints=False``: long lists of ints stay lists (no tensor). ``known`` (the caller's, without ``check``):
+    dicts of tensors described at an earlier call and unchanged since are described from what it remembers.
 
     It walks on its own rather than through :func:`telepathy.tree.transform`: it runs at every training step, and
     the generic walker's call and path string per value were most of its cost."""
@@ -110,6 +113,8 @@ def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int
                 tensor(v, f"{path}/{k}")
         else:
             tensors.extend(value.values())
+            if known is not None:
+                known.remember(value, keys, tensors[first:])
         return {_TENSORS: [first, keyset(keys)]}
 
     def tensor_table(value: dict[Any, Any], path: str) -> dict[str, Any] | None:
@@ -129,6 +134,8 @@ def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int
                     tensor(v, f"{path}/{key}/{column}")
         else:
             tensors.extend(cells)
+            if known is not None:
+                known.remember(value, tuple(value), cells, columns)
         return {_TABLE: [first, keyset(tuple(value)), keyset(columns)]}
 
     def mapping(value: Mapping[Any, Any], path: str) -> Any:
@@ -144,6 +151,14 @@ def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int
         return {_ORDERED if kind is OrderedDict else _COUNTER: node}
 
     def mapping_node(value: Mapping[Any, Any], path: str) -> Any:
+        if known is not None and isinstance(value, dict):
+            seen = known.get(value)
+            if seen is not None:  # (unchanged since an earlier step: its types were looked at then)
+                first = len(tensors)
+                tensors.extend(seen.tensors)
+                if seen.columns is None:
+                    return {_TENSORS: [first, keyset(seen.keys)]}
+                return {_TABLE: [first, keyset(seen.keys), keyset(seen.columns)]}
         if isinstance(value, dict) and value:
             types = set(map(type, value.values()))
             node = None

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from telepathy.disk.slots import SLOT_DIR_ENV, SlotWriter, align, is_slot_dir
+from telepathy.store.known_dicts import KnownDicts
 from telepathy.store.snapshot_format import DTYPES, UnsupportedState, describe
 from telepathy.unchanged import TensorLayouts
 
@@ -60,13 +61,14 @@ class StepSnapshots:
         self._views: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # id(mapping) -> ((at, length, layout), views)
         self._slot_layout: tuple[Any, bytes] = (None, b"")  # ((layout, store, save_dir), the JSON of all three)
         self._fixed: dict[int, tuple[Any, Any]] = {}  # id(tree.Fixed) -> (it, its description)
+        self._known = KnownDicts()  # (dicts of tensors described before and unchanged since)
 
     def capture(self, step: int, files: Mapping[str, Any], info: Mapping[str, Any], store: Mapping[str, Any],
                 save_dir: str = "") -> None:  # fmt: skip
         if self.disabled is not None:
             return
         try:
-            structure, tensors, constants = describe(files, check=False, fixed_cache=self._fixed)
+            structure, tensors, constants = describe(files, check=False, fixed_cache=self._fixed, known=self._known)
             last = self._layout
             if last is not None and last.guard.same(tensors) and constants == last.key[2]:
                 last.tensors = tensors  # (the usual step: one C call looked at every tensor)

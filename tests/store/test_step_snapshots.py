@@ -358,3 +358,38 @@ def test_changes_to_a_module_tree_reach_the_next_snapshot_exactly(tmp_path, monk
     finally:
         ckpt.close()
         slots.remove_slot_dir(slot_dir)
+
+
+TABLE_CHANGES = {  # step -> a change to an optimizer's per-parameter state the next snapshot must carry
+    3: lambda state: state[0].__setitem__("exp_avg", torch.full((2, 2), 7.0)),  # a moment replaced
+    4: lambda state: state.__setitem__(2, {k: v.clone() for k, v in state[0].items()}),  # a new row
+    5: lambda state: state[1].__setitem__("max_exp_avg_sq", torch.zeros(2, 2)),  # rows of other keys: not a table
+    6: lambda state: state[1].pop("max_exp_avg_sq"),  # a table again
+    7: lambda state: state[0]["exp_avg"].resize_(4),  # the same tensor, another shape
+    8: lambda state: state.pop(2),
+}
+
+
+def test_changes_to_an_optimizers_state_reach_the_next_snapshot_exactly(tmp_path):
+    """Dicts of tensors kept between steps are described from what the snapshot remembers while their version
+    tags (and their rows') hold: every change must still reach the next step's slot exactly."""
+    state = {
+        i: {"step": torch.tensor(1.0), "exp_avg": torch.ones(2, 2), "exp_avg_sq": torch.ones(2, 2)} for i in (0, 1)
+    }
+    files = {"optimizer": {"optimizer": {"state": state, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}}}
+    snapshots = StepSnapshots(tmp_path)
+    try:
+        for step in range(1, 10):
+            with torch.no_grad():
+                if step in TABLE_CHANGES:
+                    TABLE_CHANGES[step](state)
+                for row in state.values():
+                    for value in row.values():
+                        value.add_(1.0)  # a new value at every step, in place
+            snapshots.capture(step, files, {"reason": "rescue"}, {})
+            assert snapshots.disabled is None, snapshots.disabled
+            meta, data = slots.read_newest(tmp_path)
+            assert meta["step"] == step
+            assert deep_equal(files_from_slot(meta, data), files) == [], step
+    finally:
+        snapshots.close()
