@@ -47,7 +47,7 @@ def rescue(slot_dir: Path, save_dir: Path, how: str, lock_wait: float = 30.0) ->
     if committed and committed[-1].step >= step:
         return None  # the trainer committed this step (or a later one) itself
     from telepathy.store.checkpoint_store import CheckpointStore  # noqa: PLC0415 (torch, only for a rescue)
-    from telepathy.store.snapshot_format import SnapshotInvalid, files_from_slot  # noqa: PLC0415
+    from telepathy.store.snapshot_read import SnapshotInvalid, files_from_slot  # noqa: PLC0415
 
     try:  # everything checked before anything is written
         files = files_from_slot(meta, data)

@@ -23,7 +23,7 @@ from telepathy.disk import slots
 from telepathy.disk.save_dir import SaveDir
 from telepathy.rescue import rescue
 from telepathy.store import step_snapshots
-from telepathy.store.snapshot_format import SnapshotInvalid, files_from_slot
+from telepathy.store.snapshot_read import SnapshotInvalid, files_from_slot
 from telepathy.store.step_snapshots import StepSnapshots
 
 

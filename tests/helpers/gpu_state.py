@@ -15,7 +15,7 @@ from torch import nn
 from telepathy import Checkpointer, TrainState
 from telepathy.disk import slots
 from telepathy.store.checkpoint_store import CheckpointStore
-from telepathy.store.snapshot_format import files_from_slot
+from telepathy.store.snapshot_read import files_from_slot
 from telepathy.store.step_snapshots import StepSnapshots
 
 WIDTH = 1024  # one layer: 4 MiB of fp32 weights, 12 MiB with its AdamW moments

@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "telepathy"
 LAYERS = {
     "telepathy.errors": 0, "telepathy.tree": 0, "telepathy.step_log": 0, "telepathy.training_signals": 0,
     "telepathy.disk": 1, "telepathy.options": 1, "telepathy.save_policy": 1,
+    "telepathy.unchanged": 2, "telepathy.module_state": 2,
     "telepathy.rng": 2, "telepathy.train_state": 2, "telepathy.data": 2, "telepathy.store": 2,
     "telepathy.distributed": 2,
     "telepathy.checkpointer": 3, "telepathy.restore": 3, "telepathy.loop": 3, "telepathy.hf_trainer": 3,

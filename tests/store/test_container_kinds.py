@@ -16,7 +16,8 @@ from harness import SAVE_MODES, deep_equal
 from telepathy.checkpointer import Checkpointer
 from telepathy.disk import slots
 from telepathy.errors import UsageError
-from telepathy.store.snapshot_format import SnapshotInvalid, describe, files_from_slot, rebuild
+from telepathy.store.snapshot_format import describe, rebuild
+from telepathy.store.snapshot_read import SnapshotInvalid, files_from_slot
 from telepathy.store.step_snapshots import StepSnapshots
 from telepathy.train_state import TrainState
 

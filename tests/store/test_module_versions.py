@@ -14,7 +14,8 @@ from torch.ao.quantization import MovingAverageMinMaxObserver
 from telepathy import tree
 from telepathy.checkpointer import Checkpointer
 from telepathy.disk import slots
-from telepathy.store.snapshot_format import describe, files_from_slot, rebuild
+from telepathy.store.snapshot_format import describe, rebuild
+from telepathy.store.snapshot_read import files_from_slot
 from telepathy.store.step_snapshots import StepSnapshots
 from telepathy.train_state import TrainState
 

@@ -11,7 +11,8 @@ from harness import deep_equal
 
 from telepathy import rng, tree
 from telepathy.disk import slots
-from telepathy.store.snapshot_format import describe, files_from_slot, rebuild
+from telepathy.store.snapshot_format import describe, rebuild
+from telepathy.store.snapshot_read import files_from_slot
 from telepathy.store.step_snapshots import StepSnapshots
 
 
