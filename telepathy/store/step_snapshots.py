@@ -142,7 +142,8 @@ def _still_dense(tensors: list[torch.Tensor], before: list[torch.Tensor]) -> boo
     return all(t.layout == torch.strided for t in new)
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"))  # (json.dumps would make one at every call)
+# (made once; no cycle check: what it encodes are trees that describe and this module build)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
 
 def _json(value: Any) -> bytes:
