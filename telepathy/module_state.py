@@ -138,6 +138,7 @@ class _Made:
                  version: Callable[[dict[Any, Any]], int], misses: int) -> None:  # fmt: skip
         self.part, self.state, self.version, self.misses = part, state, version, misses
         self.functions = (nn.Module.state_dict, nn.Module._save_to_state_dict)
+        self.modules, self.types = modules, list(map(type, modules))  # (``__class__`` can be swapped in place)
         self.classes = {type(m): type(m)._version for m in modules}
         self.dicts = [d for m in modules for d in _dicts(m)]
         self.versions = list(map(version, self.dicts))
@@ -146,6 +147,8 @@ class _Made:
 
     def holds(self) -> bool:
         if self.functions != (nn.Module.state_dict, nn.Module._save_to_state_dict):
+            return False
+        if list(map(type, self.modules)) != self.types:
             return False
         if not all(_plain_class(c) and c._version == v for c, v in self.classes.items()):
             return False

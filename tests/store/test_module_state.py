@@ -153,11 +153,18 @@ def _changes() -> dict[str, object]:
         "a class's version changed": patch_version,
         "a class's state dict patched": lambda m: setattr(type(m[2]), "get_extra_state", lambda self: 1),
         "nn.Module patched": lambda m: setattr(nn.Module, "state_dict", functools.partialmethod(nn.Module.state_dict)),
+        "a module's class swapped in place": lambda m: setattr(m[0], "__class__", _Saves),
     }
 
 
 class _Own(nn.Linear):
     pass
+
+
+class _Saves(nn.Linear):
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "scale"] = torch.ones(1)
 
 
 @pytest.mark.parametrize("change", list(_changes()))
