@@ -190,7 +190,7 @@ class Checkpointer:
         Python's RNG state packed (:class:`telepathy.rng.PackedInts`)."""
         files: dict[str, Any] = {}
         for name, part in {} if self.sharded else self.parts.items():
-            files[name] = self._live_parts(part) if live else part.state_dict()
+            files[name] = self._live_parts(name, part) if live else part.state_dict()
         optimizer = None
         if self.optimizer and not self.sharded:
             optimizer = self._live_optimizer(self.optimizer) if live else self.optimizer.state_dict()

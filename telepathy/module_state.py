@@ -99,46 +99,53 @@ def _walk(module: nn.Module) -> tuple[OrderedDict[str, Any], list[nn.Module]] | 
 
 
 class LiveStateDicts:
-    """:func:`live_state_dict` of each part, given again (the same dict) while nothing it was made from changed:
-    no dict of any module in the tree (its attributes, parameters, buffers, children, state-dict hooks) changed
-    its version tag (:func:`telepathy.unchanged.dict_version`), no module's class or ``nn.Module`` itself was
-    patched, no non-persistent buffer set changed. That check costs a fifth of the walk. Where version tags are
-    missing, or a part's dicts change at every step (a module that sets an attribute in ``forward``), the walk is
-    made at every step."""
+    """:func:`live_state_dict` of each part (by name), given again (the same dict) while nothing it was made from
+    changed: no dict of any module in the tree (its attributes, parameters, buffers, children, state-dict hooks)
+    changed its version tag (:func:`telepathy.unchanged.dict_version`) or was replaced, no module changed its
+    class, no class or ``nn.Module`` itself was patched, no non-persistent buffer set changed. That check costs a
+    fifth of the walk. Where version tags are missing, where a change could escape them (a module's dicts of
+    another kind than ``dict``, whose order can change without a new tag; a ``_version`` that is not a plain int
+    class attribute), or where a part changes at every step (a module that sets an attribute in ``forward``), the
+    walk is made at every step."""
 
     GIVE_UP_AFTER = 3  # rebuilds in a row: the part changes at every step, checking first only costs more
 
     def __init__(self) -> None:
-        self._made: dict[int, _Made | int] = {}  # id(part) -> what was made, or (an int) given up on it
+        self._made: dict[str, _Made] = {}  # part name -> what was made for the part under that name
 
-    def __call__(self, part: Any) -> dict[str, Any]:
-        made = self._made.get(id(part))
-        if type(made) is int:  # given up on this part
-            return live_state_dict(part)
-        misses = 0
-        if made is not None:
-            if made.part is part and made.holds():
-                return made.state
-            misses = made.misses + 1
+    def __call__(self, name: str, part: Any) -> dict[str, Any]:
+        made = self._made.get(name)
+        if made is not None and made.part is not part:  # another part under this name: the old one is let go
+            made = None
+        if made is not None and made.state is not None and made.holds():
+            return made.state
+        misses = 0 if made is None else made.misses + 1
         version = dict_version()
-        if version is None or _own_state_dict(part):
+        if version is None or _own_state_dict(part) or (made is not None and made.gave_up):
+            if version is None or _own_state_dict(part):
+                self._made.pop(name, None)
             return live_state_dict(part)
         walked = _walk(part)
         if walked is None:
-            self._made.pop(id(part), None)
+            self._made.pop(name, None)
             return part.state_dict(keep_vars=True)
-        self._made[id(part)] = _Made(part, *walked, version, misses) if misses < self.GIVE_UP_AFTER else misses
+        self._made[name] = _Made(part, *walked, version, misses, gave_up=misses >= self.GIVE_UP_AFTER)
         return walked[0]
 
 
 class _Made:
-    """A part's live state dict and what it was made from."""
+    """A part's live state dict and what it was made from (``state`` None: not kept, the walk is made again)."""
 
     def __init__(self, part: nn.Module, state: OrderedDict[str, Any], modules: list[nn.Module],
-                 version: Callable[[dict[Any, Any]], int], misses: int) -> None:  # fmt: skip
-        self.part, self.state, self.version, self.misses = part, state, version, misses
+                 version: Callable[[dict[Any, Any]], int], misses: int, gave_up: bool) -> None:  # fmt: skip
+        self.part, self.version, self.misses, self.gave_up = part, version, misses, gave_up
+        kept = not gave_up and all(_keepable(m) for m in modules)
+        self.state: OrderedDict[str, Any] | None = state if kept else None
+        if not kept:
+            return
         self.functions = (nn.Module.state_dict, nn.Module._save_to_state_dict)
         self.modules, self.types = modules, list(map(type, modules))  # (``__class__`` can be swapped in place)
+        self.own_dicts = list(map(_OWN_DICT, modules))  # (and ``__dict__`` replaced)
         self.classes = {type(m): type(m)._version for m in modules}
         self.dicts = [d for m in modules for d in _dicts(m)]
         self.versions = list(map(version, self.dicts))
@@ -150,7 +157,9 @@ class _Made:
             return False
         if list(map(type, self.modules)) != self.types:
             return False
-        if not all(_plain_class(c) and c._version == v for c, v in self.classes.items()):
+        if not all(map(operator.is_, map(_OWN_DICT, self.modules), self.own_dicts)):
+            return False
+        if not all(_plain_class(c) and type(c._version) is int and c._version == v for c, v in self.classes.items()):
             return False
         if list(map(self.version, self.dicts)) != self.versions:
             return False
@@ -160,6 +169,22 @@ class _Made:
         return True
 
 
+_OWN_DICT = operator.attrgetter("__dict__")
+
+
+def _keepable(m: nn.Module) -> bool:
+    """Every change to what ``m`` puts in a state dict shows in a dict version tag: its parameters, buffers and
+    children are plain dicts (an OrderedDict can be reordered without a new tag), and its class's ``_version``
+    is a plain int (not a slot or property that could change unseen)."""
+    return (
+        type(m._parameters) is dict
+        and type(m._buffers) is dict
+        and type(m._modules) is dict
+        and type(type(m)._version) is int
+        and type(m.__dict__.get("_version", 0)) is int
+    )
+
+
 def _dicts(m: nn.Module) -> tuple[dict[Any, Any], ...]:
     """The dicts whose contents make a module's entries in a state dict (its ``__dict__`` holds the others, the
     instance's overrides and its ``_version``)."""
@@ -167,14 +192,15 @@ def _dicts(m: nn.Module) -> tuple[dict[Any, Any], ...]:
 
 
 class LiveOptimizerState:
-    """An optimizer's ``state_dict()``, given again (the same dict) while nothing it is made from changed: its
-    ``state`` mapping and each param group dict keep their version tags, each group its parameters. Its values
-    (a parameter's state dict of tensors) are the optimizer's own, read again by whoever uses the result, so
-    a moment updated in place needs no new dict. Only torch's own ``Optimizer.state_dict`` without hooks is kept
-    this way; otherwise, and without version tags, it is called at every step."""
+    """An optimizer's ``state_dict()``, made from what it was at an earlier step while its ``state`` mapping keeps
+    its version tag and each param group its parameters: the packed ``state`` (a parameter's state dict is the
+    optimizer's own, read again by whoever uses the result) and each group whose dict kept its tag are the same
+    objects as before; a group whose hyper-parameters changed (a scheduler's new ``lr`` at every step) is packed
+    again the way ``Optimizer.state_dict`` packs it. Only torch's own ``state_dict`` without hooks is kept this way;
+    otherwise, and without version tags, it is called at every step."""
 
     def __init__(self) -> None:
-        self._made: tuple[Any, ...] | None = None  # (optimizer, state version, [(group, version, params)], result)
+        self._made: _MadeOptimizer | None = None
 
     def __call__(self, optimizer: Any) -> dict[str, Any]:
         version = dict_version()
@@ -182,18 +208,44 @@ class LiveOptimizerState:
             self._made = None
             return optimizer.state_dict()
         made, groups = self._made, optimizer.param_groups
-        if made is not None and made[0] is optimizer and made[1] == version(optimizer.state):
-            kept = made[2]
-            if len(groups) == len(kept) and all(
-                group is was and version(group) == v and len(group["params"]) == len(params)
-                and all(map(operator.is_, group["params"], params))
-                for group, (was, v, params) in zip(groups, kept)
-            ):  # fmt: skip
-                return made[3]
+        if made is not None and made.optimizer is optimizer and made.holds(groups):
+            return made.result(groups)
         result = optimizer.state_dict()
-        kept = [(group, version(group), list(group["params"])) for group in groups]
-        self._made = (optimizer, version(optimizer.state), kept, result)
+        self._made = _MadeOptimizer(optimizer, version, result)
         return result
+
+
+class _MadeOptimizer:
+    def __init__(self, optimizer: Any, version: Callable[[dict[Any, Any]], int], result: dict[str, Any]) -> None:
+        self.optimizer, self.version, self.last = optimizer, version, result
+        self.state_version = version(optimizer.state)
+        self.groups = [(group, list(group["params"])) for group in optimizer.param_groups]
+        packed_groups = zip(optimizer.param_groups, result["param_groups"], strict=True)
+        self.packed = [(version(group), packed) for group, packed in packed_groups]
+
+    def holds(self, groups: list[dict[str, Any]]) -> bool:
+        """The same state mapping and the same parameters in the same groups (hyper-parameters may differ)."""
+        return (
+            self.version(self.optimizer.state) == self.state_version
+            and len(groups) == len(self.groups)
+            and all(
+                group is was and len(group["params"]) == len(params) and all(map(operator.is_, group["params"], params))
+                for group, (was, params) in zip(groups, self.groups)
+            )
+        )  # fmt: skip
+
+    def result(self, groups: list[dict[str, Any]]) -> dict[str, Any]:
+        changed = False
+        for i, group in enumerate(groups):
+            tag, packed = self.packed[i]
+            if self.version(group) != tag:  # (as Optimizer.state_dict packs a group: "params" last, as indexes)
+                repacked = {k: v for k, v in group.items() if k != "params"}
+                repacked["params"] = packed["params"]
+                self.packed[i] = (self.version(group), repacked)
+                changed = True
+        if changed:
+            self.last = {"state": self.last["state"], "param_groups": [packed for _, packed in self.packed]}
+        return self.last
 
 
 def _plain_optimizer(optimizer: Any) -> bool:

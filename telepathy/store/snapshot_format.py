@@ -86,7 +86,7 @@ def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int
             # (in a list: a dict of dicts of tensors directly under "value" would be read as an optimizer table)
             inner, held, inner_constants = describe({"value": [value.value]}, check=True, pack_ints=False)
             copied = json.loads(json.dumps(inner["value"][0]))  # (a copy: a plain dict's node is the dict itself)
-            cached = (value, None if held or inner_constants else _Once({"value": copied}))
+            cached = (value, None if held or inner_constants else Once({"value": copied}))
             if fixed_cache is not None:
                 if len(fixed_cache) > 64:  # (values made again after a change: the old ones go)
                     fixed_cache.clear()
@@ -208,11 +208,15 @@ def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int
             return {_TUPLE: [walk(v, f"{path}[{i}]") for i, v in enumerate(value)]}
         raise UnsupportedState(f"{path}: a value of type {type(value).__name__}")
 
+    if known is not None:
+        known.start()
     structure = mapping(dict(files), "")
+    if known is not None:
+        known.finish()
     return structure, tensors, constants
 
 
-class _Once(dict):
+class Once(dict):
     """A Fixed value's description among a snapshot's constants, equal only to itself: a new Fixed (its value
     changed, even to one ``==`` the old: 1.0 for 1) makes the layout, and its JSON, new."""
 

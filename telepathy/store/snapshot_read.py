@@ -33,6 +33,9 @@ class SnapshotInvalid(ValueError):
     """A slot's meta does not describe its bytes the way a trainer writes them: never committed."""
 
 
+_NUMBERS = frozenset({int, float, bool})
+
+
 def files_from_slot(meta: Mapping[str, Any], data: bytes) -> dict[str, Any]:
     """The ``files`` a save would have written, rebuilt from a slot's meta and bytes (each tensor its own copy).
     Everything is checked first (raises :class:`SnapshotInvalid`): a table row per tensor with a known dtype, a
@@ -98,7 +101,9 @@ def _check_references(structure: Any, count: int, constants: list[Any]) -> None:
             return value["value"]
         keys = isinstance(value, list) and set(map(type, value)) <= _ROW_KEYS and len(set(value)) == len(value)
         versions = isinstance(value, dict) and all(
-            isinstance(v, dict) and set(map(type, v.values())) <= _PLAIN_SET and type(v.get("version", 0)) is int
+            isinstance(v, dict)
+            and set(map(type, v.values())) <= _PLAIN_SET
+            and type(v.get("version", 0)) in _NUMBERS  # (a float version too, as a save keeps it)
             for v in value.values()
         )
         if not (keys if kind == "keys" else versions):

@@ -21,7 +21,7 @@ import torch
 
 from telepathy.disk.slots import SLOT_DIR_ENV, SlotWriter, align, is_slot_dir
 from telepathy.store.known_dicts import KnownDicts
-from telepathy.store.snapshot_format import DTYPES, UnsupportedState, describe
+from telepathy.store.snapshot_format import DTYPES, Once, UnsupportedState, describe
 from telepathy.unchanged import TensorLayouts
 
 log = logging.getLogger("telepathy")
@@ -70,11 +70,12 @@ class StepSnapshots:
         try:
             structure, tensors, constants = describe(files, check=False, fixed_cache=self._fixed, known=self._known)
             last = self._layout
-            if last is not None and last.guard.same(tensors) and constants == last.key[2]:
+            if last is not None and last.guard.same(tensors) and _same_constants(constants, last.key[2]):
                 last.tensors = tensors  # (the usual step: one C call looked at every tensor)
             else:
                 key = (list(map(_DTYPE, tensors)), list(map(torch.Tensor.size, tensors)), constants)
-                if last is None or last.key != key or not _still_dense(tensors, last.tensors):
+                if (last is None or last.key[:2] != key[:2] or not _same_constants(constants, last.key[2])
+                        or not _still_dense(tensors, last.tensors)):  # fmt: skip
                     describe(files, check=True)  # names the first tensor a slot cannot hold
                     self._layout = _Layout(key, tensors)
                 else:  # the same layout (strides, grad mode or requires_grad changed): checked this way from now
@@ -131,6 +132,22 @@ class StepSnapshots:
 
 
 _DTYPE = operator.attrgetter("dtype")
+
+
+def _same_constants(now: list[Any], before: list[Any]) -> bool:
+    """The same objects (the usual step: kept key sets and module versions), or equal with the same types all the
+    way down: 1, 1.0 and True, 0.0 and -0.0 are told apart, as the layout's JSON keeps them apart."""
+    return len(now) == len(before) and all(a is b or _exact(a) == _exact(b) for a, b in zip(now, before, strict=True))
+
+
+def _exact(value: Any) -> Any:
+    if isinstance(value, Once):  # (a fixed value's description: equal only to itself)
+        return (Once, id(value))
+    if isinstance(value, Mapping):
+        return (type(value), tuple((_exact(k), _exact(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(map(_exact, value)))
+    return (type(value), repr(value) if type(value) is float else value)
 
 
 def _still_dense(tensors: list[torch.Tensor], before: list[torch.Tensor]) -> bool:

@@ -154,11 +154,23 @@ def _changes() -> dict[str, object]:
         "a class's state dict patched": lambda m: setattr(type(m[2]), "get_extra_state", lambda self: 1),
         "nn.Module patched": lambda m: setattr(nn.Module, "state_dict", functools.partialmethod(nn.Module.state_dict)),
         "a module's class swapped in place": lambda m: setattr(m[0], "__class__", _Saves),
+        "a module's __dict__ replaced": lambda m: setattr(
+            m[0], "__dict__", {**m[0].__dict__, "_parameters": {"weight": m[0].weight}}
+        ),
+        "a class's version made an equal float": lambda m: setattr(type(m[2]), "_version", 1.0),
     }
 
 
 class _Own(nn.Linear):
     pass
+
+
+class _Slotted(nn.Linear):
+    __slots__ = ("_version",)  # (its changes touch no dict)
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+        self._version = 1
 
 
 class _Saves(nn.Linear):
@@ -177,15 +189,49 @@ def test_a_kept_state_dict_is_made_again_after_any_change(change, monkeypatch):
     monkeypatch.setattr(_Own, "get_extra_state", nn.Module.get_extra_state, raising=False)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), _Own(4, 2))
     kept = LiveStateDicts()
-    first = kept(model)
-    assert kept(model) is first, "nothing changed: the same dict"
+    first = kept("model", model)
+    assert kept("model", model) is first, "nothing changed: the same dict"
     _changes()[change](model)
-    got, want = kept(model), live_state_dict(model)  # (itself held to state_dict(keep_vars=True) above)
+    got, want = kept("model", model), live_state_dict(model)  # (itself held to state_dict(keep_vars=True) above)
     assert list(got) == list(want)
     for k, value in want.items():  # (nn.Module patched: both are state_dict()'s detached copies)
         assert got[k] is value or (type(got[k]) is type(value) and torch.equal(got[k], value)), k
     assert list(got._metadata.items()) == list(want._metadata.items())
-    assert list(kept(model)) == list(want)
+    assert list(kept("model", model)) == list(want)
+
+
+def test_children_in_an_ordered_dict_reordered_are_seen():
+    """OrderedDict.move_to_end changes no version tag: a tree whose dicts are not plain dicts is walked anew."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model._modules = OrderedDict(model._modules)
+    kept = LiveStateDicts()
+    kept("model", model)
+    model._modules.move_to_end("0")
+    assert list(kept("model", model)) == list(model.state_dict(keep_vars=True)) == ["1.weight", "1.bias", "0.weight",
+                                                                                  "0.bias"]  # fmt: skip
+
+
+def test_a_version_kept_in_a_slot_is_never_trusted_to_a_tag():
+    model = nn.Sequential(nn.Linear(2, 2), _Slotted())
+    kept = LiveStateDicts()
+    kept("model", model)
+    model[1]._version = 5  # (no dict changes)
+    assert kept("model", model)._metadata["1"] == {"version": 5}
+
+
+def test_a_part_replaced_under_its_name_lets_the_old_one_go():
+    import gc
+    import weakref
+
+    kept = LiveStateDicts()
+    old = nn.Linear(2, 2)
+    kept("model", old)
+    gone = weakref.ref(old)
+    new = nn.Linear(2, 2)
+    assert kept("model", new)["weight"] is new.weight
+    del old
+    gc.collect()
+    assert gone() is None, "the replaced part is still held"
 
 
 def test_a_part_that_changes_at_every_step_is_walked_without_the_check():
@@ -198,9 +244,9 @@ def test_a_part_that_changes_at_every_step_is_walked_without_the_check():
     kept = LiveStateDicts()
     for _ in range(6):
         model(torch.ones(1, 2))
-        got = kept(model)
+        got = kept("model", model)
         assert list(got) == ["weight", "bias"] and got["weight"] is model.weight
-    assert kept._made[id(model)] == LiveStateDicts.GIVE_UP_AFTER, "still checking a part that changes every step"
+    assert kept._made["model"].gave_up, "still checking a part that changes every step"
 
 
 def test_without_version_tags_every_call_walks(monkeypatch):
@@ -209,9 +255,9 @@ def test_without_version_tags_every_call_walks(monkeypatch):
     monkeypatch.setattr(module_state, "dict_version", lambda: None)
     model = nn.Linear(2, 2)
     kept = LiveStateDicts()
-    first = kept(model)
+    first = kept("model", model)
     model.weight = nn.Parameter(torch.zeros(2, 2))
-    assert kept(model)["weight"] is model.weight and first["weight"] is not model.weight
+    assert kept("model", model)["weight"] is model.weight and first["weight"] is not model.weight
 
 
 def _optimizer_changes() -> dict[str, object]:
@@ -242,3 +288,21 @@ def test_a_kept_optimizer_state_dict_is_made_again_after_any_change(change):
     assert repr(got) == repr(want)
     if "state" in want:
         assert all(got["state"][k] is want["state"][k] for k in want["state"])  # the optimizer's own dicts
+
+
+def test_a_new_learning_rate_at_every_step_keeps_the_packed_state():
+    """A scheduler changes each group's lr at every step: only the group is packed again (the same packed state,
+    so the snapshot need not look at the optimizer's table again), and the result is what state_dict gives."""
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    kept = LiveOptimizerState()
+    first = None
+    for _ in range(4):
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        got = kept(optimizer)
+        first = first or got
+        assert repr(got) == repr(optimizer.state_dict())
+        assert got["state"] is first["state"] or first is got
