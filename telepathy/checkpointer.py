@@ -194,6 +194,10 @@ class Checkpointer:
         optimizer = None
         if self.optimizer and not self.sharded:
             optimizer = self._live_optimizer(self.optimizer) if live else self.optimizer.state_dict()
+        if live:  # (what the snapshot kept of a part or optimizer no longer here is let go)
+            self._live_parts.retain({} if self.sharded else self.parts)
+            if optimizer is None:
+                self._live_optimizer.forget()
         files[OPTIMIZER] = {
             "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,

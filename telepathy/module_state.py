@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
+from torch.optim import optimizer as _optimizer_module
 
+from telepathy.tree import KeptVersions
 from telepathy.unchanged import dict_version
 
 
@@ -75,7 +77,7 @@ def _walk(module: nn.Module) -> tuple[OrderedDict[str, Any], list[nn.Module]] | 
         return None  # patched on nn.Module itself
     depth_limit = sys.getrecursionlimit()  # a cycle: state_dict's RecursionError, not an endless loop
     destination: Any = OrderedDict()
-    metadata = destination._metadata = OrderedDict()
+    metadata = destination._metadata = KeptVersions()
     modules: list[nn.Module] = []
     pending = [("", module, 0)]  # depth first, a module's own entries before its children's, as state_dict does
     while pending:
@@ -112,6 +114,11 @@ class LiveStateDicts:
 
     def __init__(self) -> None:
         self._made: dict[str, _Made] = {}  # part name -> what was made for the part under that name
+
+    def retain(self, names: Any) -> None:
+        """Let go of what was made for parts no longer among ``names`` (a part removed from the Checkpointer)."""
+        if self._made.keys() - names:
+            self._made = {name: made for name, made in self._made.items() if name in names}
 
     def __call__(self, name: str, part: Any) -> dict[str, Any]:
         made = self._made.get(name)
@@ -202,6 +209,10 @@ class LiveOptimizerState:
     def __init__(self) -> None:
         self._made: _MadeOptimizer | None = None
 
+    def forget(self) -> None:
+        """Let go of the optimizer (the Checkpointer has none any more)."""
+        self._made = None
+
     def __call__(self, optimizer: Any) -> dict[str, Any]:
         version = dict_version()
         if version is None or not _plain_optimizer(optimizer):
@@ -248,10 +259,26 @@ class _MadeOptimizer:
         return self.last
 
 
+_TORCH_WRAPPERS = {_optimizer_module.__file__, getattr(getattr(torch, "_compile", None), "__file__", None)}
+
+
+def _torch_optimizer_state_dict() -> bool:
+    """``Optimizer.state_dict`` is torch's own (maybe wrapped by its ``_disable_dynamo``), not a patch."""
+    f = torch.optim.Optimizer.state_dict
+    inner = getattr(f, "__wrapped__", f)
+    return (
+        isinstance(f, types.FunctionType)
+        and f.__code__.co_filename in _TORCH_WRAPPERS
+        and isinstance(inner, types.FunctionType)
+        and inner.__code__.co_filename == _optimizer_module.__file__
+    )
+
+
 def _plain_optimizer(optimizer: Any) -> bool:
     return (
         isinstance(optimizer, torch.optim.Optimizer)
         and type(optimizer).state_dict is torch.optim.Optimizer.state_dict
+        and _torch_optimizer_state_dict()
         and "state_dict" not in optimizer.__dict__
         and not optimizer._optimizer_state_dict_pre_hooks
         and not optimizer._optimizer_state_dict_post_hooks

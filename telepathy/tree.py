@@ -87,6 +87,11 @@ def module_versions(obj: Any) -> Any:
     return getattr(obj, "_metadata", None) if isinstance(obj, OrderedDict) else None
 
 
+class KeptVersions(OrderedDict):
+    """A state dict's module versions (``_metadata``) that telepathy built and never changes in place (it makes
+    new ones when a module changes): while it is the same object, it holds the same versions."""
+
+
 def with_module_versions(state_dict: Mapping[Any, Any], versions: Any) -> OrderedDict[Any, Any]:
     """``state_dict`` as an OrderedDict carrying ``versions`` as its ``_metadata``, the way torch makes one."""
     copy = OrderedDict(state_dict)

@@ -9,6 +9,7 @@ bit-identical to one that was never killed, one step in flight lost at most.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -22,6 +23,7 @@ import torch
 from telepathy.disk.slots import SLOT_DIR_ENV, SlotWriter, align, is_slot_dir
 from telepathy.store.known_dicts import KnownDicts
 from telepathy.store.snapshot_format import DTYPES, Once, UnsupportedState, describe
+from telepathy.tree import KeptVersions
 from telepathy.unchanged import TensorLayouts
 
 log = logging.getLogger("telepathy")
@@ -35,6 +37,7 @@ class _Layout:
     def __init__(self, key: tuple[list[Any], list[Any], list[Any]], tensors: list[torch.Tensor]) -> None:
         self.key = key
         self.tensors = tensors  # (the objects: while they are the same ones, none can have become sparse)
+        self.copies = [_copy_of(c) for c in key[2]]
         self.guard = TensorLayouts(tensors)  # (sees dtypes, shapes, strides and sparse ones in one call)
         table, offset = [], 0
         for t in tensors:
@@ -70,11 +73,11 @@ class StepSnapshots:
         try:
             structure, tensors, constants = describe(files, check=False, fixed_cache=self._fixed, known=self._known)
             last = self._layout
-            if last is not None and last.guard.same(tensors) and _same_constants(constants, last.key[2]):
+            if last is not None and last.guard.same(tensors) and _same_constants(constants, last):
                 last.tensors = tensors  # (the usual step: one C call looked at every tensor)
             else:
                 key = (list(map(_DTYPE, tensors)), list(map(torch.Tensor.size, tensors)), constants)
-                if (last is None or last.key[:2] != key[:2] or not _same_constants(constants, last.key[2])
+                if (last is None or last.key[:2] != key[:2] or not _same_constants(constants, last)
                         or not _still_dense(tensors, last.tensors)):  # fmt: skip
                     describe(files, check=True)  # names the first tensor a slot cannot hold
                     self._layout = _Layout(key, tensors)
@@ -134,20 +137,32 @@ class StepSnapshots:
 _DTYPE = operator.attrgetter("dtype")
 
 
-def _same_constants(now: list[Any], before: list[Any]) -> bool:
-    """The same objects (the usual step: kept key sets and module versions), or equal with the same types all the
-    way down: 1, 1.0 and True, 0.0 and -0.0 are told apart, as the layout's JSON keeps them apart."""
-    return len(now) == len(before) and all(a is b or _exact(a) == _exact(b) for a, b in zip(now, before, strict=True))
+def _same_constants(now: list[Any], layout: _Layout) -> bool:
+    """The layout's constants still: the same objects where they cannot change in place (key sets, versions
+    telepathy built, fixed values), else equal to the copy taken with the layout, with the same types all the way
+    down (1, 1.0 and True, 0.0 and -0.0 are told apart, as the layout's JSON keeps them apart)."""
+    before, copies = layout.key[2], layout.copies
+    if len(now) != len(before):
+        return False
+    for a, b, copied in zip(now, before, copies, strict=True):
+        if a is b and copied is None:
+            continue
+        if not _same_value(a, b if copied is None else copied):
+            return False
+    return True
 
 
-def _exact(value: Any) -> Any:
-    if isinstance(value, Once):  # (a fixed value's description: equal only to itself)
-        return (Once, id(value))
-    if isinstance(value, Mapping):
-        return (type(value), tuple((_exact(k), _exact(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return (type(value), tuple(map(_exact, value)))
-    return (type(value), repr(value) if type(value) is float else value)
+def _same_value(a: Any, b: Any) -> bool:
+    if type(a) is not type(b) or a != b:  # (C speed first)
+        return False
+    if type(a) is tuple:  # a key set: ints and strings
+        return list(map(type, a)) == list(map(type, b))
+    return repr(a) == repr(b)  # module versions: plain values in dicts
+
+
+def _copy_of(constant: Any) -> Any:
+    """What a constant is compared with at later steps: None where the same object cannot have changed."""
+    return None if isinstance(constant, (tuple, KeptVersions, Once)) else copy.deepcopy(constant)
 
 
 def _still_dense(tensors: list[torch.Tensor], before: list[torch.Tensor]) -> bool:

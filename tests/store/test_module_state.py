@@ -270,11 +270,20 @@ def _optimizer_changes() -> dict[str, object]:
         "the groups replaced": lambda o, m: setattr(o, "param_groups", list(reversed(o.param_groups))),
         "a state-dict hook": lambda o, m: o.register_state_dict_post_hook(lambda opt, sd: {**sd, "hooked": 1}),
         "an override on the instance": lambda o, m: setattr(o, "state_dict", lambda: {"own": 1}),
+        "Optimizer patched": lambda o, m: setattr(torch.optim.Optimizer, "state_dict", _patched_optimizer_state_dict),
     }
 
 
+_TORCH_OPTIMIZER_STATE_DICT = torch.optim.Optimizer.state_dict
+
+
+def _patched_optimizer_state_dict(self):
+    return {**_TORCH_OPTIMIZER_STATE_DICT(self), "extra": 5}
+
+
 @pytest.mark.parametrize("change", list(_optimizer_changes()))
-def test_a_kept_optimizer_state_dict_is_made_again_after_any_change(change):
+def test_a_kept_optimizer_state_dict_is_made_again_after_any_change(change, monkeypatch):
+    monkeypatch.setattr(torch.optim.Optimizer, "state_dict", _TORCH_OPTIMIZER_STATE_DICT)  # (undone after)
     model = nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": 0.2})
@@ -306,3 +315,18 @@ def test_a_new_learning_rate_at_every_step_keeps_the_packed_state():
         first = first or got
         assert repr(got) == repr(optimizer.state_dict())
         assert got["state"] is first["state"] or first is got
+
+
+def test_parts_no_longer_there_are_let_go():
+    import gc
+    import weakref
+
+    kept = LiveStateDicts()
+    part = nn.Linear(2, 2)
+    kept("a", part)
+    kept("b", nn.Linear(2, 2))
+    gone = weakref.ref(part)
+    kept.retain({"b": None})
+    del part
+    gc.collect()
+    assert gone() is None

@@ -394,3 +394,21 @@ def test_changes_to_an_optimizers_state_reach_the_next_snapshot_exactly(tmp_path
             assert deep_equal(files_from_slot(meta, data), files) == [], step
     finally:
         snapshots.close()
+
+
+def test_module_versions_changed_in_place_reach_the_next_snapshot(tmp_path):
+    """A part whose own state_dict hands back the same OrderedDict and changes its _metadata in place."""
+    from collections import OrderedDict
+
+    held = OrderedDict(w=torch.ones(2))
+    held._metadata = OrderedDict({"": {"version": 1}})
+    files = {"o": held}
+    snapshots = StepSnapshots(tmp_path)
+    try:
+        for step, version in enumerate([1, 1, 2, 2.0, True, 3], start=1):
+            held._metadata[""]["version"] = version
+            snapshots.capture(step, files, {"reason": "rescue"}, {})
+            rescued = files_from_slot(*slots.read_newest(tmp_path))["o"]
+            assert repr(rescued._metadata) == repr(held._metadata), step
+    finally:
+        snapshots.close()
