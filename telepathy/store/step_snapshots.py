@@ -9,7 +9,6 @@ bit-identical to one that was never killed, one step in flight lost at most.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import logging
@@ -37,7 +36,7 @@ class _Layout:
     def __init__(self, key: tuple[list[Any], list[Any], list[Any]], tensors: list[torch.Tensor]) -> None:
         self.key = key
         self.tensors = tensors  # (the objects: while they are the same ones, none can have become sparse)
-        self.copies = [_copy_of(c) for c in key[2]]
+        self.texts = [_text_of(c) for c in key[2]]
         self.guard = TensorLayouts(tensors)  # (sees dtypes, shapes, strides and sparse ones in one call)
         table, offset = [], 0
         for t in tensors:
@@ -139,30 +138,27 @@ _DTYPE = operator.attrgetter("dtype")
 
 def _same_constants(now: list[Any], layout: _Layout) -> bool:
     """The layout's constants still: the same objects where they cannot change in place (key sets, versions
-    telepathy built, fixed values), else equal to the copy taken with the layout, with the same types all the way
-    down (1, 1.0 and True, 0.0 and -0.0 are told apart, as the layout's JSON keeps them apart)."""
-    before, copies = layout.key[2], layout.copies
+    telepathy built, fixed values), else the same JSON as when the layout was made (which tells 1, 1.0 and True,
+    0.0 and -0.0 apart, as the layout's JSON does)."""
+    before, texts = layout.key[2], layout.texts
     if len(now) != len(before):
         return False
-    for a, b, copied in zip(now, before, copies, strict=True):
-        if a is b and copied is None:
+    for a, b, text in zip(now, before, texts, strict=True):
+        if a is b and text is None:
             continue
-        if not _same_value(a, b if copied is None else copied):
+        if type(a) is tuple or type(b) is tuple:  # key sets: ints and strings
+            if not (type(a) is type(b) and a == b and list(map(type, a)) == list(map(type, b))):
+                return False
+        elif isinstance(a, Once) or isinstance(b, Once) or _json(a) != (text if text is not None else _json(b)):
             return False
     return True
 
 
-def _same_value(a: Any, b: Any) -> bool:
-    if type(a) is not type(b) or a != b:  # (C speed first)
-        return False
-    if type(a) is tuple:  # a key set: ints and strings
-        return list(map(type, a)) == list(map(type, b))
-    return repr(a) == repr(b)  # module versions: plain values in dicts
-
-
-def _copy_of(constant: Any) -> Any:
-    """What a constant is compared with at later steps: None where the same object cannot have changed."""
-    return None if isinstance(constant, (tuple, KeptVersions, Once)) else copy.deepcopy(constant)
+def _text_of(constant: Any) -> bytes | None:
+    """What a constant is compared with at later steps: its JSON, or None where the same object cannot have
+    changed (key sets are tuples; versions telepathy built are never changed in place; a fixed value's
+    description is equal only to itself)."""
+    return None if isinstance(constant, (tuple, KeptVersions, Once)) else _json(constant)
 
 
 def _still_dense(tensors: list[torch.Tensor], before: list[torch.Tensor]) -> bool:
