@@ -104,12 +104,14 @@ def test_caller_can_add_signals():
 def test_uninstall_restores_previous_handlers():
     seen = []
     previous = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(s))
+    sigint_before = signal.getsignal(signal.SIGINT)  # (Python's default, or SIG_IGN when started in the background)
     try:
         ts.install_signal_handlers()
+        assert signal.getsignal(signal.SIGINT) is not sigint_before
         ts.uninstall_signal_handlers()
         send(signal.SIGUSR1)
         assert seen == [signal.SIGUSR1]
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is sigint_before
     finally:
         signal.signal(signal.SIGUSR1, previous)
 
