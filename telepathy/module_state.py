@@ -128,9 +128,10 @@ class LiveStateDicts:
             return made.state
         misses = 0 if made is None else made.misses + 1
         version = dict_version()
-        if version is None or _own_state_dict(part) or (made is not None and made.gave_up):
-            if version is None or _own_state_dict(part):
-                self._made.pop(name, None)
+        if version is None or _own_state_dict(part):
+            self._made.pop(name, None)
+            return live_state_dict(part)
+        if made is not None and made.gave_up:
             return live_state_dict(part)
         walked = _walk(part)
         if walked is None:
