@@ -302,6 +302,8 @@ class Checkpointer:
         ``training_signals.exit_code()``). With ``async_save`` only the copy to host buffers blocks, except before
         an exit: that save is durable before it returns. Under ``torch.distributed``: call it on every rank; they
         agree first and act together. ``interval`` (seconds) replaces the options' interval from now on."""
+        if self._snapshots is not None:  # a big state starts its copy now, while the rest below is worked out
+            self._snapshots.start_copy()
         if self.recorder is not None:
             self.recorder.step(state.global_step, state.epoch, None if metric is None else float(metric))
         if STEP_LOG_ENV in os.environ:  # telepathy check-resume compares every step's metric, to the last bit

@@ -59,6 +59,7 @@ class RngPeeker:
             self._numpy_key[:] = np.frombuffer(raw, dtype=np.uint32, count=_MT_WORDS)
             self._numpy_fields = struct.unpack_from("=ii4xd", raw, 4 * _MT_WORDS)  # pos, has_gauss, gauss
             self._numpy_raw = raw
+            _changed_in_place(self._numpy_key_tensor)
         pos, has_gauss, gauss = self._numpy_fields
         return {"bit_generator": "MT19937", "key": self._numpy_key_tensor, "pos": pos, "has_gauss": has_gauss,
                 "gauss": gauss}  # fmt: skip
@@ -70,7 +71,19 @@ class RngPeeker:
             self._python_key[:_MT_WORDS] = np.frombuffer(raw, dtype=np.uint32, count=_MT_WORDS, offset=4)
             self._python_key[_MT_WORDS] = int.from_bytes(raw[:4], "little", signed=True)
             self._python_raw = raw
+            _changed_in_place(self._python_key_tensor)
         return random.Random.VERSION, self._python_key_tensor, self._python.gauss_next
+
+
+def _changed_in_place(tensor: torch.Tensor) -> None:
+    """Bump the version counter of a tensor written through its NumPy array (which torch does not see): a
+    snapshot's copy begun before this call (:mod:`telepathy.store.overlapped_copy`) sees that it must copy the
+    tensor again."""
+    bump = getattr(torch.autograd.graph, "increment_version", None)
+    if bump is not None:
+        bump(tensor)
+    else:  # (older torch)
+        tensor.add_(0)
 
 
 def _aug_offset(state: np.random.RandomState) -> int | None:

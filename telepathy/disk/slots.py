@@ -133,6 +133,7 @@ class SlotWriter:
         self.layout_room = LAYOUT_ROOM
         self.on_unmap = on_unmap
         self._layout_in: dict[int, tuple[bytes, int, mmap.mmap]] = {}  # slot -> the layout in it, where, which file
+        self._begun: int | None = None  # the seq begin() marked, until write() completes it
 
     def write(self, step: int, meta: dict[str, Any] | bytes, data_len: int,
               fill: Callable[[mmap.mmap, int, int], None], layout: bytes = b"{}") -> None:  # fmt: skip
@@ -140,7 +141,9 @@ class SlotWriter:
         object; written again only when it is another object than the one in this slot), then
         ``fill(mapping, offset, length)`` copies ``data_len`` bytes of tensors into
         ``mapping[offset : offset + length]``."""
-        self.seq += 1
+        if self._begun != self.seq:  # (else begin() has marked this slot already)
+            self.seq += 1
+        self._begun = None
         slot = self.seq % SLOTS
         if isinstance(meta, dict):
             meta = json.dumps(meta, separators=(",", ":")).encode()
@@ -152,8 +155,7 @@ class SlotWriter:
             self.meta_room *= 2
         while len(layout) > self.layout_room:
             self.layout_room *= 2
-        meta_at = align(HEADER_BYTES + self.layout_room)
-        data_at = align(meta_at + self.meta_room)
+        meta_at, data_at = self._places()
         mapping = self._mapping(slot, data_at + data_len)
         header = (MAGIC, self.seq, 0, len(meta_bytes), data_len, data_at, len(layout), meta_at)
         HEADER.pack_into(mapping, 0, *header)  # seq_end 0: being written
@@ -164,6 +166,22 @@ class SlotWriter:
         mapping[meta_at : meta_at + len(meta_bytes)] = meta_bytes
         fill(mapping, data_at, data_len)
         HEADER.pack_into(mapping, 0, MAGIC, self.seq, self.seq, *header[3:])
+
+    def begin(self, data_len: int) -> tuple[mmap.mmap, int]:
+        """Mark the next slot as being written and return (its mapping, where its data goes), for a copy that
+        starts before the meta is known; the next :meth:`write` completes this slot (its data may then move,
+        if the meta outgrew its room: the caller checks where ``fill`` is asked to copy)."""
+        if self._begun != self.seq:  # (a slot begun and never completed is begun again: the other one holds the
+            self.seq += 1  # last complete snapshot, and keeps it)
+        self._begun = self.seq
+        meta_at, data_at = self._places()
+        mapping = self._mapping(self.seq % SLOTS, data_at + data_len)
+        HEADER.pack_into(mapping, 0, MAGIC, self.seq, 0, 0, data_len, data_at, 0, meta_at)  # seq_end 0: being written
+        return mapping, data_at
+
+    def _places(self) -> tuple[int, int]:
+        meta_at = align(HEADER_BYTES + self.layout_room)
+        return meta_at, align(meta_at + self.meta_room)
 
     def _mapping(self, slot: int, size: int) -> mmap.mmap:
         current = self._maps.get(slot)

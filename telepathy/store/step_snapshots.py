@@ -2,9 +2,11 @@
 
 The copy is the only per-step cost to the training loop: one ``copy_`` per tensor into a preallocated mapping
 (no pickling, no hashing, no disk) and a small JSON description of the rest (positions, RNG states, optimizer
-hyper-parameters; :mod:`telepathy.store.snapshot_format`). If the trainer dies, its supervisor rebuilds the same
-``files`` a normal save would write and commits them with the normal atomic protocol; the resumed run is then
-bit-identical to one that was never killed, one step in flight lost at most.
+hyper-parameters; :mod:`telepathy.store.snapshot_format`). A big state on the CPU (at least
+``TELEPATHY_SNAPSHOT_OVERLAP_MIB``, default 16) starts its copy in a thread before it is described, and the two
+overlap (:meth:`StepSnapshots.start_copy`). If the trainer dies, its supervisor rebuilds the same ``files`` a
+normal save would write and commits them with the normal atomic protocol; the resumed run is then bit-identical
+to one that was never killed, one step in flight lost at most.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import operator
 import os
 from collections.abc import Mapping
@@ -21,11 +24,14 @@ import torch
 
 from telepathy.disk.slots import SLOT_DIR_ENV, SlotWriter, align, is_slot_dir
 from telepathy.store.known_dicts import KnownDicts
+from telepathy.store.overlapped_copy import OverlappedCopy
 from telepathy.store.snapshot_format import DTYPES, Once, UnsupportedState, describe
 from telepathy.tree import KeptVersions
 from telepathy.unchanged import TensorLayouts
 
 log = logging.getLogger("telepathy")
+OVERLAP_ENV = "TELEPATHY_SNAPSHOT_OVERLAP_MIB"
+OVERLAP_MIB = 16  # states at least this big are copied in a thread while the trainer describes them (the default)
 
 
 class _Layout:
@@ -48,6 +54,7 @@ class _Layout:
         self.non_empty = [n > 0 for _, _, _, n in table]
         self.all_non_empty = all(self.non_empty)
         self.views = [(DTYPES[d], tuple(shape), at, n) for d, shape, at, n in table if n]
+        self.on_cpu = all(t.device.type == "cpu" for t in tensors)  # (a GPU's copy goes on the trainer's stream)
 
 
 class StepSnapshots:
@@ -64,11 +71,43 @@ class StepSnapshots:
         self._slot_layout: tuple[Any, bytes] = (None, b"")  # ((layout, store, save_dir), the JSON of all three)
         self._fixed: dict[int, tuple[Any, Any]] = {}  # id(tree.Fixed) -> (it, its description)
         self._known = KnownDicts()  # (dicts of tensors described before and unchanged since)
+        self._overlap_bytes = _overlap_bytes()
+        self._copier = OverlappedCopy()
+        self._started: _Started | None = None  # the copy start_copy() began, until capture() used it
+
+    def start_copy(self) -> None:
+        """Big states, before the step's state is described: start copying the tensors of the last step's layout
+        into the next slot, in a thread. Most are the same objects at every step (parameters, optimizer moments),
+        and nothing changes them while the trainer describes its state; :meth:`capture` copies again whatever is
+        not the same object, was changed in place meanwhile (``_version``) or no longer has that layout."""
+        layout = self._layout
+        if (self.disabled is not None or layout is None or layout.data_len < self._overlap_bytes
+                or not layout.views or not layout.on_cpu):  # fmt: skip
+            return
+        if self._copier.running:  # (a capture that never came: finish the old copy before starting another)
+            self._copier.wait()
+        try:
+            mapping, at = self.writer.begin(layout.data_len)
+        except OSError:
+            return  # (capture() meets the same error and says so)
+        destinations = self._destinations(mapping, at, layout.data_len, layout)
+        sources = layout.tensors if layout.all_non_empty else list(itertools.compress(layout.tensors, layout.non_empty))
+        versions = [t._version for t in sources]
+        if self._copier.start(destinations, sources):
+            self._started = _Started(layout, destinations, sources, versions)
 
     def capture(self, step: int, files: Mapping[str, Any], info: Mapping[str, Any], store: Mapping[str, Any],
                 save_dir: str = "") -> None:  # fmt: skip
         if self.disabled is not None:
             return
+        try:
+            self._capture(step, files, info, store, save_dir)
+        finally:  # (no copy may outlive a capture: the writer may remap the slot, a reader may look)
+            self._copier.wait()
+            self._started = None
+
+    def _capture(self, step: int, files: Mapping[str, Any], info: Mapping[str, Any], store: Mapping[str, Any],
+                 save_dir: str) -> None:  # fmt: skip
         try:
             structure, tensors, constants = describe(files, check=False, fixed_cache=self._fixed, known=self._known)
             last = self._layout
@@ -95,10 +134,13 @@ class StepSnapshots:
             text = b"".join(parts)
             self._slot_layout = ((layout, dict(store), save_dir), text)
         meta = _json({"files": structure, "info": dict(info)})  # (one encoder call, not two)
+        started = self._started if self._copier.wait() else None
 
         def fill(mapping: Any, at: int, length: int) -> None:
             destinations = self._destinations(mapping, at, length, layout)
             sources = tensors if layout.all_non_empty else list(itertools.compress(tensors, layout.non_empty))
+            if started is not None and started.layout is layout and started.destinations is destinations:
+                destinations, sources = started.stale(destinations, sources)
             if sources:
                 with torch.inference_mode():  # (no detach: 177 of them cost more than the copy of a small state)
                     torch._foreach_copy_(destinations, sources)  # one call, not one per tensor
@@ -130,7 +172,25 @@ class StepSnapshots:
         self._views.pop(id(mapping), None)
 
     def close(self) -> None:
+        self._copier.wait()
         self.writer.close()
+
+
+class _Started:
+    """A copy begun before the state was described: what it copied, from which objects, at which versions."""
+
+    def __init__(self, layout: _Layout, destinations: list[torch.Tensor], sources: list[torch.Tensor],
+                 versions: list[int]) -> None:  # fmt: skip
+        self.layout, self.destinations, self.sources, self.versions = layout, destinations, sources, versions
+
+    def stale(self, destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> tuple[list, list]:
+        """The (destinations, sources) still to copy: each source that is not the object copied, or was changed
+        in place since its copy began."""
+        if len(sources) != len(self.sources):
+            return destinations, sources
+        redo = [i for i, (now, copied, version) in enumerate(zip(sources, self.sources, self.versions))
+                if now is not copied or now._version != version]  # fmt: skip
+        return [destinations[i] for i in redo], [sources[i] for i in redo]
 
 
 _DTYPE = operator.attrgetter("dtype")
@@ -176,6 +236,19 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
 def _json(value: Any) -> bytes:
     return _ENCODER.encode(value).encode()
+
+
+def _overlap_bytes() -> int:
+    """From ``TELEPATHY_SNAPSHOT_OVERLAP_MIB`` (a number of MiB, 0: every state), else :data:`OVERLAP_MIB`."""
+    text = os.environ.get(OVERLAP_ENV, "").strip()
+    try:
+        mib = float(text) if text else OVERLAP_MIB
+    except ValueError:
+        mib = math.nan
+    if not 0 <= mib < 2**40:
+        log.warning("%s=%r is not a number of MiB >= 0; using %d", OVERLAP_ENV, text, OVERLAP_MIB)
+        mib = OVERLAP_MIB
+    return int(mib * 2**20)
 
 
 def from_environment(enabled: bool, several_ranks: bool) -> StepSnapshots | None:

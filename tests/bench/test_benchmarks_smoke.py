@@ -26,7 +26,8 @@ TABLE_HEADERS = {  # script -> the header of each table it prints
     ],
     "hard_kill_bench.py": [
         "| main job (LatentWire default) | ms/step after start-up | x no protection | x no protection, same round",
-        "| in-process loop, state of model + AdamW | ms/step | overhead ms/step | overhead / copy floor |",
+        "| `--snapshot_every_step`, same process, alternated blocks of 3 steps | pairs of blocks | ms/step with",
+        "| in-process loop, state of model + AdamW | ms/step | overhead ms/step | overhead / the bare copy's |",
         "| SIGKILL at a random instant | kills | steps replayed, median | max | bit-identical to an uninterrupted",
     ],
     "writer_bench.py": [

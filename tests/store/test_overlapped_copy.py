@@ -1,0 +1,146 @@
+"""Big states start their snapshot copy in a thread before the state is described (``start_copy``): the slot
+must still hold exactly what a save at that step writes, whatever changed during the step boundary."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from harness import deep_equal
+
+from telepathy.disk import slots
+from telepathy.store import step_snapshots
+from telepathy.store.overlapped_copy import OverlappedCopy
+from telepathy.store.snapshot_read import files_from_slot
+
+
+class _CountsWhenSaved:
+    """A part whose state_dict changes one of its own tensors in place (after the copy began) and hands back
+    the same objects at every step."""
+
+    def __init__(self) -> None:
+        self.counter = torch.zeros(1000)
+        self.kept = torch.arange(1000.0)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        self.counter.add_(1.0)
+        return {"counter": self.counter, "kept": self.kept}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.counter.copy_(state["counter"])
+
+
+def _checkpointer(tmp_path, monkeypatch, parts, optimizer=None):
+    from telepathy.checkpointer import Checkpointer
+    from telepathy.options import CheckpointOptions
+
+    slot_dir = slots.make_slot_dir(tmp_path)
+    monkeypatch.setenv(slots.SLOT_DIR_ENV, str(slot_dir))
+    monkeypatch.setenv(step_snapshots.OVERLAP_ENV, "0")  # every state, however small, takes the overlapped path
+    monkeypatch.setattr(step_snapshots, "_inherited", None)
+    ckpt = Checkpointer(tmp_path / "save", parts=parts, optimizer=optimizer,
+                        options=CheckpointOptions(snapshot_every_step=True))  # fmt: skip
+    return ckpt, slot_dir
+
+
+def test_an_overlapped_snapshot_holds_what_a_save_writes_at_every_step(tmp_path, monkeypatch):
+    from telepathy.train_state import TrainState
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    counting = _CountsWhenSaved()
+    redone: list[int] = []
+    real_stale = step_snapshots._Started.stale
+
+    def stale(self, destinations, sources):
+        out = real_stale(self, destinations, sources)
+        redone.append(len(out[1]))
+        return out
+
+    monkeypatch.setattr(step_snapshots._Started, "stale", stale)
+    ckpt, slot_dir = _checkpointer(tmp_path, monkeypatch, {"model": model, "counting": counting}, optimizer)
+    try:
+        state = TrainState()
+        for step in range(1, 9):
+            loss = model(torch.randn(4, 6)).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            random.random(), np.random.rand()  # the RNG states the snapshot reads from memory change too
+            if step == 5:
+                model[2].weight = torch.nn.Parameter(torch.zeros(2, 8))  # a new object: not the one copied
+            state.global_step = step
+            ckpt.step_boundary(state)
+            counter_now = counting.counter.clone()  # (a save calls state_dict again, which counts again)
+            rescued = files_from_slot(*slots.read_newest(slot_dir))
+            assert torch.equal(rescued["counting"]["counter"], counter_now), step
+            saved = ckpt._files(state)
+            saved["counting"]["counter"] = counter_now
+            assert deep_equal(rescued["model"], saved["model"]) == [], step
+            assert deep_equal(rescued["optimizer"], saved["optimizer"]) == [], step
+            for generator in ("python", "numpy", "torch_cpu"):
+                assert deep_equal(rescued["state"]["rng"][generator], saved["state"]["rng"][generator]) == [], step
+        assert ckpt._snapshots._copier._thread is not None, "the copy never ran in its thread"
+        assert redone and all(n >= 1 for n in redone), redone  # the counter at least, at every step
+    finally:
+        ckpt.close()
+        slots.remove_slot_dir(slot_dir)
+
+
+def test_rng_keys_read_from_memory_change_their_version(monkeypatch):
+    """What lets a copy begun earlier see that the peeker rewrote its key tensors through NumPy."""
+    from telepathy import rng_peek
+
+    peek = rng_peek.peeker()
+    if peek is None:
+        pytest.skip("this Python or NumPy has no layout the peeker knows")
+    key = peek.python()[1]
+    before = key._version
+    random.random()
+    assert peek.python()[1] is key and key._version > before
+    numpy_key = peek.numpy()["key"]
+    before = numpy_key._version
+    np.random.rand()
+    assert peek.numpy()["key"] is numpy_key and numpy_key._version > before
+
+
+def test_a_begun_slot_is_completed_by_the_next_write_and_never_takes_the_last_complete_one(tmp_path):
+    writer = slots.SlotWriter(tmp_path)
+
+    def fill(value):
+        return lambda mapping, at, length: mapping.__setitem__(slice(at, at + length), bytes([value]) * length)
+
+    writer.write(1, {"n": 1}, 8, fill(1))
+    writer.write(2, {"n": 2}, 8, fill(2))
+    writer.begin(8)  # step 3 begun: the slot of step 1 is being written
+    assert slots.read_newest(tmp_path)[0]["n"] == 2
+    writer.begin(8)  # begun again (a capture that never came): still that slot, step 2 untouched
+    assert slots.read_newest(tmp_path)[0]["n"] == 2
+    writer.write(3, {"n": 3}, 8, fill(3))
+    meta, data = slots.read_newest(tmp_path)
+    assert (meta["step"], meta["n"], data) == (3, 3, bytes([3]) * 8)
+    writer.write(4, {"n": 4}, 8, fill(4))  # the other slot, as without begin()
+    assert {slots._read_slot(tmp_path / f"slot{i}")[1]["n"] for i in range(2)} == {3, 4}
+    writer.close()
+
+
+def test_a_forked_child_copies_itself(tmp_path):
+    copier = OverlappedCopy()
+    source, target = [torch.arange(4.0)], [torch.zeros(4)]
+    assert copier.start(target, source) and copier.wait() and torch.equal(target[0], source[0])
+    pid = os.fork()
+    if pid == 0:  # (the thread stayed in the parent: no start, no hang)
+        os._exit(0 if copier.start([torch.zeros(4)], source) is False else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("text", ["-1", "lots", "nan", "inf"])
+def test_a_bad_overlap_threshold_is_named_and_the_default_used(monkeypatch, caplog, text):
+    monkeypatch.setenv(step_snapshots.OVERLAP_ENV, text)
+    assert step_snapshots._overlap_bytes() == step_snapshots.OVERLAP_MIB << 20
+    assert step_snapshots.OVERLAP_ENV in caplog.text
