@@ -302,16 +302,14 @@ class Checkpointer:
         ``training_signals.exit_code()``). With ``async_save`` only the copy to host buffers blocks, except before
         an exit: that save is durable before it returns. Under ``torch.distributed``: call it on every rank; they
         agree first and act together. ``interval`` (seconds) replaces the options' interval from now on."""
-        if self._snapshots is not None:  # a big state starts its copy now, while the rest below is worked out
-            self._snapshots.start_copy()
         if self.recorder is not None:
             self.recorder.step(state.global_step, state.epoch, None if metric is None else float(metric))
         if STEP_LOG_ENV in os.environ:  # telepathy check-resume compares every step's metric, to the last bit
             record_step(os.environ[STEP_LOG_ENV], state.global_step, metric)
         if self._snapshots is not None:  # what the supervisor commits if this process dies before the next step
             info = self._info(state, "rescue", metric)
-            self._snapshots.capture(state.global_step, self._files(state, live=True), info, self._options_record,
-                                    self._resolved_save_dir)  # fmt: skip
+            files = lambda: self._files(state, live=True)  # noqa: E731 (built after a big state's copy began)
+            self._snapshots.capture(state.global_step, files, info, self._options_record, self._resolved_save_dir)
         if interval is not None and interval != self.policy.interval:
             self.policy.interval = check_interval(interval)
         if not self.policy.decides_at(state.global_step):

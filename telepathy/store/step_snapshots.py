@@ -4,7 +4,7 @@ The copy is the only per-step cost to the training loop: one ``copy_`` per tenso
 (no pickling, no hashing, no disk) and a small JSON description of the rest (positions, RNG states, optimizer
 hyper-parameters; :mod:`telepathy.store.snapshot_format`). A big state on the CPU (at least
 ``TELEPATHY_SNAPSHOT_OVERLAP_MIB``, default 16) starts its copy in a thread before it is described, and the two
-overlap (:meth:`StepSnapshots.start_copy`). If the trainer dies, its supervisor rebuilds the same ``files`` a
+overlap (:meth:`StepSnapshots.capture`). If the trainer dies, its supervisor rebuilds the same ``files`` a
 normal save would write and commits them with the normal atomic protocol; the resumed run is then bit-identical
 to one that was never killed, one step in flight lost at most.
 """
@@ -17,7 +17,7 @@ import logging
 import math
 import operator
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -73,19 +73,18 @@ class StepSnapshots:
         self._known = KnownDicts()  # (dicts of tensors described before and unchanged since)
         self._overlap_bytes = _overlap_bytes()
         self._copier = OverlappedCopy()
-        self._started: _Started | None = None  # the copy start_copy() began, until capture() used it
+        self._started: _Started | None = None  # the copy _start_copy() began, until capture() used it
 
-    def start_copy(self) -> None:
-        """Big states, before the step's state is described: start copying the tensors of the last step's layout
-        into the next slot, in a thread. Most are the same objects at every step (parameters, optimizer moments),
-        and nothing changes them while the trainer describes its state; :meth:`capture` copies again whatever is
-        not the same object, was changed in place meanwhile (``_version``) or no longer has that layout."""
+    def _start_copy(self) -> None:
+        """Big states, before the step's state is built and described: start copying the tensors of the last
+        step's layout into the next slot, in a thread. Most are the same objects at every step (parameters,
+        optimizer moments), and nothing changes them while the trainer describes its state; :meth:`capture`
+        copies again whatever is not the same object, was changed in place meanwhile (``_version``) or no longer
+        has that layout."""
         layout = self._layout
         if (self.disabled is not None or layout is None or layout.data_len < self._overlap_bytes
                 or not layout.views or not layout.on_cpu):  # fmt: skip
             return
-        if self._copier.running:  # (a capture that never came: finish the old copy before starting another)
-            self._copier.wait()
         try:
             mapping, at = self.writer.begin(layout.data_len)
         except OSError:
@@ -96,12 +95,15 @@ class StepSnapshots:
         if self._copier.start(destinations, sources):
             self._started = _Started(layout, destinations, sources, versions)
 
-    def capture(self, step: int, files: Mapping[str, Any], info: Mapping[str, Any], store: Mapping[str, Any],
-                save_dir: str = "") -> None:  # fmt: skip
+    def capture(self, step: int, files: Mapping[str, Any] | Callable[[], Mapping[str, Any]], info: Mapping[str, Any],
+                store: Mapping[str, Any], save_dir: str = "") -> None:  # fmt: skip
+        """Copy the state (``files``, or a function that builds it: a big state's copy then begins first) into
+        the next slot."""
         if self.disabled is not None:
             return
+        self._start_copy()
         try:
-            self._capture(step, files, info, store, save_dir)
+            self._capture(step, files() if callable(files) else files, info, store, save_dir)
         finally:  # (no copy may outlive a capture: the writer may remap the slot, a reader may look)
             self._copier.wait()
             self._started = None

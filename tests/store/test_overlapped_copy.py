@@ -1,5 +1,6 @@
-"""Big states start their snapshot copy in a thread before the state is described (``start_copy``): the slot
-must still hold exactly what a save at that step writes, whatever changed during the step boundary."""
+"""Big states start their snapshot copy in a thread before the state is built and described
+(``StepSnapshots.capture`` given a function that builds it): the slot must still hold exactly what a save at
+that step writes, whatever changed during the step boundary."""
 
 from __future__ import annotations
 
