@@ -183,11 +183,13 @@ class Checkpointer:
         self.close()
 
     # ------------------------------------------------------------------------------------------ save
-    def _files(self, state: TrainState, live: bool = False) -> dict[str, Any]:
+    def _files(self, state: TrainState, live: bool = False, user_code_done: Callable[[], None] | None = None
+               ) -> dict[str, Any]:  # fmt: skip
         """The files rank 0 writes: parts, optimizer and state (in sharded mode only scheduler, scaler and
         state: parts and optimizer are in the DCP shards). ``live``: a module's parameters themselves, not
         detached aliases (a per-step snapshot copies them at once; the detaches were a tenth of its cost), and
-        Python's RNG state packed (:class:`telepathy.rng.PackedInts`)."""
+        Python's RNG state packed (:class:`telepathy.rng.PackedInts`). ``user_code_done`` is called once no code
+        of the user's (state-dict hooks and overrides, schedulers, pickled metadata) is left to run."""
         files: dict[str, Any] = {}
         for name, part in {} if self.sharded else self.parts.items():
             files[name] = self._live_parts(name, part) if live else part.state_dict()
@@ -203,8 +205,10 @@ class Checkpointer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
         }
-        rng_state = rng.capture_rng_state(self.generators, packed=live)
         constants = self._fixed_constants.get(self.signature, self.metadata) if live else None
+        if user_code_done is not None:
+            user_code_done()
+        rng_state = rng.capture_rng_state(self.generators, packed=live)
         files[STATE] = state_to_dict(state, rng_state, self.signature, self.metadata, constants)
         return files
 
@@ -308,7 +312,11 @@ class Checkpointer:
             record_step(os.environ[STEP_LOG_ENV], state.global_step, metric)
         if self._snapshots is not None:  # what the supervisor commits if this process dies before the next step
             info = self._info(state, "rescue", metric)
-            files = lambda: self._files(state, live=True)  # noqa: E731 (built after a big state's copy began)
+            try:  # (a big state's copy begins in a thread once no user code is left to run: see StepSnapshots)
+                files = self._files(state, live=True, user_code_done=self._snapshots.start_copy)
+            except BaseException:
+                self._snapshots.settle()  # no copy outlives a step boundary
+                raise
             self._snapshots.capture(state.global_step, files, info, self._options_record, self._resolved_save_dir)
         if interval is not None and interval != self.policy.interval:
             self.policy.interval = check_interval(interval)

@@ -187,7 +187,9 @@ class SlotWriter:
         current = self._maps.get(slot)
         if current is not None and current[1] >= size:
             return current[0]
-        if current is not None:
+        if current is not None:  # (forgotten first: if the new one cannot be made, none is left to reuse)
+            del self._maps[slot]
+            self._layout_in.pop(slot, None)
             self._unmap(current[0])
         capacity = max(size, int(size * 1.25))  # room for a state that grows a little (optimizer state appears)
         path = self.dir / f"slot{slot}"

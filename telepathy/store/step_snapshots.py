@@ -17,7 +17,7 @@ import logging
 import math
 import operator
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -54,7 +54,7 @@ class _Layout:
         self.non_empty = [n > 0 for _, _, _, n in table]
         self.all_non_empty = all(self.non_empty)
         self.views = [(DTYPES[d], tuple(shape), at, n) for d, shape, at, n in table if n]
-        self.on_cpu = all(t.device.type == "cpu" for t in tensors)  # (a GPU's copy goes on the trainer's stream)
+        self.on_cpu = _on_cpu(tensors)  # (a GPU's copy goes on the trainer's stream, in the trainer's thread)
 
 
 class StepSnapshots:
@@ -73,47 +73,55 @@ class StepSnapshots:
         self._known = KnownDicts()  # (dicts of tensors described before and unchanged since)
         self._overlap_bytes = _overlap_bytes()
         self._copier = OverlappedCopy()
-        self._started: _Started | None = None  # the copy _start_copy() began, until capture() used it
+        self._started: _Started | None = None  # the copy start_copy() began, until capture() used it
 
-    def _start_copy(self) -> None:
-        """Big states, before the step's state is built and described: start copying the tensors of the last
-        step's layout into the next slot, in a thread. Most are the same objects at every step (parameters,
-        optimizer moments), and nothing changes them while the trainer describes its state; :meth:`capture`
-        copies again whatever is not the same object, was changed in place meanwhile (``_version``) or no longer
-        has that layout."""
+    def start_copy(self) -> None:
+        """Big states, once no user code is left to run in building the step's state, before it is described:
+        start copying the tensors of the last step's layout into the next slot, in a thread. Most
+        are the same objects at every step (parameters, optimizer moments) and describing changes none; still,
+        :meth:`capture` copies again each one that is not the object copied, whose storage or version changed
+        meanwhile, or that no longer has exactly that layout. The thread copies from aliases (``detach``) that
+        keep each storage alive whatever happens to the tensor."""
         layout = self._layout
-        if (self.disabled is not None or layout is None or layout.data_len < self._overlap_bytes
-                or not layout.views or not layout.on_cpu):  # fmt: skip
+        if (self._started is not None or self.disabled is not None or layout is None
+                or layout.data_len < self._overlap_bytes or not layout.views or not layout.on_cpu):  # fmt: skip
+            return
+        sources = layout.tensors if layout.all_non_empty else list(itertools.compress(layout.tensors, layout.non_empty))
+        if any(map(torch.Tensor.is_inference, sources)):  # (no version counter to check: copied after describing)
             return
         try:
             mapping, at = self.writer.begin(layout.data_len)
         except OSError:
             return  # (capture() meets the same error and says so)
         destinations = self._destinations(mapping, at, layout.data_len, layout)
-        sources = layout.tensors if layout.all_non_empty else list(itertools.compress(layout.tensors, layout.non_empty))
+        aliases = [t.detach() for t in sources]
         versions = [t._version for t in sources]
-        if self._copier.start(destinations, sources):
-            self._started = _Started(layout, destinations, sources, versions)
+        if self._copier.start(destinations, aliases):
+            self._started = _Started(layout, destinations, sources, aliases, versions)
 
-    def capture(self, step: int, files: Mapping[str, Any] | Callable[[], Mapping[str, Any]], info: Mapping[str, Any],
-                store: Mapping[str, Any], save_dir: str = "") -> None:  # fmt: skip
-        """Copy the state (``files``, or a function that builds it: a big state's copy then begins first) into
-        the next slot."""
+    def capture(self, step: int, files: Mapping[str, Any], info: Mapping[str, Any], store: Mapping[str, Any],
+                save_dir: str = "") -> None:  # fmt: skip
         if self.disabled is not None:
+            self.settle()
             return
-        self._start_copy()
+        self.start_copy()  # (unless the caller began it already)
         try:
-            self._capture(step, files() if callable(files) else files, info, store, save_dir)
+            self._capture(step, files, info, store, save_dir)
         finally:  # (no copy may outlive a capture: the writer may remap the slot, a reader may look)
-            self._copier.wait()
-            self._started = None
+            self.settle()
+
+    def settle(self) -> None:
+        """Wait for a copy begun by :meth:`start_copy` and forget it."""
+        self._copier.wait()
+        self._started = None
 
     def _capture(self, step: int, files: Mapping[str, Any], info: Mapping[str, Any], store: Mapping[str, Any],
                  save_dir: str) -> None:  # fmt: skip
         try:
             structure, tensors, constants = describe(files, check=False, fixed_cache=self._fixed, known=self._known)
             last = self._layout
-            if last is not None and last.guard.same(tensors) and _same_constants(constants, last):
+            exact = last is not None and last.guard.same(tensors) and _same_constants(constants, last)
+            if exact:
                 last.tensors = tensors  # (the usual step: one C call looked at every tensor)
             else:
                 key = (list(map(_DTYPE, tensors)), list(map(torch.Tensor.size, tensors)), constants)
@@ -124,6 +132,7 @@ class StepSnapshots:
                 else:  # the same layout (strides, grad mode or requires_grad changed): checked this way from now
                     last.tensors = tensors
                     last.guard = TensorLayouts(tensors)
+                    last.on_cpu = _on_cpu(tensors)  # (model.cuda() keeps the objects, dtypes and shapes)
         except UnsupportedState as exc:  # loud, once: the run goes on with interval saves only
             self.disabled = str(exc)
             log.error("per-step snapshots are off for this run: the training state holds %s, which a snapshot "
@@ -136,7 +145,7 @@ class StepSnapshots:
             text = b"".join(parts)
             self._slot_layout = ((layout, dict(store), save_dir), text)
         meta = _json({"files": structure, "info": dict(info)})  # (one encoder call, not two)
-        started = self._started if self._copier.wait() else None
+        started = self._started if self._copier.wait() and exact else None
 
         def fill(mapping: Any, at: int, length: int) -> None:
             destinations = self._destinations(mapping, at, length, layout)
@@ -179,20 +188,28 @@ class StepSnapshots:
 
 
 class _Started:
-    """A copy begun before the state was described: what it copied, from which objects, at which versions."""
+    """A copy begun before the state was described: what it copied, from which objects (through which aliases of
+    their storage), at which versions."""
 
     def __init__(self, layout: _Layout, destinations: list[torch.Tensor], sources: list[torch.Tensor],
-                 versions: list[int]) -> None:  # fmt: skip
+                 aliases: list[torch.Tensor], versions: list[int]) -> None:  # fmt: skip
         self.layout, self.destinations, self.sources, self.versions = layout, destinations, sources, versions
+        self.aliases = aliases
 
     def stale(self, destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> tuple[list, list]:
-        """The (destinations, sources) still to copy: each source that is not the object copied, or was changed
+        """The (destinations, sources) still to copy: each source that is not the object copied, holds another
+        storage or offset than the alias copied from (``.data =``, ``set_``, ``swap_tensors``), or was changed
         in place since its copy began."""
         if len(sources) != len(self.sources):
             return destinations, sources
-        redo = [i for i, (now, copied, version) in enumerate(zip(sources, self.sources, self.versions))
-                if now is not copied or now._version != version]  # fmt: skip
+        redo = [i for i, (now, copied, alias, version) in enumerate(zip(sources, self.sources, self.aliases,
+                                                                         self.versions, strict=True))
+                if now is not copied or now.data_ptr() != alias.data_ptr() or now._version != version]  # fmt: skip
         return [destinations[i] for i in redo], [sources[i] for i in redo]
+
+
+def _on_cpu(tensors: list[torch.Tensor]) -> bool:
+    return all(t.device.type == "cpu" for t in tensors)
 
 
 _DTYPE = operator.attrgetter("dtype")

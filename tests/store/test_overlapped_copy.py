@@ -92,6 +92,107 @@ def test_an_overlapped_snapshot_holds_what_a_save_writes_at_every_step(tmp_path,
         slots.remove_slot_dir(slot_dir)
 
 
+IN_THE_WINDOW = {  # step -> a change made while the thread copies (here from inside describe): recopied, not missed
+    3: lambda m: m.weight.add_(1.0),  # in place: its version moves
+    4: lambda m: setattr(m.weight, "data", torch.full_like(m.weight, 7.0)),  # new storage, the version does not move
+    5: lambda m: m.bias.set_(torch.full_like(m.bias, 8.0)),  # new storage, the same layout
+    6: lambda m: torch.utils.swap_tensors(m.weight, torch.nn.Parameter(torch.full_like(m.weight, 9.0))),
+}
+
+
+def test_changes_while_the_thread_copies_are_copied_again(tmp_path, monkeypatch):
+    """Nothing telepathy runs between the start of the copy and the seal changes the state; if something did, the
+    slot must still hold the state as the seal found it (and the storage the thread reads must stay alive)."""
+    from telepathy.train_state import TrainState
+
+    model = torch.nn.Linear(64, 64)
+    now = {"step": 0}
+    real_describe = step_snapshots.describe
+
+    def describe(files, **kwargs):
+        if kwargs.get("check") is False and now["step"] in IN_THE_WINDOW:
+            assert ckpt._snapshots._copier.running, "the copy was not running while the state was described"
+            with torch.no_grad():
+                IN_THE_WINDOW[now["step"]](model)
+        return real_describe(files, **kwargs)
+
+    monkeypatch.setattr(step_snapshots, "describe", describe)
+    ckpt, slot_dir = _checkpointer(tmp_path, monkeypatch, {"model": model})
+    try:
+        state = TrainState()
+        for step in range(1, 9):
+            now["step"] = state.global_step = step
+            with torch.no_grad():
+                model.weight.mul_(1.5)
+            ckpt.step_boundary(state)
+            rescued = files_from_slot(*slots.read_newest(slot_dir))["model"]
+            assert deep_equal(rescued, ckpt._files(state)["model"]) == [], step
+    finally:
+        ckpt.close()
+        slots.remove_slot_dir(slot_dir)
+
+
+def test_a_state_holding_an_inference_tensor_is_copied_after_describing(tmp_path, monkeypatch):
+    """An inference tensor has no version counter to check (a cache filled during an evaluation pass)."""
+    from telepathy.train_state import TrainState
+
+    model = torch.nn.Linear(8, 8)
+    with torch.inference_mode():
+        model.register_buffer("cache", torch.ones(16))
+    ckpt, slot_dir = _checkpointer(tmp_path, monkeypatch, {"model": model})
+    try:
+        state = TrainState()
+        for step in (1, 2, 3):
+            state.global_step = step
+            with torch.inference_mode():
+                model.cache.add_(1.0)
+            ckpt.step_boundary(state)
+            assert ckpt._snapshots.disabled is None
+            assert torch.equal(files_from_slot(*slots.read_newest(slot_dir))["model"]["cache"], model.cache), step
+    finally:
+        ckpt.close()
+        slots.remove_slot_dir(slot_dir)
+
+
+def test_a_slot_that_cannot_grow_switches_snapshots_off_cleanly(tmp_path, monkeypatch):
+    """/dev/shm full just as a begun copy must grow a slot, then the state shrinks back: one clear error, the
+    previous snapshot kept, no closed mapping reused."""
+    import errno
+
+    from telepathy.train_state import TrainState
+
+    class Resizable:
+        def __init__(self) -> None:
+            self.t = torch.zeros(1)
+
+        def state_dict(self) -> dict[str, torch.Tensor]:
+            return {"t": self.t}
+
+    part = Resizable()
+    ckpt, slot_dir = _checkpointer(tmp_path, monkeypatch, {"part": part})
+    real, full = os.posix_fallocate, [False]
+
+    def fallocate(fd, offset, length):
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    try:
+        state = TrainState()
+        for step, n in ((1, 1 << 10), (2, 1 << 16), (3, 1 << 10)):
+            part.t = torch.full((n,), float(step))
+            full[0] = step == 3
+            state.global_step = step
+            ckpt.step_boundary(state)
+        assert ckpt._snapshots.disabled is not None and "No space left" in ckpt._snapshots.disabled
+        meta, data = slots.read_newest(slot_dir)
+        assert meta["step"] == 2 and torch.equal(files_from_slot(meta, data)["part"]["t"], torch.full((1 << 16,), 2.0))
+    finally:
+        ckpt.close()
+        slots.remove_slot_dir(slot_dir)
+
+
 def test_rng_keys_read_from_memory_change_their_version(monkeypatch):
     """What lets a copy begun earlier see that the peeker rewrote its key tensors through NumPy."""
     from telepathy import rng_peek
