@@ -19,15 +19,18 @@ from telepathy.store.snapshot_read import files_from_slot
 
 
 class _CountsWhenSaved:
-    """A part whose state_dict changes one of its own tensors in place (after the copy began) and hands back
-    the same objects at every step."""
+    """A part whose state_dict changes one of its own tensors in place and hands back the same objects at every
+    step; it must run before the copy begins (no user code runs beside it)."""
 
     def __init__(self) -> None:
         self.counter = torch.zeros(1000)
         self.kept = torch.arange(1000.0)
+        self.copying: list[bool] = []
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        self.counter.add_(1.0)
+        snapshots = getattr(self, "snapshots", None)
+        self.copying.append(snapshots is not None and snapshots._copier.running)
+        self.counter.numpy()[:] += 1.0  # (through NumPy: no version counter would see it)
         return {"counter": self.counter, "kept": self.kept}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -64,6 +67,7 @@ def test_an_overlapped_snapshot_holds_what_a_save_writes_at_every_step(tmp_path,
 
     monkeypatch.setattr(step_snapshots._Started, "stale", stale)
     ckpt, slot_dir = _checkpointer(tmp_path, monkeypatch, {"model": model, "counting": counting}, optimizer)
+    counting.snapshots = ckpt._snapshots
     try:
         state = TrainState()
         for step in range(1, 9):
@@ -86,7 +90,8 @@ def test_an_overlapped_snapshot_holds_what_a_save_writes_at_every_step(tmp_path,
             for generator in ("python", "numpy", "torch_cpu"):
                 assert deep_equal(rescued["state"]["rng"][generator], saved["state"]["rng"][generator]) == [], step
         assert ckpt._snapshots._copier._thread is not None, "the copy never ran in its thread"
-        assert redone and all(n >= 1 for n in redone), redone  # the counter at least, at every step
+        assert redone and all(n >= 1 for n in redone), redone  # (torch's RNG state is a new tensor at every step)
+        assert counting.copying and not any(counting.copying), "a part's state_dict ran while the thread copied"
     finally:
         ckpt.close()
         slots.remove_slot_dir(slot_dir)
