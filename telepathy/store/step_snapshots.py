@@ -77,15 +77,17 @@ class StepSnapshots:
 
     def start_copy(self) -> None:
         """Big states, once no user code is left to run in building the step's state, before it is described:
-        start copying the tensors of the last step's layout into the next slot, in a thread. Most
-        are the same objects at every step (parameters, optimizer moments) and describing changes none; still,
-        :meth:`capture` copies again each one that is not the object copied, whose storage or version changed
-        meanwhile, or that no longer has exactly that layout. The thread copies from aliases (``detach``) that
-        keep each storage alive whatever happens to the tensor."""
+        start copying the tensors of the last step's layout into the next slot, in a thread. Most are the same
+        objects at every step (parameters, optimizer moments) and describing changes none; still, :meth:`capture`
+        copies again each one that is not the object copied, whose storage or version changed meanwhile, or that
+        no longer has exactly that layout. The thread copies from aliases (``detach``) that keep each storage
+        alive whatever happens to the tensor."""
         layout = self._layout
         if (self._started is not None or self.disabled is not None or layout is None
                 or layout.data_len < self._overlap_bytes or not layout.views or not layout.on_cpu):  # fmt: skip
             return
+        if self._copier.running:  # (a start interrupted before it was recorded: that copy ends first)
+            self._copier.wait()
         sources = layout.tensors if layout.all_non_empty else list(itertools.compress(layout.tensors, layout.non_empty))
         if any(map(torch.Tensor.is_inference, sources)):  # (no version counter to check: copied after describing)
             return
@@ -104,8 +106,8 @@ class StepSnapshots:
         if self.disabled is not None:
             self.settle()
             return
-        self.start_copy()  # (unless the caller began it already)
         try:
+            self.start_copy()  # (unless the caller began it already)
             self._capture(step, files, info, store, save_dir)
         finally:  # (no copy may outlive a capture: the writer may remap the slot, a reader may look)
             self.settle()

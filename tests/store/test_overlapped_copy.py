@@ -198,6 +198,43 @@ def test_a_slot_that_cannot_grow_switches_snapshots_off_cleanly(tmp_path, monkey
         slots.remove_slot_dir(slot_dir)
 
 
+def test_a_start_interrupted_by_a_signal_leaves_the_next_step_whole(tmp_path, monkeypatch):
+    """KeyboardInterrupt (or any exception from a signal handler) while the trainer waits for the thread to
+    begin: the step boundary raises, and the next one waits for that copy before it begins its own."""
+    from telepathy.train_state import TrainState
+
+    model = torch.nn.Linear(32, 32)
+    ckpt, slot_dir = _checkpointer(tmp_path, monkeypatch, {"model": model})
+    copier = ckpt._snapshots._copier
+    real_wait, interrupt = copier._begun.wait, [False]
+
+    def wait(*args):
+        real_wait(*args)
+        if interrupt[0]:
+            interrupt[0] = False
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(copier._begun, "wait", wait)
+    try:
+        state = TrainState()
+        for step in (1, 2, 3):
+            state.global_step = step
+            with torch.no_grad():
+                model.weight.add_(1.0)
+            interrupt[0] = step == 2
+            if step == 2:
+                with pytest.raises(KeyboardInterrupt):
+                    ckpt.step_boundary(state)
+                assert not copier.running, "the interrupted copy outlived its step boundary"
+            else:
+                ckpt.step_boundary(state)
+        meta, data = slots.read_newest(slot_dir)
+        assert meta["step"] == 3 and deep_equal(files_from_slot(meta, data)["model"], ckpt._files(state)["model"]) == []
+    finally:
+        ckpt.close()
+        slots.remove_slot_dir(slot_dir)
+
+
 def test_rng_keys_read_from_memory_change_their_version(monkeypatch):
     """What lets a copy begun earlier see that the peeker rewrote its key tensors through NumPy."""
     from telepathy import rng_peek
