@@ -63,14 +63,16 @@ class LightningCheckpointer(Checkpointer):
         self._warned_about: set[str] = set()
         super().__init__(save_dir, parts={}, **options)
 
-    def _files(self, state: TrainState, live: bool = False) -> dict[str, Any]:
+    def _files(self, state: TrainState, live: bool = False, user_code_done: Callable[[], None] | None = None
+               ) -> dict[str, Any]:  # fmt: skip
         checkpoint, replaced = plain_checkpoint(self._dump())
         new = sorted(set(replaced) - self._warned_about)
         if new:
             self._warned_about.update(new)
             log.warning("these entries of Lightning's checkpoint dict are not plain data and are stored as their str "
                         "(a checkpoint is loaded without running code): %s", ", ".join(new[:10]))  # fmt: skip
-        return {LIGHTNING: checkpoint, **super()._files(state, live)}  # state.pt stays the last file written
+        # (Lightning's dump, the user's callbacks included, ran above: the snapshot's copy may begin in there)
+        return {LIGHTNING: checkpoint, **super()._files(state, live, user_code_done)}  # state.pt: the last file
 
     def resume_lightning(self) -> tuple[TrainState, dict[str, Any] | None, Path | None]:
         """Like :meth:`Checkpointer.resume` (whose steps this follows), also loading ``lightning.pt``: the newest
