@@ -56,6 +56,10 @@ class _Layout:
         self.views = [(DTYPES[d], tuple(shape), at, n) for d, shape, at, n in table if n]
         self.on_cpu = _on_cpu(tensors)  # (a GPU's copy goes on the trainer's stream, in the trainer's thread)
 
+    def copied(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors that have bytes in a slot (an empty one has no view), in the order of the views."""
+        return tensors if self.all_non_empty else list(itertools.compress(tensors, self.non_empty))
+
 
 class StepSnapshots:
     """The trainer's per-step copy into its supervisor's slots (``directory`` from ``TELEPATHY_SNAPSHOT_DIR``).
@@ -88,7 +92,7 @@ class StepSnapshots:
             return
         if self._copier.running:  # (a start interrupted before it was recorded: that copy ends first)
             self._copier.wait()
-        sources = layout.tensors if layout.all_non_empty else list(itertools.compress(layout.tensors, layout.non_empty))
+        sources = layout.copied(layout.tensors)
         if any(map(torch.Tensor.is_inference, sources)):  # (no version counter to check: copied after describing)
             return
         try:
@@ -103,8 +107,7 @@ class StepSnapshots:
 
     def capture(self, step: int, files: Mapping[str, Any], info: Mapping[str, Any], store: Mapping[str, Any],
                 save_dir: str = "") -> None:  # fmt: skip
-        if self.disabled is not None:
-            self.settle()
+        if self.disabled is not None:  # (start_copy() begins nothing then)
             return
         try:
             self.start_copy()  # (unless the caller began it already)
@@ -151,7 +154,7 @@ class StepSnapshots:
 
         def fill(mapping: Any, at: int, length: int) -> None:
             destinations = self._destinations(mapping, at, length, layout)
-            sources = tensors if layout.all_non_empty else list(itertools.compress(tensors, layout.non_empty))
+            sources = layout.copied(tensors)
             if started is not None and started.layout is layout and started.destinations is destinations:
                 destinations, sources = started.stale(destinations, sources)
             if sources:
