@@ -136,11 +136,13 @@ class SlotWriter:
         self._begun: int | None = None  # the seq begin() marked, until write() completes it
 
     def write(self, step: int, meta: dict[str, Any] | bytes, data_len: int,
-              fill: Callable[[mmap.mmap, int, int], None], layout: bytes = b"{}") -> None:  # fmt: skip
+              fill: Callable[[mmap.mmap, int, int], None], layout: bytes = b"{}",
+              before_moving: Callable[[], None] | None = None) -> None:  # fmt: skip
         """Write one snapshot: ``meta`` (a dict, or the JSON text of one) and ``layout`` (the JSON text of an
         object; written again only when it is another object than the one in this slot), then
         ``fill(mapping, offset, length)`` copies ``data_len`` bytes of tensors into
-        ``mapping[offset : offset + length]``."""
+        ``mapping[offset : offset + length]``. ``before_moving()`` is called before the data of a slot
+        :meth:`begin` marked moves or its mapping is replaced (a copy into it must end first)."""
         if self._begun != self.seq:  # (else begin() has marked this slot already)
             self.seq += 1
         self._begun = None
@@ -151,11 +153,16 @@ class SlotWriter:
             if not text.startswith(b"{") or not text.endswith(b"}"):
                 raise ValueError("a slot's meta and layout must be JSON objects")
         meta_bytes = b'{"step":%d%s' % (step, b"}" if meta.strip() == b"{}" else b"," + meta[1:])
+        places = self._places()
         while len(meta_bytes) > self.meta_room:
             self.meta_room *= 2
         while len(layout) > self.layout_room:
             self.layout_room *= 2
         meta_at, data_at = self._places()
+        current = self._maps.get(slot)
+        if before_moving is not None and ((meta_at, data_at) != places or current is None
+                                          or current[1] < data_at + data_len):  # fmt: skip
+            before_moving()
         mapping = self._mapping(slot, data_at + data_len)
         header = (MAGIC, self.seq, 0, len(meta_bytes), data_len, data_at, len(layout), meta_at)
         HEADER.pack_into(mapping, 0, *header)  # seq_end 0: being written

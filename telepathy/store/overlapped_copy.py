@@ -7,13 +7,15 @@ beside it. Small states gain nothing: handing a copy to a thread costs about as 
 
 The thread needs the GIL to start the copy, and the trainer holds it while it works in Python; :meth:`start`
 therefore waits (without the GIL) until the copy has begun, which costs tens of microseconds, not the switch
-interval. Whoever starts a copy must :meth:`wait` for it before touching its destinations again.
+interval. Waking the thread takes longer than starting the copy; the caller may copy other tensors meanwhile.
+Whoever starts a copy must :meth:`wait` for it before touching its destinations again.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -31,8 +33,11 @@ class OverlappedCopy:
         self._failed: BaseException | None = None
         self._running = False
 
-    def start(self, destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> bool:
-        """Begin the copy in the thread; False (nothing started) where there is no thread to do it."""
+    def start(self, destinations: list[torch.Tensor], sources: list[torch.Tensor],
+              meanwhile: Callable[[], None] | None = None) -> bool:  # fmt: skip
+        """Begin the copy in the thread; False (nothing started) where there is no thread to do it. ``meanwhile()``
+        runs while the thread wakes (a sleeping thread takes a tenth of a millisecond or more on a VM): work of
+        the caller's own that releases the GIL, such as a copy of other tensors."""
         if self._running:
             raise RuntimeError("a copy is already running; wait() for it first")
         if self._thread is None or self._pid != os.getpid():
@@ -45,6 +50,8 @@ class OverlappedCopy:
         self._begun.clear()
         self._done.clear()
         self._go.set()
+        if meanwhile is not None:
+            meanwhile()
         self._begun.wait()  # (lets the thread take the GIL now; it gives it back once the copy has begun)
         return True
 

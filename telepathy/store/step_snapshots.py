@@ -32,6 +32,7 @@ from telepathy.unchanged import TensorLayouts
 log = logging.getLogger("telepathy")
 OVERLAP_ENV = "TELEPATHY_SNAPSHOT_OVERLAP_MIB"
 OVERLAP_MIB = 16  # states at least this big are copied in a thread while the trainer describes them (the default)
+WHILE_WAKING = 4 << 20  # bytes the trainer copies itself while the thread wakes (~0.2 ms here)
 
 
 class _Layout:
@@ -55,10 +56,46 @@ class _Layout:
         self.all_non_empty = all(self.non_empty)
         self.views = [(DTYPES[d], tuple(shape), at, n) for d, shape, at, n in table if n]
         self.on_cpu = _on_cpu(tensors)  # (a GPU's copy goes on the trainer's stream, in the trainer's thread)
+        self.renewed: frozenset[int] = frozenset()  # (views whose tensor changed during the last step boundary:
+        # the RNG states telepathy reads; the trainer copies those itself beside the thread, not after it)
+        self.shares: tuple[frozenset[int], list[int], list[int]] | None = None  # (renewed, the thread's, the
+        # trainer's first views: the split of a copy begun early, made again only when ``renewed`` changed)
+        self.aliases: list[tuple[torch.Tensor, int, torch.Tensor] | None] = [None] * len(self.views)  # (per view:
+        # the tensor a copy began from, its address then, the alias copied from: reused while both still hold)
 
     def copied(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """The tensors that have bytes in a slot (an empty one has no view), in the order of the views."""
         return tensors if self.all_non_empty else list(itertools.compress(tensors, self.non_empty))
+
+    def split(self) -> tuple[list[int], list[int]]:
+        """The views a copy begun early leaves to the thread, and those the trainer copies itself while the
+        thread wakes (the last ones, up to :data:`WHILE_WAKING` bytes): the views not renewed at every step."""
+        if self.shares is None or self.shares[0] is not self.renewed:
+            candidates = [i for i in range(len(self.views)) if i not in self.renewed]
+            mine, room = [], WHILE_WAKING
+            for i in reversed(candidates[1:]):  # (the thread gets one view at least)
+                if self.views[i][3] <= room:
+                    mine.append(i)
+                    room -= self.views[i][3]
+            trainers = set(mine)
+            threads = [i for i in candidates if i not in trainers]
+            self.shares = (self.renewed, threads, mine)
+        return self.shares[1], self.shares[2]
+
+    def aliases_of(self, sources: list[torch.Tensor], views: list[int]) -> list[torch.Tensor] | None:
+        """An alias (``detach``) of each of these views' tensors, which keeps its storage alive whatever happens
+        to the tensor; None if one is an inference tensor (no version counter: it cannot be checked later). An
+        alias made at an earlier step is the same view while the tensor is the same object at the same address
+        and the tensors still have this layout's shapes and strides (the caller checked)."""
+        cache, out = self.aliases, []
+        for i in views:
+            tensor, kept = sources[i], cache[i]
+            if kept is None or kept[0] is not tensor or kept[1] != tensor.data_ptr():
+                if tensor.is_inference():
+                    return None
+                kept = cache[i] = (tensor, tensor.data_ptr(), tensor.detach())
+            out.append(kept[2])
+        return out
 
 
 class StepSnapshots:
@@ -92,18 +129,25 @@ class StepSnapshots:
             return
         if self._copier.running:  # (a start interrupted before it was recorded: that copy ends first)
             self._copier.wait()
+        threads, mine = layout.split()
+        if not threads or not layout.guard.same(layout.tensors):  # (one changed shape or strides in place since)
+            return
         sources = layout.copied(layout.tensors)
-        if any(map(torch.Tensor.is_inference, sources)):  # (no version counter to check: copied after describing)
+        aliases = layout.aliases_of(sources, threads + mine)
+        if aliases is None:  # (an inference tensor: copied after describing)
             return
         try:
             mapping, at = self.writer.begin(layout.data_len)
         except OSError:
             return  # (capture() meets the same error and says so)
         destinations = self._destinations(mapping, at, layout.data_len, layout)
-        aliases = [t.detach() for t in sources]
-        versions = [t._version for t in sources]
-        if self._copier.start(destinations, aliases):
-            self._started = _Started(layout, destinations, sources, aliases, versions)
+        n = len(threads)
+
+        def meanwhile() -> None:  # (the trainer's own share, while the thread wakes)
+            _copy([destinations[i] for i in mine], aliases[n:])
+
+        if self._copier.start([destinations[i] for i in threads], aliases[:n], meanwhile if mine else None):
+            self._started = _Started(layout, destinations, sources, threads + mine, aliases)
 
     def capture(self, step: int, files: Mapping[str, Any], info: Mapping[str, Any], store: Mapping[str, Any],
                 save_dir: str = "") -> None:  # fmt: skip
@@ -150,19 +194,28 @@ class StepSnapshots:
             text = b"".join(parts)
             self._slot_layout = ((layout, dict(store), save_dir), text)
         meta = _json({"files": structure, "info": dict(info)})  # (one encoder call, not two)
-        started = self._started if self._copier.wait() and exact else None
+        started = self._started if exact else None
+        if started is None:
+            self._copier.wait()  # (a copy of another layout: nothing of it is used, nothing may still write)
 
         def fill(mapping: Any, at: int, length: int) -> None:
             destinations = self._destinations(mapping, at, length, layout)
             sources = layout.copied(tensors)
-            if started is not None and started.layout is layout and started.destinations is destinations:
-                destinations, sources = started.stale(destinations, sources)
-            if sources:
-                with torch.inference_mode():  # (no detach: 177 of them cost more than the copy of a small state)
-                    torch._foreach_copy_(destinations, sources)  # one call, not one per tensor
+            if (started is not None and started.layout is layout and started.destinations is destinations
+                    and len(sources) == len(destinations)):  # fmt: skip
+                # the thread's copy is still running: the trainer copies the others meanwhile, then what changed
+                changed = started.changed(sources)
+                if len(changed) != len(layout.renewed) or not layout.renewed.issuperset(changed):
+                    layout.renewed = frozenset(changed)  # (the next step's thread leaves these to the trainer)
+                _copy(*started.others(destinations, sources))
+                redo = started.redo(changed, completed=self._copier.wait())
+                destinations, sources = [destinations[i] for i in redo], [sources[i] for i in redo]
+            else:
+                self._copier.wait()
+            _copy(destinations, sources)
 
-        try:
-            self.writer.write(step, meta, layout.data_len, fill, self._slot_layout[1])
+        try:  # (the writer waits for the copy before it moves the data or remaps the slot)
+            self.writer.write(step, meta, layout.data_len, fill, self._slot_layout[1], before_moving=self.settle)
         except OSError as exc:  # a full /dev/shm, a removed or read-only slot directory: loud, once; training goes on
             self.disabled = str(exc)
             log.error(
@@ -192,25 +245,48 @@ class StepSnapshots:
         self.writer.close()
 
 
+def _copy(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    if sources:
+        with torch.inference_mode():  # (no detach: 177 of them cost more than the copy of a small state)
+            torch._foreach_copy_(destinations, sources)  # one call, not one per tensor
+
+
 class _Started:
-    """A copy begun before the state was described: what it copied, from which objects (through which aliases of
-    their storage), at which versions."""
+    """A copy begun before the state was described (by the thread, and by the trainer while the thread woke):
+    which views it copies (``begun``), from which aliases of the tensors' storage, and each tensor as it was when
+    the copy began (object, address, version). The addresses and versions are read once the copy is under way:
+    until the step boundary ends only telepathy's own code runs in this thread."""
 
     def __init__(self, layout: _Layout, destinations: list[torch.Tensor], sources: list[torch.Tensor],
-                 aliases: list[torch.Tensor], versions: list[int]) -> None:  # fmt: skip
-        self.layout, self.destinations, self.sources, self.versions = layout, destinations, sources, versions
-        self.aliases = aliases
+                 begun: list[int], aliases: list[torch.Tensor]) -> None:  # fmt: skip
+        self.layout, self.destinations, self.sources, self.begun = layout, destinations, sources, begun
+        self.aliases = aliases  # (keep each storage alive while the thread reads it)
+        self.pointers = [t.data_ptr() for t in sources]
+        self.versions = [t._version for t in sources]
 
-    def stale(self, destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> tuple[list, list]:
-        """The (destinations, sources) still to copy: each source that is not the object copied, holds another
-        storage or offset than the alias copied from (``.data =``, ``set_``, ``swap_tensors``), or was changed
-        in place since its copy began."""
-        if len(sources) != len(self.sources):
-            return destinations, sources
-        redo = [i for i, (now, copied, alias, version) in enumerate(zip(sources, self.sources, self.aliases,
-                                                                         self.versions, strict=True))
-                if now is not copied or now.data_ptr() != alias.data_ptr() or now._version != version]  # fmt: skip
-        return [destinations[i] for i in redo], [sources[i] for i in redo]
+    def changed(self, sources: list[torch.Tensor]) -> list[int]:
+        """The views whose tensor changed since the copy began: another object, another storage or offset
+        (``.data =``, ``set_``, ``swap_tensors``: an alias keeps the copied storage alive, so its address cannot
+        be reused), or changed in place (its version)."""
+        return [i for i, (now, was, pointer, version) in enumerate(zip(sources, self.sources, self.pointers,
+                                                                        self.versions, strict=True))
+                if now is not was or now.data_ptr() != pointer or now._version != version]  # fmt: skip
+
+    def others(self, destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> tuple[list, list]:
+        """The (destinations, sources) the begun copy leaves out: the trainer may copy them while it runs."""
+        if len(self.begun) == len(sources):
+            return [], []
+        others = sorted(set(range(len(sources))).difference(self.begun))
+        return [destinations[i] for i in others], [sources[i] for i in others]
+
+    def redo(self, changed: list[int], completed: bool) -> list[int]:
+        """The begun views to copy again once the thread ended: all if it did not complete, else those changed."""
+        if not completed:
+            return self.begun
+        if len(self.begun) == len(self.sources):
+            return changed
+        begun = set(self.begun)
+        return [i for i in changed if i in begun]
 
 
 def _on_cpu(tensors: list[torch.Tensor]) -> bool:

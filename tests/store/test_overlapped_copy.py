@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import random
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -57,15 +59,22 @@ def test_an_overlapped_snapshot_holds_what_a_save_writes_at_every_step(tmp_path,
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     counting = _CountsWhenSaved()
-    redone: list[int] = []
-    real_stale = step_snapshots._Started.stale
+    redone: list[int] = []  # per step: the thread's tensors the trainer copied again
+    beside: list[int] = []  # per step: the tensors the trainer copied while the thread ran
+    real_redo, real_others = step_snapshots._Started.redo, step_snapshots._Started.others
 
-    def stale(self, destinations, sources):
-        out = real_stale(self, destinations, sources)
-        redone.append(len(out[1]))
+    def redo(self, changed, completed):
+        out = real_redo(self, changed, completed)
+        redone.append(len(out))
         return out
 
-    monkeypatch.setattr(step_snapshots._Started, "stale", stale)
+    def others(self, destinations, sources):
+        out = real_others(self, destinations, sources)
+        beside.append(len(out[1]))
+        return out
+
+    monkeypatch.setattr(step_snapshots._Started, "redo", redo)
+    monkeypatch.setattr(step_snapshots._Started, "others", others)
     ckpt, slot_dir = _checkpointer(tmp_path, monkeypatch, {"model": model, "counting": counting}, optimizer)
     counting.snapshots = ckpt._snapshots
     try:
@@ -90,7 +99,14 @@ def test_an_overlapped_snapshot_holds_what_a_save_writes_at_every_step(tmp_path,
             for generator in ("python", "numpy", "torch_cpu"):
                 assert deep_equal(rescued["state"]["rng"][generator], saved["state"]["rng"][generator]) == [], step
         assert ckpt._snapshots._copier._thread is not None, "the copy never ran in its thread"
-        assert redone and all(n >= 1 for n in redone), redone  # (torch's RNG state is a new tensor at every step)
+        # The RNG states change during every step boundary (torch's is a new tensor, Python's and NumPy's are
+        # rewritten): the thread copies them at the first overlapped step and the trainer again after it, then
+        # the trainer alone, beside the thread. The weight replaced before step 5 is copied again at step 5, then
+        # by the trainer at step 6 (it changed during the last boundary), then by the thread again.
+        first = 8 - len(redone) + 1
+        assert redone[0] == 3 and beside[0] == 0, (first, redone, beside)
+        assert redone[1:] == [1 if step == 5 else 0 for step in range(first + 1, 9)], (first, redone)
+        assert beside[1:] == [4 if step == 6 else 3 for step in range(first + 1, 9)], (first, beside)
         assert counting.copying and not any(counting.copying), "a part's state_dict ran while the thread copied"
     finally:
         ckpt.close()
@@ -288,3 +304,59 @@ def test_a_bad_overlap_threshold_is_named_and_the_default_used(monkeypatch, capl
     monkeypatch.setenv(step_snapshots.OVERLAP_ENV, text)
     assert step_snapshots._overlap_bytes() == step_snapshots.OVERLAP_MIB << 20
     assert step_snapshots.OVERLAP_ENV in caplog.text
+
+
+class _LateCopier:
+    """A copier whose thread begins its copy a while after it was started: whatever the trainer writes meanwhile
+    where the copy goes is overwritten, deterministically."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self, destinations: list[torch.Tensor], sources: list[torch.Tensor], meanwhile=None) -> bool:
+        def copy() -> None:
+            time.sleep(0.2)
+            with torch.inference_mode():
+                torch._foreach_copy_(destinations, sources)
+
+        self._thread = threading.Thread(target=copy)
+        self._thread.start()
+        if meanwhile is not None:
+            meanwhile()
+        return True
+
+    def wait(self) -> bool:
+        if self._thread is None:
+            return False
+        self._thread.join()
+        self._thread = None
+        return True
+
+
+@pytest.mark.parametrize("grows", ["meta", "layout"])
+def test_a_slot_whose_data_must_move_waits_for_the_thread_first(tmp_path, monkeypatch, grows):
+    """The meta (or the layout: the store's options here) outgrows its room while the thread copies into the
+    begun slot: the writer moves the data (and may remap the slot) only once that copy has ended; else the copy
+    lands on the moved meta or layout. The slot holds each step exactly."""
+    monkeypatch.setenv(step_snapshots.OVERLAP_ENV, "0")
+    snapshots = step_snapshots.StepSnapshots(slots.make_slot_dir(tmp_path))
+    snapshots._copier = _LateCopier()
+    weights = torch.zeros(1 << 16)
+    big = "x" * (max(slots.META_ROOM, slots.LAYOUT_ROOM) * 2)
+    try:
+        for step in range(1, 7):
+            weights.fill_(float(step))
+            files = {"model": {"w": weights}}
+            note, store = (big, {}) if grows == "meta" else ("", {"pad": big})
+            if step != 4:
+                note, store = "", {}
+            snapshots.capture(step, files, {"reason": "rescue", "note": note}, store)
+            meta, data = slots.read_newest(snapshots.writer.dir)
+            assert meta["step"] == step and deep_equal(files_from_slot(meta, data), files) == [], step
+            assert meta["info"]["note"] == note and meta["store"] == store
+    finally:
+        snapshots.close()

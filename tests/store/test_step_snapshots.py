@@ -196,9 +196,9 @@ def test_the_layout_is_written_into_a_slot_only_when_it_changed(tmp_path, monkey
     written = []
     original = slots.SlotWriter.write
 
-    def spy(self, step, meta, data_len, fill, layout=b"{}"):
+    def spy(self, step, meta, data_len, fill, layout=b"{}", before_moving=None):
         before = dict(self._layout_in)
-        original(self, step, meta, data_len, fill, layout)
+        original(self, step, meta, data_len, fill, layout, before_moving)
         written.append(before.get(step % 2, (None,))[0] is not self._layout_in[step % 2][0])
 
     monkeypatch.setattr(slots.SlotWriter, "write", spy)
