@@ -86,7 +86,8 @@ class _Layout:
         """An alias (``detach``) of each of these views' tensors, which keeps its storage alive whatever happens
         to the tensor; None if one is an inference tensor (no version counter: it cannot be checked later). An
         alias made at an earlier step is the same view while the tensor is the same object at the same address
-        and the tensors still have this layout's shapes and strides (the caller checked)."""
+        and still has the shape and strides it had then: those of ``guard`` (the caller checked; aliases are
+        forgotten when ``guard`` is remade for new strides)."""
         cache, out = self.aliases, []
         for i in views:
             tensor, kept = sources[i], cache[i]
@@ -182,6 +183,7 @@ class StepSnapshots:
                     last.tensors = tensors
                     last.guard = TensorLayouts(tensors)
                     last.on_cpu = _on_cpu(tensors)  # (model.cuda() keeps the objects, dtypes and shapes)
+                    last.aliases = [None] * len(last.views)  # (those kept have the strides of before)
         except UnsupportedState as exc:  # loud, once: the run goes on with interval saves only
             self.disabled = str(exc)
             log.error("per-step snapshots are off for this run: the training state holds %s, which a snapshot "

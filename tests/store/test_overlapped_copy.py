@@ -360,3 +360,24 @@ def test_a_slot_whose_data_must_move_waits_for_the_thread_first(tmp_path, monkey
             assert meta["info"]["note"] == note and meta["store"] == store
     finally:
         snapshots.close()
+
+
+def test_a_tensor_whose_strides_change_in_place_is_copied_through_a_fresh_alias(tmp_path, monkeypatch):
+    """``t_()`` on a square weight keeps the object, its address, dtype and shape; only the strides change. The
+    alias the thread copied from at earlier steps has the old strides: it must not be reused."""
+    monkeypatch.setenv(step_snapshots.OVERLAP_ENV, "0")
+    snapshots = step_snapshots.StepSnapshots(slots.make_slot_dir(tmp_path))
+    weight, other = torch.randn(256, 256), torch.randn(1 << 16)
+    try:
+        for step in range(1, 8):
+            weight.add_(1.0)
+            other.add_(1.0)
+            if step in (3, 5):
+                weight.t_()
+            files = {"model": {"w": weight, "o": other}}
+            snapshots.capture(step, files, {"reason": "rescue"}, {})
+            meta, data = slots.read_newest(snapshots.writer.dir)
+            assert meta["step"] == step and deep_equal(files_from_slot(meta, data), files) == [], step
+        assert snapshots._copier._thread is not None, "the copy never ran in its thread"
+    finally:
+        snapshots.close()
