@@ -217,7 +217,8 @@ class StepSnapshots:
             _copy(destinations, sources)
 
         try:  # (the writer waits for the copy before it moves the data or remaps the slot)
-            self.writer.write(step, meta, layout.data_len, fill, self._slot_layout[1], before_moving=self.settle)
+            moving = self.settle if started is not None else None
+            self.writer.write(step, meta, layout.data_len, fill, self._slot_layout[1], before_moving=moving)
         except OSError as exc:  # a full /dev/shm, a removed or read-only slot directory: loud, once; training goes on
             self.disabled = str(exc)
             log.error(
