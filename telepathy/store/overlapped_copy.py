@@ -8,7 +8,8 @@ beside it. Small states gain nothing: handing a copy to a thread costs about as 
 The thread needs the GIL to start the copy, and the trainer holds it while it works in Python; :meth:`start`
 therefore waits (without the GIL) until the copy has begun, which costs tens of microseconds, not the switch
 interval. Waking the thread takes longer than starting the copy; the caller may copy other tensors meanwhile.
-Whoever starts a copy must :meth:`wait` for it before touching its destinations again.
+Whoever starts a copy must :meth:`wait` for it before touching its destinations again. :class:`BegunCopy` keeps
+what such a copy began from, to tell afterwards which tensors changed meanwhile and must be copied again.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -64,6 +66,15 @@ class OverlappedCopy:
         self._running, self._job = False, None
         return self._failed is None
 
+    def stop(self) -> None:
+        """Wait for a copy still running, then let the thread end (a later :meth:`start` makes a new one)."""
+        self.wait()
+        thread, self._thread = self._thread, None
+        if thread is not None and self._pid == os.getpid():
+            self._job = None  # (no job: the thread ends)
+            self._go.set()
+            thread.join()
+
     @property
     def running(self) -> bool:
         return self._running
@@ -72,7 +83,9 @@ class OverlappedCopy:
         while True:
             self._go.wait()
             self._go.clear()
-            destinations, sources = self._job or ([], [])
+            if self._job is None:  # stop()
+                return
+            destinations, sources = self._job
             self._begun.set()
             try:
                 with torch.inference_mode():
@@ -80,4 +93,52 @@ class OverlappedCopy:
             except BaseException as exc:  # (reported by wait(); the trainer copies again itself)
                 self._failed = exc
             finally:
+                destinations = sources = None  # (holds no view of a slot, no alias, once the copy ended)
                 self._done.set()
+
+
+class BegunCopy:
+    """A copy begun before the state was described (by the thread, and by the trainer while the thread woke):
+    which views it copies (``begun``), from which aliases of the tensors' storage, and each tensor as it was when
+    the copy began (object, address, version). The addresses and versions are read once the copy is under way:
+    until the step boundary ends only telepathy's own code runs in this thread."""
+
+    def __init__(self, layout: Any, destinations: list[torch.Tensor], sources: list[torch.Tensor],
+                 begun: list[int], aliases: list[torch.Tensor]) -> None:  # fmt: skip
+        self.layout, self.destinations, self.sources, self.begun = layout, destinations, sources, begun
+        self.aliases = aliases  # (keep each storage alive while the thread reads it)
+        self.pointers = [t.data_ptr() for t in sources]
+        self.versions = [t._version for t in sources]
+
+    def changed(self, sources: list[torch.Tensor]) -> list[int]:
+        """The views whose tensor changed since the copy began: another object, another storage or offset
+        (``.data =``, ``set_``, ``swap_tensors``: an alias keeps the copied storage alive, so its address cannot
+        be reused), or changed in place (its version)."""
+        return [i for i, (now, was, pointer, version) in enumerate(zip(sources, self.sources, self.pointers,
+                                                                        self.versions, strict=True))
+                if now is not was or now.data_ptr() != pointer or now._version != version]  # fmt: skip
+
+    def others(self, destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> tuple[list, list]:
+        """The (destinations, sources) the begun copy leaves out: the trainer may copy them while it runs."""
+        if len(self.begun) == len(sources):
+            return [], []
+        others = sorted(set(range(len(sources))).difference(self.begun))
+        return [destinations[i] for i in others], [sources[i] for i in others]
+
+    def redo(self, changed: list[int], completed: bool) -> list[int]:
+        """The begun views to copy again once the thread ended: all if it did not complete, else those changed."""
+        if not completed:
+            return self.begun
+        if len(self.begun) == len(self.sources):
+            return changed
+        begun = set(self.begun)
+        return [i for i in changed if i in begun]
+
+
+def storage_holds(tensor: torch.Tensor) -> bool:
+    """Whether the tensor's storage has every byte its shape and strides read (not so after
+    ``untyped_storage().resize_(0)``, as offloading does: a copy would read memory that is not there)."""
+    if tensor.numel() == 0:
+        return True
+    last = tensor.storage_offset() + sum((n - 1) * stride for n, stride in zip(tensor.shape, tensor.stride()))
+    return tensor.untyped_storage().nbytes() >= (last + 1) * tensor.element_size()

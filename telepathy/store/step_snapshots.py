@@ -24,7 +24,7 @@ import torch
 
 from telepathy.disk.slots import SLOT_DIR_ENV, SlotWriter, align, is_slot_dir
 from telepathy.store.known_dicts import KnownDicts
-from telepathy.store.overlapped_copy import OverlappedCopy
+from telepathy.store.overlapped_copy import BegunCopy, OverlappedCopy, storage_holds
 from telepathy.store.snapshot_format import DTYPES, Once, UnsupportedState, describe
 from telepathy.tree import KeptVersions
 from telepathy.unchanged import TensorLayouts
@@ -45,6 +45,7 @@ class _Layout:
         self.tensors = tensors  # (the objects: while they are the same ones, none can have become sparse)
         self.texts = [_text_of(c) for c in key[2]]
         self.guard = TensorLayouts(tensors)  # (sees dtypes, shapes, strides and sparse ones in one call)
+        self.addresses = _held_addresses(tensors, None)  # (a tensor at a new one: its storage is checked again)
         table, offset = [], 0
         for t in tensors:
             nbytes = t.numel() * t.element_size()
@@ -80,6 +81,8 @@ class _Layout:
             trainers = set(mine)
             threads = [i for i in candidates if i not in trainers]
             self.shares = (self.renewed, threads, mine)
+            for i in self.renewed:  # (no copy begins from these now: an alias kept would keep the old tensor)
+                self.aliases[i] = None
         return self.shares[1], self.shares[2]
 
     def aliases_of(self, sources: list[torch.Tensor], views: list[int]) -> list[torch.Tensor] | None:
@@ -92,7 +95,7 @@ class _Layout:
         for i in views:
             tensor, kept = sources[i], cache[i]
             if kept is None or kept[0] is not tensor or kept[1] != tensor.data_ptr():
-                if tensor.is_inference():
+                if tensor.is_inference() or not storage_holds(tensor):  # (capture() names a freed storage)
                     return None
                 kept = cache[i] = (tensor, tensor.data_ptr(), tensor.detach())
             out.append(kept[2])
@@ -115,7 +118,7 @@ class StepSnapshots:
         self._known = KnownDicts()  # (dicts of tensors described before and unchanged since)
         self._overlap_bytes = _overlap_bytes()
         self._copier = OverlappedCopy()
-        self._started: _Started | None = None  # the copy start_copy() began, until capture() used it
+        self._started: BegunCopy | None = None  # the copy start_copy() began, until capture() used it
 
     def start_copy(self) -> None:
         """Big states, once no user code is left to run in building the step's state, before it is described:
@@ -131,7 +134,10 @@ class StepSnapshots:
         if self._copier.running:  # (a start interrupted before it was recorded: that copy ends first)
             self._copier.wait()
         threads, mine = layout.split()
-        if not threads or not layout.guard.same(layout.tensors):  # (one changed shape or strides in place since)
+        if not threads:  # (every tensor changed during the last boundary: the next step tries the thread again)
+            layout.renewed = frozenset()
+            return
+        if not layout.guard.same(layout.tensors):  # (one changed shape or strides in place since)
             return
         sources = layout.copied(layout.tensors)
         aliases = layout.aliases_of(sources, threads + mine)
@@ -148,7 +154,7 @@ class StepSnapshots:
             _copy([destinations[i] for i in mine], aliases[n:])
 
         if self._copier.start([destinations[i] for i in threads], aliases[:n], meanwhile if mine else None):
-            self._started = _Started(layout, destinations, sources, threads + mine, aliases)
+            self._started = BegunCopy(layout, destinations, sources, threads + mine, aliases)
 
     def capture(self, step: int, files: Mapping[str, Any], info: Mapping[str, Any], store: Mapping[str, Any],
                 save_dir: str = "") -> None:  # fmt: skip
@@ -172,6 +178,7 @@ class StepSnapshots:
             last = self._layout
             exact = last is not None and last.guard.same(tensors) and _same_constants(constants, last)
             if exact:
+                last.addresses = _held_addresses(tensors, last.addresses)
                 last.tensors = tensors  # (the usual step: one C call looked at every tensor)
             else:
                 key = (list(map(_DTYPE, tensors)), list(map(torch.Tensor.size, tensors)), constants)
@@ -184,6 +191,7 @@ class StepSnapshots:
                     last.guard = TensorLayouts(tensors)
                     last.on_cpu = _on_cpu(tensors)  # (model.cuda() keeps the objects, dtypes and shapes)
                     last.aliases = [None] * len(last.views)  # (those kept have the strides of before)
+                    last.addresses = _held_addresses(tensors, None)
         except UnsupportedState as exc:  # loud, once: the run goes on with interval saves only
             self.disabled = str(exc)
             log.error("per-step snapshots are off for this run: the training state holds %s, which a snapshot "
@@ -244,7 +252,8 @@ class StepSnapshots:
         self._views.pop(id(mapping), None)
 
     def close(self) -> None:
-        self._copier.wait()
+        self._copier.stop()
+        self._started = None
         self.writer.close()
 
 
@@ -254,42 +263,17 @@ def _copy(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None
             torch._foreach_copy_(destinations, sources)  # one call, not one per tensor
 
 
-class _Started:
-    """A copy begun before the state was described (by the thread, and by the trainer while the thread woke):
-    which views it copies (``begun``), from which aliases of the tensors' storage, and each tensor as it was when
-    the copy began (object, address, version). The addresses and versions are read once the copy is under way:
-    until the step boundary ends only telepathy's own code runs in this thread."""
-
-    def __init__(self, layout: _Layout, destinations: list[torch.Tensor], sources: list[torch.Tensor],
-                 begun: list[int], aliases: list[torch.Tensor]) -> None:  # fmt: skip
-        self.layout, self.destinations, self.sources, self.begun = layout, destinations, sources, begun
-        self.aliases = aliases  # (keep each storage alive while the thread reads it)
-        self.pointers = [t.data_ptr() for t in sources]
-        self.versions = [t._version for t in sources]
-
-    def changed(self, sources: list[torch.Tensor]) -> list[int]:
-        """The views whose tensor changed since the copy began: another object, another storage or offset
-        (``.data =``, ``set_``, ``swap_tensors``: an alias keeps the copied storage alive, so its address cannot
-        be reused), or changed in place (its version)."""
-        return [i for i, (now, was, pointer, version) in enumerate(zip(sources, self.sources, self.pointers,
-                                                                        self.versions, strict=True))
-                if now is not was or now.data_ptr() != pointer or now._version != version]  # fmt: skip
-
-    def others(self, destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> tuple[list, list]:
-        """The (destinations, sources) the begun copy leaves out: the trainer may copy them while it runs."""
-        if len(self.begun) == len(sources):
-            return [], []
-        others = sorted(set(range(len(sources))).difference(self.begun))
-        return [destinations[i] for i in others], [sources[i] for i in others]
-
-    def redo(self, changed: list[int], completed: bool) -> list[int]:
-        """The begun views to copy again once the thread ended: all if it did not complete, else those changed."""
-        if not completed:
-            return self.begun
-        if len(self.begun) == len(self.sources):
-            return changed
-        begun = set(self.begun)
-        return [i for i in changed if i in begun]
+def _held_addresses(tensors: list[torch.Tensor], before: list[int] | None) -> list[int]:
+    """The tensors' addresses, once each one at another address than ``before`` (all, without it) is checked to
+    have its bytes: a storage freed or shrunk in place moves its address."""
+    now = list(map(torch.Tensor.data_ptr, tensors))
+    if now != before:
+        for i, tensor in enumerate(tensors):
+            if (before is None or len(before) != len(now) or now[i] != before[i]) and not storage_holds(tensor):
+                shape = tuple(tensor.shape)
+                raise UnsupportedState(f"a tensor of shape {shape} whose storage lacks the bytes its shape reads "
+                                       "(freed or shrunk in place: untyped_storage().resize_)")  # fmt: skip
+    return now
 
 
 def _on_cpu(tensors: list[torch.Tensor]) -> bool:

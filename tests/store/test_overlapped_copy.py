@@ -61,7 +61,7 @@ def test_an_overlapped_snapshot_holds_what_a_save_writes_at_every_step(tmp_path,
     counting = _CountsWhenSaved()
     redone: list[int] = []  # per step: the thread's tensors the trainer copied again
     beside: list[int] = []  # per step: the tensors the trainer copied while the thread ran
-    real_redo, real_others = step_snapshots._Started.redo, step_snapshots._Started.others
+    real_redo, real_others = step_snapshots.BegunCopy.redo, step_snapshots.BegunCopy.others
 
     def redo(self, changed, completed):
         out = real_redo(self, changed, completed)
@@ -73,8 +73,8 @@ def test_an_overlapped_snapshot_holds_what_a_save_writes_at_every_step(tmp_path,
         beside.append(len(out[1]))
         return out
 
-    monkeypatch.setattr(step_snapshots._Started, "redo", redo)
-    monkeypatch.setattr(step_snapshots._Started, "others", others)
+    monkeypatch.setattr(step_snapshots.BegunCopy, "redo", redo)
+    monkeypatch.setattr(step_snapshots.BegunCopy, "others", others)
     ckpt, slot_dir = _checkpointer(tmp_path, monkeypatch, {"model": model, "counting": counting}, optimizer)
     counting.snapshots = ckpt._snapshots
     try:
@@ -336,6 +336,8 @@ class _LateCopier:
         self._thread = None
         return True
 
+    stop = wait
+
 
 @pytest.mark.parametrize("grows", ["meta", "layout"])
 def test_a_slot_whose_data_must_move_waits_for_the_thread_first(tmp_path, monkeypatch, grows):
@@ -381,3 +383,101 @@ def test_a_tensor_whose_strides_change_in_place_is_copied_through_a_fresh_alias(
         assert snapshots._copier._thread is not None, "the copy never ran in its thread"
     finally:
         snapshots.close()
+
+
+def _snapshots(tmp_path, monkeypatch) -> step_snapshots.StepSnapshots:
+    monkeypatch.setenv(step_snapshots.OVERLAP_ENV, "0")
+    return step_snapshots.StepSnapshots(slots.make_slot_dir(tmp_path))
+
+
+def test_a_tensor_replaced_at_every_step_is_not_kept_alive(tmp_path):
+    """A new object at every step (a functional EMA; TrainState.extra is cloned at each boundary): once it is
+    known to change, no alias of an old one is kept."""
+    import gc
+    import weakref
+
+    snapshots = step_snapshots.StepSnapshots(slots.make_slot_dir(tmp_path))
+    snapshots._overlap_bytes = 0
+    weights, alive = torch.randn(1000), {}
+    try:
+        for step in range(1, 12):
+            ema = torch.full((1 << 18,), float(step))
+            alive[step] = weakref.ref(ema)
+            snapshots.capture(step, {"model": {"w": weights}, "ema": {"v": ema}}, {"reason": "rescue"}, {})
+            del ema
+        gc.collect()
+        assert [step for step, ref in alive.items() if ref() is not None] == [11]
+        assert torch.equal(
+            files_from_slot(*slots.read_newest(snapshots.writer.dir))["ema"]["v"], torch.full((1 << 18,), 11.0)
+        )
+    finally:
+        snapshots.close()
+
+
+def test_a_step_where_every_tensor_changed_does_not_end_the_overlap(tmp_path, monkeypatch):
+    """Every tensor a new object during one boundary (a restore with assign=True): the next steps overlap again."""
+    snapshots = _snapshots(tmp_path, monkeypatch)
+    state, began = {"a": torch.randn(1 << 16), "b": torch.randn(1 << 16)}, []
+    real_start, real_describe = snapshots._copier.start, step_snapshots.describe
+
+    def start(*args, **kwargs):
+        began.append(step)
+        return real_start(*args, **kwargs)
+
+    def describe(files, **kwargs):
+        if kwargs.get("check") is False and step == 3:  # (inside the boundary, while the thread copies)
+            state.update({k: t.clone() for k, t in state.items()})
+            files["m"] = dict(state)
+        return real_describe(files, **kwargs)
+
+    monkeypatch.setattr(snapshots._copier, "start", start)
+    monkeypatch.setattr(step_snapshots, "describe", describe)
+    try:
+        for step in range(1, 10):
+            for t in state.values():
+                t.add_(1.0)
+            files = {"m": dict(state)}
+            snapshots.capture(step, files, {"reason": "rescue"}, {})
+            assert deep_equal(files_from_slot(*slots.read_newest(snapshots.writer.dir))["m"], state) == [], step
+        assert began == [2, 3, 5, 6, 7, 8, 9], began  # (step 4 copies after describing, and forgets step 3)
+    finally:
+        snapshots.close()
+
+
+@pytest.mark.parametrize("overlap", ["0", "1000000"])
+def test_a_storage_freed_in_place_turns_snapshots_off_with_its_reason(tmp_path, monkeypatch, caplog, overlap):
+    """``untyped_storage().resize_(0)`` (offloading) between steps: a copy would read memory that is not there
+    (SIGSEGV). Snapshots go off with one error that names it; the last complete one stays; no crash."""
+    monkeypatch.setenv(step_snapshots.OVERLAP_ENV, overlap)
+    snapshots = step_snapshots.StepSnapshots(slots.make_slot_dir(tmp_path))
+    weights, other = torch.randn(1 << 20), torch.randn(1 << 10)
+    try:
+        for step in range(1, 5):
+            if step == 3:
+                weights.untyped_storage().resize_(0)
+            snapshots.capture(step, {"m": {"w": weights, "v": other}}, {"reason": "rescue"}, {})
+        assert snapshots.disabled is not None and "freed or shrunk in place" in snapshots.disabled
+        assert "per-step snapshots are off" in caplog.text and "(1048576,)" in caplog.text
+        assert slots.read_newest(snapshots.writer.dir)[0]["step"] == 2
+    finally:
+        snapshots.close()
+
+
+def test_close_ends_the_copy_thread_and_lets_go_of_the_last_copy(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    alive, before = [], {t for t in threading.enumerate() if t.name == "telepathy-snapshot-copy"}
+    for run in range(3):
+        (tmp_path / str(run)).mkdir()
+        snapshots = _snapshots(tmp_path / str(run), monkeypatch)
+        weights = torch.randn(1 << 18)
+        for step in range(1, 4):
+            snapshots.capture(step, {"m": {"w": weights}}, {"reason": "rescue"}, {})
+        assert snapshots._copier._thread is not None
+        alive.append(weakref.ref(weights))
+        snapshots.close()
+        del snapshots, weights
+    gc.collect()
+    assert not [t for t in threading.enumerate() if t.name == "telepathy-snapshot-copy" and t not in before]
+    assert not [ref for ref in alive if ref() is not None]
