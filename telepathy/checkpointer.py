@@ -174,6 +174,8 @@ class Checkpointer:
         """Wait for a background save, then release the save dir for another writer (a process's lock also
         ends when it exits)."""
         self.wait()
+        if self._snapshots is not None:  # (its copy thread and slot mappings; a later step maps them again)
+            self._snapshots.close()
         self.store.close()
 
     def __enter__(self) -> Checkpointer:

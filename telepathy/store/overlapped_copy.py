@@ -106,14 +106,16 @@ class BegunCopy:
     def __init__(self, layout: Any, destinations: list[torch.Tensor], sources: list[torch.Tensor],
                  begun: list[int], aliases: list[torch.Tensor]) -> None:  # fmt: skip
         self.layout, self.destinations, self.sources, self.begun = layout, destinations, sources, begun
-        self.aliases = aliases  # (keep each storage alive while the thread reads it)
+        self.aliases = aliases  # (keep each storage object alive while the thread reads it)
         self.pointers = [t.data_ptr() for t in sources]
         self.versions = [t._version for t in sources]
 
     def changed(self, sources: list[torch.Tensor]) -> list[int]:
         """The views whose tensor changed since the copy began: another object, another storage or offset
-        (``.data =``, ``set_``, ``swap_tensors``: an alias keeps the copied storage alive, so its address cannot
-        be reused), or changed in place (its version)."""
+        (``.data =``, ``set_``, ``swap_tensors``: an alias keeps the copied storage object alive, so its address
+        cannot be reused), or changed in place (its version). Not a storage freed in place
+        (``untyped_storage().resize_``) by other code while the thread reads it: that frees the bytes of every
+        tensor sharing it, the alias's too; nothing but telepathy's code runs in this thread meanwhile."""
         return [i for i, (now, was, pointer, version) in enumerate(zip(sources, self.sources, self.pointers,
                                                                         self.versions, strict=True))
                 if now is not was or now.data_ptr() != pointer or now._version != version]  # fmt: skip

@@ -97,9 +97,10 @@ def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int
         return {_FIXED: len(constants) - 1}
 
     def tensor(value: torch.Tensor, path: str) -> None:
-        if check and (value.dtype not in _DTYPE_SET or value.layout != torch.strided):
+        if check and (value.dtype not in _DTYPE_SET or value.layout != torch.strided or value.is_meta):
+            kind = " (sparse)" if value.layout != torch.strided else ""
             raise UnsupportedState(
-                f"{path}: a {value.dtype} tensor{'' if value.layout == torch.strided else ' (sparse)'}"
+                f"{path}: a {value.dtype} tensor{kind or ' on the meta device (no data)' * value.is_meta}"
             )
         tensors.append(value)
 

@@ -45,7 +45,7 @@ class _Layout:
         self.tensors = tensors  # (the objects: while they are the same ones, none can have become sparse)
         self.texts = [_text_of(c) for c in key[2]]
         self.guard = TensorLayouts(tensors)  # (sees dtypes, shapes, strides and sparse ones in one call)
-        self.addresses = _held_addresses(tensors, None)  # (a tensor at a new one: its storage is checked again)
+        self.storages = _held_storages(tensors, None)  # (a tensor whose storage moved or resized: checked again)
         table, offset = [], 0
         for t in tensors:
             nbytes = t.numel() * t.element_size()
@@ -61,8 +61,8 @@ class _Layout:
         # the RNG states telepathy reads; the trainer copies those itself beside the thread, not after it)
         self.shares: tuple[frozenset[int], list[int], list[int]] | None = None  # (renewed, the thread's, the
         # trainer's first views: the split of a copy begun early, made again only when ``renewed`` changed)
-        self.aliases: list[tuple[torch.Tensor, int, torch.Tensor] | None] = [None] * len(self.views)  # (per view:
-        # the tensor a copy began from, its address then, the alias copied from: reused while both still hold)
+        self.aliases: list[tuple[torch.Tensor, int, int, torch.Tensor] | None] = [None] * len(self.views)  # (per
+        # view: the tensor a copy began from, its address and storage size then, the alias copied from)
 
     def copied(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """The tensors that have bytes in a slot (an empty one has no view), in the order of the views."""
@@ -86,19 +86,21 @@ class _Layout:
         return self.shares[1], self.shares[2]
 
     def aliases_of(self, sources: list[torch.Tensor], views: list[int]) -> list[torch.Tensor] | None:
-        """An alias (``detach``) of each of these views' tensors, which keeps its storage alive whatever happens
-        to the tensor; None if one is an inference tensor (no version counter: it cannot be checked later). An
-        alias made at an earlier step is the same view while the tensor is the same object at the same address
-        and still has the shape and strides it had then: those of ``guard`` (the caller checked; aliases are
-        forgotten when ``guard`` is remade for new strides)."""
+        """An alias (``detach``) of each of these views' tensors, which keeps its storage object alive (so its
+        address cannot be reused while the thread reads it) whatever becomes of the tensor; None if one is an
+        inference tensor (no version counter: it cannot be checked later) or lacks its bytes. An alias made at an
+        earlier step is the same view while the tensor is the same object, at the same address as the alias, its
+        storage of the same size, with the shape and strides it had then: those of ``guard`` (the caller checked;
+        aliases are forgotten when ``guard`` is remade for new strides)."""
         cache, out = self.aliases, []
         for i in views:
             tensor, kept = sources[i], cache[i]
-            if kept is None or kept[0] is not tensor or kept[1] != tensor.data_ptr():
+            if (kept is None or kept[0] is not tensor or kept[1] != tensor.data_ptr() or kept[1] != kept[3].data_ptr()
+                    or kept[2] != tensor.untyped_storage().nbytes()):  # fmt: skip
                 if tensor.is_inference() or not storage_holds(tensor):  # (capture() names a freed storage)
                     return None
-                kept = cache[i] = (tensor, tensor.data_ptr(), tensor.detach())
-            out.append(kept[2])
+                kept = cache[i] = (tensor, tensor.data_ptr(), tensor.untyped_storage().nbytes(), tensor.detach())
+            out.append(kept[3])
         return out
 
 
@@ -178,20 +180,20 @@ class StepSnapshots:
             last = self._layout
             exact = last is not None and last.guard.same(tensors) and _same_constants(constants, last)
             if exact:
-                last.addresses = _held_addresses(tensors, last.addresses)
+                last.storages = _held_storages(tensors, last.storages)
                 last.tensors = tensors  # (the usual step: one C call looked at every tensor)
             else:
+                describe(files, check=True)  # names the first tensor a slot cannot hold
                 key = (list(map(_DTYPE, tensors)), list(map(torch.Tensor.size, tensors)), constants)
                 if (last is None or last.key[:2] != key[:2] or not _same_constants(constants, last)
                         or not _still_dense(tensors, last.tensors)):  # fmt: skip
-                    describe(files, check=True)  # names the first tensor a slot cannot hold
                     self._layout = _Layout(key, tensors)
                 else:  # the same layout (strides, grad mode or requires_grad changed): checked this way from now
                     last.tensors = tensors
                     last.guard = TensorLayouts(tensors)
                     last.on_cpu = _on_cpu(tensors)  # (model.cuda() keeps the objects, dtypes and shapes)
                     last.aliases = [None] * len(last.views)  # (those kept have the strides of before)
-                    last.addresses = _held_addresses(tensors, None)
+                    last.storages = _held_storages(tensors, None)
         except UnsupportedState as exc:  # loud, once: the run goes on with interval saves only
             self.disabled = str(exc)
             log.error("per-step snapshots are off for this run: the training state holds %s, which a snapshot "
@@ -263,13 +265,16 @@ def _copy(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None
             torch._foreach_copy_(destinations, sources)  # one call, not one per tensor
 
 
-def _held_addresses(tensors: list[torch.Tensor], before: list[int] | None) -> list[int]:
-    """The tensors' addresses, once each one at another address than ``before`` (all, without it) is checked to
-    have its bytes: a storage freed or shrunk in place moves its address."""
-    now = list(map(torch.Tensor.data_ptr, tensors))
+def _held_storages(tensors: list[torch.Tensor], before: tuple[list[int], list[int]] | None
+                   ) -> tuple[list[int], list[int]]:  # fmt: skip
+    """The tensors' addresses and their storages' sizes, once each tensor where either differs from ``before``
+    (all, without it) is checked to have its bytes: a storage freed or shrunk in place changes its size (its
+    address, malloc may hand back)."""
+    now = list(map(torch.Tensor.data_ptr, tensors)), [t.untyped_storage().nbytes() for t in tensors]
     if now != before:
         for i, tensor in enumerate(tensors):
-            if (before is None or len(before) != len(now) or now[i] != before[i]) and not storage_holds(tensor):
+            if (before is None or len(before[0]) != len(now[0]) or now[0][i] != before[0][i]
+                    or now[1][i] != before[1][i]) and not storage_holds(tensor):  # fmt: skip
                 shape = tuple(tensor.shape)
                 raise UnsupportedState(f"a tensor of shape {shape} whose storage lacks the bytes its shape reads "
                                        "(freed or shrunk in place: untyped_storage().resize_)")  # fmt: skip
