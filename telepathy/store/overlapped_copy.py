@@ -142,5 +142,7 @@ def storage_holds(tensor: torch.Tensor) -> bool:
     ``untyped_storage().resize_(0)``, as offloading does: a copy would read memory that is not there)."""
     if tensor.numel() == 0:
         return True
+    if tensor.is_contiguous():
+        return tensor.untyped_storage().nbytes() >= (tensor.storage_offset() + tensor.numel()) * tensor.element_size()
     last = tensor.storage_offset() + sum((n - 1) * stride for n, stride in zip(tensor.shape, tensor.stride()))
     return tensor.untyped_storage().nbytes() >= (last + 1) * tensor.element_size()

@@ -97,11 +97,11 @@ def describe(files: Mapping[str, Any], check: bool = True, fixed_cache: dict[int
         return {_FIXED: len(constants) - 1}
 
     def tensor(value: torch.Tensor, path: str) -> None:
-        if check and (value.dtype not in _DTYPE_SET or value.layout != torch.strided or value.is_meta):
-            kind = " (sparse)" if value.layout != torch.strided else ""
-            raise UnsupportedState(
-                f"{path}: a {value.dtype} tensor{kind or ' on the meta device (no data)' * value.is_meta}"
-            )
+        if check and (value.dtype not in _DTYPE_SET or value.layout != torch.strided or value.is_meta
+                      or value.is_nested):  # fmt: skip
+            kind = (" (nested)" if value.is_nested else " (sparse)" if value.layout != torch.strided
+                    else " on the meta device (no data)" if value.is_meta else "")  # fmt: skip
+            raise UnsupportedState(f"{path}: a {value.dtype} tensor{kind}")
         tensors.append(value)
 
     def tensor_dict(value: dict[Any, torch.Tensor], path: str) -> dict[str, Any] | None:

@@ -193,7 +193,7 @@ class StepSnapshots:
                     last.guard = TensorLayouts(tensors)
                     last.on_cpu = _on_cpu(tensors)  # (model.cuda() keeps the objects, dtypes and shapes)
                     last.aliases = [None] * len(last.views)  # (those kept have the strides of before)
-                    last.storages = _held_storages(tensors, None)
+                    last.storages = _held_storages(tensors, last.storages)
         except UnsupportedState as exc:  # loud, once: the run goes on with interval saves only
             self.disabled = str(exc)
             log.error("per-step snapshots are off for this run: the training state holds %s, which a snapshot "

@@ -571,3 +571,14 @@ def test_closing_a_checkpointer_ends_its_copy_thread_and_unmaps_its_slots(tmp_pa
     finally:
         ckpt.close()
         slots.remove_slot_dir(slot_dir)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_a_nested_tensor_turns_snapshots_off_with_its_name(tmp_path, monkeypatch, caplog):
+    snapshots = _snapshots(tmp_path, monkeypatch)
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    try:
+        snapshots.capture(1, {"m": {"w": torch.ones(8), "nt": nested}}, {"reason": "rescue"}, {})
+        assert snapshots.disabled is not None and "/m/nt" in snapshots.disabled and "nested" in caplog.text
+    finally:
+        snapshots.close()
