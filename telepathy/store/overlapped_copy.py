@@ -143,6 +143,7 @@ def storage_holds(tensor: torch.Tensor) -> bool:
     if tensor.numel() == 0:
         return True
     if tensor.is_contiguous():
-        return tensor.untyped_storage().nbytes() >= (tensor.storage_offset() + tensor.numel()) * tensor.element_size()
-    last = tensor.storage_offset() + sum((n - 1) * stride for n, stride in zip(tensor.shape, tensor.stride()))
-    return tensor.untyped_storage().nbytes() >= (last + 1) * tensor.element_size()
+        reach = tensor.numel()  # (elements from the offset to the last one read, inclusive)
+    else:
+        reach = 1 + sum((n - 1) * stride for n, stride in zip(tensor.shape, tensor.stride()))
+    return tensor.untyped_storage().nbytes() >= (tensor.storage_offset() + reach) * tensor.element_size()

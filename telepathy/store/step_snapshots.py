@@ -128,7 +128,7 @@ class StepSnapshots:
         objects at every step (parameters, optimizer moments) and describing changes none; still, :meth:`capture`
         copies again each one that is not the object copied, whose storage or version changed meanwhile, or that
         no longer has exactly that layout. The thread copies from aliases (``detach``) that keep each storage
-        alive whatever happens to the tensor."""
+        object alive whatever becomes of the tensor (not its bytes: see :meth:`BegunCopy.changed`)."""
         layout = self._layout
         if (self._started is not None or self.disabled is not None or layout is None
                 or layout.data_len < self._overlap_bytes or not layout.views or not layout.on_cpu):  # fmt: skip
@@ -217,8 +217,9 @@ class StepSnapshots:
                     and len(sources) == len(destinations)):  # fmt: skip
                 # the thread's copy is still running: the trainer copies the others meanwhile, then what changed
                 changed = started.changed(sources)
-                if len(changed) != len(layout.renewed) or not layout.renewed.issuperset(changed):
-                    layout.renewed = frozenset(changed)  # (the next step's thread leaves these to the trainer)
+                renewed = frozenset(changed)
+                if renewed != layout.renewed:  # (kept as the same object otherwise: split() is made once for it)
+                    layout.renewed = renewed  # (the next step's thread leaves these to the trainer)
                 _copy(*started.others(destinations, sources))
                 redo = started.redo(changed, completed=self._copier.wait())
                 destinations, sources = [destinations[i] for i in redo], [sources[i] for i in redo]

@@ -52,6 +52,11 @@ def _checkpointer(tmp_path, monkeypatch, parts, optimizer=None):
     return ckpt, slot_dir
 
 
+def _snapshots(tmp_path, monkeypatch) -> step_snapshots.StepSnapshots:
+    monkeypatch.setenv(step_snapshots.OVERLAP_ENV, "0")
+    return step_snapshots.StepSnapshots(slots.make_slot_dir(tmp_path))
+
+
 def test_an_overlapped_snapshot_holds_what_a_save_writes_at_every_step(tmp_path, monkeypatch):
     from telepathy.train_state import TrainState
 
@@ -344,8 +349,7 @@ def test_a_slot_whose_data_must_move_waits_for_the_thread_first(tmp_path, monkey
     """The meta (or the layout: the store's options here) outgrows its room while the thread copies into the
     begun slot: the writer moves the data (and may remap the slot) only once that copy has ended; else the copy
     lands on the moved meta or layout. The slot holds each step exactly."""
-    monkeypatch.setenv(step_snapshots.OVERLAP_ENV, "0")
-    snapshots = step_snapshots.StepSnapshots(slots.make_slot_dir(tmp_path))
+    snapshots = _snapshots(tmp_path, monkeypatch)
     snapshots._copier = _LateCopier()
     weights = torch.zeros(1 << 16)
     big = "x" * (max(slots.META_ROOM, slots.LAYOUT_ROOM) * 2)
@@ -367,8 +371,7 @@ def test_a_slot_whose_data_must_move_waits_for_the_thread_first(tmp_path, monkey
 def test_a_tensor_whose_strides_change_in_place_is_copied_through_a_fresh_alias(tmp_path, monkeypatch):
     """``t_()`` on a square weight keeps the object, its address, dtype and shape; only the strides change. The
     alias the thread copied from at earlier steps has the old strides: it must not be reused."""
-    monkeypatch.setenv(step_snapshots.OVERLAP_ENV, "0")
-    snapshots = step_snapshots.StepSnapshots(slots.make_slot_dir(tmp_path))
+    snapshots = _snapshots(tmp_path, monkeypatch)
     weight, other = torch.randn(256, 256), torch.randn(1 << 16)
     try:
         for step in range(1, 8):
@@ -385,19 +388,13 @@ def test_a_tensor_whose_strides_change_in_place_is_copied_through_a_fresh_alias(
         snapshots.close()
 
 
-def _snapshots(tmp_path, monkeypatch) -> step_snapshots.StepSnapshots:
-    monkeypatch.setenv(step_snapshots.OVERLAP_ENV, "0")
-    return step_snapshots.StepSnapshots(slots.make_slot_dir(tmp_path))
-
-
-def test_a_tensor_replaced_at_every_step_is_not_kept_alive(tmp_path):
+def test_a_tensor_replaced_at_every_step_is_not_kept_alive(tmp_path, monkeypatch):
     """A new object at every step (a functional EMA; TrainState.extra is cloned at each boundary): once it is
     known to change, no alias of an old one is kept."""
     import gc
     import weakref
 
-    snapshots = step_snapshots.StepSnapshots(slots.make_slot_dir(tmp_path))
-    snapshots._overlap_bytes = 0
+    snapshots = _snapshots(tmp_path, monkeypatch)
     weights, alive = torch.randn(1000), {}
     try:
         for step in range(1, 12):
